@@ -1,0 +1,1 @@
+"""gradsweep's analysis: tables and plots rebuilt from the results store."""

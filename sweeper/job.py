@@ -1,0 +1,230 @@
+"""One job: validate, claim the run in the store, train (resuming), record, mirror.
+
+:func:`run_job` is what the CLI calls for a single run and what a launcher ships to a
+worker process; it takes the typed :class:`~sweeper.schema.Config`, never a DictConfig.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from sweeper import provenance
+from sweeper.schema import Config
+from sweeper.store import Run, RunStatus, Store
+from sweeper.tracking import MlflowMirror
+from trainers.config import RunConfig
+from trainers.data import check_data
+from trainers.registry import ConfigError
+from trainers.train import (
+    EpochMetrics,
+    LayerFilterStats,
+    Trainer,
+    resolve_device,
+    resolve_precision,
+)
+
+log = logging.getLogger("gradsweep")
+
+STATUS_FOR_MLFLOW = {"done": "FINISHED", "diverged": "FAILED", "failed": "FAILED"}
+
+
+@dataclass
+class JobOutcome:
+    config_hash: str
+    status: str  # done | diverged | failed | skipped (already done)
+    run_id: int
+    test_acc: float | None = None
+
+
+def store_url(cfg: Config) -> str:
+    return cfg.store.url or f"sqlite:///{Path(cfg.results_dir).resolve() / 'results.db'}"
+
+
+def tracking_uri(cfg: Config) -> str:
+    return cfg.mlflow.tracking_uri or f"sqlite:///{Path(cfg.results_dir).resolve() / 'mlflow.db'}"
+
+
+def prepare_results_dir(results_dir: str) -> Path:
+    """Create results_dir and prove it is writable, or raise a one-line ConfigError."""
+    path = Path(results_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise ConfigError(
+            f"results_dir={results_dir} cannot be written ({e.strerror or e})"
+        ) from None
+    return path
+
+
+def open_store(cfg: Config) -> Store:
+    url = store_url(cfg)
+    try:
+        return Store(url)
+    except SQLAlchemyError as e:
+        msg = str(e).strip().splitlines()[0]
+        raise ConfigError(f"store.url={url} cannot be opened ({msg})") from None
+
+
+def preflight(cfg: Config) -> None:
+    """Every check that needs no training: run before any row is written."""
+    cfg.validate()
+    prepare_results_dir(cfg.results_dir)
+    check_data(cfg.data)
+    resolve_device(cfg.device)
+
+
+def identity_of(cfg: RunConfig) -> tuple[dict, str]:
+    precision = resolve_precision(cfg.precision, resolve_device(cfg.device))
+    ident = cfg.identity(precision)
+    return ident, provenance.config_hash(ident)
+
+
+def grid_columns(cfg: RunConfig) -> dict:
+    return {
+        "model": cfg.model.name,
+        "method": cfg.method.name,
+        "alpha": cfg.effective_alpha(),
+        "data": cfg.data.name,
+        "batch_size": cfg.batch_size,
+        "epochs": cfg.epochs,
+        "lr": cfg.resolved_lr(),
+        "schedule": cfg.schedule.name,
+        "label_smoothing": cfg.effective_label_smoothing(),
+        "seed": cfg.seed,
+    }
+
+
+class StoreSink:
+    """Trainer -> results store (source of truth) and MLflow mirror (best effort)."""
+
+    def __init__(self, store: Store, run: Run, mirror: MlflowMirror | None) -> None:
+        self.store, self.run, self.mirror = store, run, mirror
+
+    def on_start(self, resume_epoch: int, device: str, precision: str) -> None:
+        self.store.start_run(
+            self.run.id,
+            {
+                "host": provenance.host(),
+                "device": device,
+                "precision": precision,
+                "versions": provenance.versions(),
+                "git_sha": provenance.git_sha(),
+            },
+            resume_epoch,
+        )
+
+    def on_epoch(
+        self, m: EpochMetrics, stats: list[LayerFilterStats], filter_file: Path | None
+    ) -> None:
+        self.store.record_epoch(self.run.id, m, stats)
+        if self.mirror is not None:
+            metrics = {k: v for k, v in asdict(m).items() if k not in ("epoch", "step")}
+            self.mirror.log_metrics(metrics, step=m.epoch)
+            if filter_file is not None:
+                self.mirror.log_artifact(filter_file, "filter_norms")
+
+
+def run_job(cfg: Config) -> JobOutcome:
+    """Train one configuration to completion (or resume it); record everything."""
+    preflight(cfg)
+    ident, chash = identity_of(cfg)
+    store = open_store(cfg)
+    try:
+        resolved = {**asdict(cfg), "resolved_lr": cfg.resolved_lr(), "identity": ident}
+        run = store.claim_run(chash, grid_columns(cfg), resolved)
+        if run.status == RunStatus.done:
+            log.info(
+                f"run {run.id} ({chash[:12]}) is already done "
+                f"(test_acc {run.test_acc:.2f}%); not training it again"
+            )
+            return JobOutcome(chash, "skipped", run.id, run.test_acc)
+        return _train(cfg, store, run, chash, ident)
+    finally:
+        store.dispose()
+
+
+def _train(cfg: Config, store: Store, run: Run, chash: str, ident: dict) -> JobOutcome:
+    run_dir = Path(cfg.results_dir) / "runs" / chash[:16]
+    mirror: MlflowMirror | None = None
+    if cfg.mlflow.enabled:
+        mirror = MlflowMirror(
+            tracking_uri(cfg),
+            cfg.mlflow.experiment,
+            Path(cfg.results_dir) / "mlartifacts",
+            warn=log.warning,
+        )
+        name = (
+            f"{cfg.model.name}-{cfg.method.name}"
+            + (f"-a{cfg.alpha:g}" if cfg.uses_pgt() else "")
+            + f"-s{cfg.seed}"
+        )
+        mirror.start(
+            run.mlflow_run_id,
+            name,
+            {**ident, "results_run_id": run.id},
+            {"config_hash": chash, "method": cfg.method.name, "model": cfg.model.name},
+        )
+        if mirror.run_id and mirror.run_id != run.mlflow_run_id:
+            store.set_fields(run.id, mlflow_run_id=mirror.run_id)
+    sink = StoreSink(store, run, mirror)
+    trainer = Trainer(cfg, run_dir, sink=sink, log=log.info, config_hash=chash)
+    log.info(
+        f"run {run.id} ({chash[:12]}): {cfg.model.name} / {cfg.method.name}"
+        + (f" alpha={cfg.alpha:g}" if cfg.uses_pgt() else "")
+        + f" / {cfg.data.name} / batch {cfg.batch_size} / lr {cfg.resolved_lr():.4g}"
+        + f" / {cfg.epochs} epochs / seed {cfg.seed}"
+    )
+    try:
+        result = trainer.fit()
+    except BaseException as e:
+        err = traceback.format_exc()
+        status = RunStatus.failed
+        if isinstance(e, KeyboardInterrupt):
+            err = "interrupted (KeyboardInterrupt)\n" + err
+        store.finish_run(run.id, status, error=err)
+        if mirror is not None:
+            mirror.end("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
+    final = result.final
+    fields: dict = {"device": result.device, "precision": result.precision}
+    if final is not None:
+        fields.update(
+            train_acc=final.train_acc,
+            test_acc=final.test_acc,
+            test_top5=final.test_top5,
+            test_loss=final.test_loss,
+            logit_norm=final.logit_norm,
+        )
+    if result.feature_norms:
+        fields.update(n_features=len(result.feature_norms), zero_features=result.zero_features)
+        fpath = run_dir / "feature_norms.json"
+        tmp = fpath.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result.feature_norms))
+        os.replace(tmp, fpath)
+        if mirror is not None:
+            mirror.log_artifact(fpath)
+    if result.status == "diverged":
+        fields["diverged_step"] = result.diverged_step
+    mirrored = False
+    if mirror is not None:
+        mirror.set_tags({"status": result.status})
+        mirrored = mirror.end(STATUS_FOR_MLFLOW[result.status])
+    fields["mlflow_mirrored"] = mirrored
+    store.finish_run(run.id, RunStatus(result.status), **fields)
+    if final is not None:
+        log.info(
+            f"run {run.id} {result.status}: train {final.train_acc:.2f}%  "
+            f"test {final.test_acc:.2f}%  loss {final.test_loss:.4f}  "
+            f"|z| {final.logit_norm:.3f}"
+        )
+    return JobOutcome(chash, result.status, run.id, final.test_acc if final else None)

@@ -1,0 +1,293 @@
+"""The results store: SQLAlchemy 2 models and the only functions that touch them.
+
+Schema (accuracies in percent, like the paper; times in UTC):
+
+* ``runs``: one row per configuration, unique ``config_hash``; the grid keys as columns;
+  the resolved config as JSON; status; provenance (host, device, versions, git SHA);
+  final metrics.
+* ``epoch_metrics``: one row per (run, epoch).
+* ``filter_stats``: one row per (run, step, layer): per-layer summary of filter L2 norms.
+
+Layout follows Optuna's RDB storage: declarative tables, natural-key unique constraints,
+an enum status, and one session scope that commits or rolls back. Analysis reads through
+the query functions here, never through ad-hoc SQL strings.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Enum,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    delete,
+    event,
+    select,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from trainers.train import EpochMetrics, LayerFilterStats
+
+SCHEMA_VERSION = 1
+
+
+class RunStatus(str, enum.Enum):
+    queued = "queued"
+    running = "running"
+    done = "done"
+    failed = "failed"
+    diverged = "diverged"
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Run(Base):
+    __tablename__ = "runs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    config_hash: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    # grid keys, as columns so that users can GROUP BY them in SQL
+    model: Mapped[str] = mapped_column(String(64), index=True)
+    method: Mapped[str] = mapped_column(String(32), index=True)
+    alpha: Mapped[float | None] = mapped_column(Float)  # NULL for methods without PGT
+    data: Mapped[str] = mapped_column(String(32))
+    batch_size: Mapped[int] = mapped_column(Integer)
+    epochs: Mapped[int] = mapped_column(Integer)
+    lr: Mapped[float] = mapped_column(Float)  # resolved peak lr (after batch scaling)
+    schedule: Mapped[str] = mapped_column(String(16))
+    label_smoothing: Mapped[float] = mapped_column(Float)  # 0 for methods without LS
+    seed: Mapped[int] = mapped_column(Integer)
+    config: Mapped[dict] = mapped_column(JSON)  # the resolved config
+    status: Mapped[RunStatus] = mapped_column(Enum(RunStatus, name="run_status"), index=True)
+    epoch: Mapped[int] = mapped_column(Integer, default=0)  # epochs finished
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[dt.datetime | None]
+    ended_at: Mapped[dt.datetime | None]
+    host: Mapped[str | None] = mapped_column(String(255))
+    device: Mapped[str | None] = mapped_column(String(255))
+    precision: Mapped[str | None] = mapped_column(String(8))
+    versions: Mapped[dict | None] = mapped_column(JSON)
+    git_sha: Mapped[str | None] = mapped_column(String(64))
+    error: Mapped[str | None] = mapped_column(Text)
+    diverged_step: Mapped[int | None] = mapped_column(Integer)
+    train_acc: Mapped[float | None] = mapped_column(Float)
+    test_acc: Mapped[float | None] = mapped_column(Float)
+    test_top5: Mapped[float | None] = mapped_column(Float)
+    test_loss: Mapped[float | None] = mapped_column(Float)
+    logit_norm: Mapped[float | None] = mapped_column(Float)
+    n_features: Mapped[int | None] = mapped_column(Integer)
+    zero_features: Mapped[int | None] = mapped_column(Integer)
+    mlflow_run_id: Mapped[str | None] = mapped_column(String(64))
+    mlflow_mirrored: Mapped[bool] = mapped_column(default=False)
+
+
+class EpochMetric(Base):
+    __tablename__ = "epoch_metrics"
+    __table_args__ = (UniqueConstraint("run_id", "epoch"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    epoch: Mapped[int] = mapped_column(Integer)
+    step: Mapped[int] = mapped_column(Integer)
+    train_loss: Mapped[float] = mapped_column(Float)
+    train_acc: Mapped[float] = mapped_column(Float)
+    test_loss: Mapped[float] = mapped_column(Float)
+    test_acc: Mapped[float] = mapped_column(Float)
+    test_top5: Mapped[float] = mapped_column(Float)
+    logit_norm: Mapped[float] = mapped_column(Float)
+    gap: Mapped[float] = mapped_column(Float)
+    lr: Mapped[float] = mapped_column(Float)
+    epoch_time: Mapped[float] = mapped_column(Float)
+    images_per_s: Mapped[float] = mapped_column(Float)
+    grad_norm_before: Mapped[float] = mapped_column(Float)
+    grad_norm_after: Mapped[float] = mapped_column(Float)
+
+
+class FilterStat(Base):
+    __tablename__ = "filter_stats"
+    __table_args__ = (UniqueConstraint("run_id", "step", "layer_index"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    step: Mapped[int] = mapped_column(Integer)
+    epoch: Mapped[int] = mapped_column(Integer)
+    layer_index: Mapped[int] = mapped_column(Integer)
+    layer_name: Mapped[str] = mapped_column(String(255))
+    n_filters: Mapped[int] = mapped_column(Integer)
+    n_zero: Mapped[int] = mapped_column(Integer)
+    min_norm: Mapped[float] = mapped_column(Float)
+    median_norm: Mapped[float] = mapped_column(Float)
+    max_norm: Mapped[float] = mapped_column(Float)
+
+
+class StoreInfo(Base):
+    """One row: the schema version this database was created or upgraded to."""
+
+    __tablename__ = "store_info"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    schema_version: Mapped[int] = mapped_column(Integer)
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    # WAL: readers (status, analysis, MLflow UI) never block the writer; busy_timeout:
+    # concurrent writers wait for the lock instead of failing with "database is locked".
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA busy_timeout=60000")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
+
+
+class Store:
+    """A results store at any SQLAlchemy URL (default: SQLite file under results_dir)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        kwargs: dict[str, Any] = {}
+        if url.startswith("sqlite"):
+            kwargs["connect_args"] = {"timeout": 60}
+        self.engine: Engine = create_engine(url, **kwargs)
+        if url.startswith("sqlite"):
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        Base.metadata.create_all(self.engine)
+        with self.session() as s:
+            if s.get(StoreInfo, 1) is None:
+                s.add(StoreInfo(id=1, schema_version=SCHEMA_VERSION))
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """One unit of work: commits on success, rolls back on any exception."""
+        s = self._sessions()
+        try:
+            yield s
+            s.commit()
+        except BaseException:
+            s.rollback()
+            raise
+        finally:
+            s.close()
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    # --------------------------------------------------------------------- writing
+    def claim_run(self, config_hash: str, columns: dict[str, Any], config: dict) -> Run:
+        """Get the run with this hash, or create it ``queued``. Never duplicates a hash."""
+        try:
+            with self.session() as s:
+                run = s.scalar(select(Run).where(Run.config_hash == config_hash))
+                if run is None:
+                    run = Run(
+                        config_hash=config_hash,
+                        config=config,
+                        status=RunStatus.queued,
+                        epoch=0,
+                        **columns,
+                    )
+                    s.add(run)
+            return run
+        except IntegrityError:  # another process inserted the same hash first: use its row
+            existing = self.get_run(config_hash)
+            assert existing is not None
+            return existing
+
+    def start_run(self, run_id: int, provenance: dict[str, Any], resume_epoch: int) -> None:
+        """Mark running; drop rows a killed attempt wrote past its last checkpoint."""
+        with self.session() as s:
+            run = s.get_one(Run, run_id)
+            run.status = RunStatus.running
+            run.started_at = run.started_at or utcnow()
+            run.ended_at = None
+            run.error = None
+            run.diverged_step = None
+            run.epoch = resume_epoch
+            for k, v in provenance.items():
+                setattr(run, k, v)
+            s.execute(
+                delete(EpochMetric).where(
+                    EpochMetric.run_id == run_id, EpochMetric.epoch >= resume_epoch
+                )
+            )
+            s.execute(
+                delete(FilterStat).where(
+                    FilterStat.run_id == run_id, FilterStat.epoch >= resume_epoch
+                )
+            )
+
+    def record_epoch(self, run_id: int, m: EpochMetrics, stats: Sequence[LayerFilterStats]) -> None:
+        with self.session() as s:
+            s.execute(
+                delete(EpochMetric).where(
+                    EpochMetric.run_id == run_id, EpochMetric.epoch == m.epoch
+                )
+            )
+            s.execute(
+                delete(FilterStat).where(FilterStat.run_id == run_id, FilterStat.epoch == m.epoch)
+            )
+            s.add(EpochMetric(run_id=run_id, **asdict(m)))
+            s.add_all(FilterStat(run_id=run_id, **asdict(st)) for st in stats)
+            run = s.get_one(Run, run_id)
+            run.epoch = m.epoch + 1
+
+    def finish_run(self, run_id: int, status: RunStatus, **fields: Any) -> None:
+        with self.session() as s:
+            run = s.get_one(Run, run_id)
+            run.status = status
+            run.ended_at = utcnow()
+            for k, v in fields.items():
+                setattr(run, k, v)
+
+    def set_fields(self, run_id: int, **fields: Any) -> None:
+        with self.session() as s:
+            run = s.get_one(Run, run_id)
+            for k, v in fields.items():
+                setattr(run, k, v)
+
+    # --------------------------------------------------------------------- queries
+    def get_run(self, config_hash: str) -> Run | None:
+        with self.session() as s:
+            return s.scalar(select(Run).where(Run.config_hash == config_hash))
+
+    def runs(self, **filters: Any) -> list[Run]:
+        """Runs, optionally filtered by column equality (e.g. ``method="pgt"``)."""
+        with self.session() as s:
+            q = select(Run).order_by(Run.id)
+            for k, v in filters.items():
+                q = q.where(getattr(Run, k) == v)
+            return list(s.scalars(q))
+
+    def epoch_metrics(self, run_id: int) -> list[EpochMetric]:
+        with self.session() as s:
+            q = select(EpochMetric).where(EpochMetric.run_id == run_id).order_by(EpochMetric.epoch)
+            return list(s.scalars(q))
+
+    def filter_stats(self, run_id: int) -> list[FilterStat]:
+        with self.session() as s:
+            q = (
+                select(FilterStat)
+                .where(FilterStat.run_id == run_id)
+                .order_by(FilterStat.step, FilterStat.layer_index)
+            )
+            return list(s.scalars(q))

@@ -1,0 +1,155 @@
+"""MLflow mirror of the results store, for browsing in the MLflow UI.
+
+The results store is the source of truth; MLflow is a mirror. Every MLflow call goes
+through :meth:`MlflowMirror._guard`: an MLflow error prints one warning, disables the
+mirror for the rest of the run, and never loses the run from the results store (the run
+row keeps ``mlflow_mirrored = false``).
+
+``mlflow`` is imported lazily: it costs seconds to import and the training hot path never
+needs it (the lent GPU machine does not even have it installed).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'method': {'name': 'pgt'}} -> {'method.name': 'pgt'} (MLflow params are flat)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def init_tracking_store(tracking_uri: str) -> None:
+    """Create / migrate the MLflow tracking DB once, in the parent, before jobs start.
+
+    Several processes initialising the same SQLite tracking DB at once race on MLflow's
+    schema migration (design.md §4), so the launcher calls this first.
+    """
+    from mlflow import MlflowClient
+
+    MlflowClient(tracking_uri=tracking_uri).search_experiments(max_results=1)
+
+
+class MlflowMirror:
+    """Mirrors one run into MLflow; failures warn and switch the mirror off."""
+
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment: str,
+        artifact_root: Path,
+        warn: Callable[[str], None] | None = None,
+    ) -> None:
+        self.tracking_uri = tracking_uri
+        self.experiment = experiment
+        self.artifact_root = artifact_root
+        self.warn = warn or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.ok = True
+        self.client: Any = None
+        self.run_id: str | None = None
+
+    def _guard(self, what: str, fn: Callable[[], T]) -> T | None:
+        if not self.ok:
+            return None
+        try:
+            return fn()
+        except Exception as e:  # any MLflow/DB/filesystem failure: warn, keep training
+            self.ok = False
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            self.warn(
+                f"warning: MLflow {what} failed ({type(e).__name__}: {first}); "
+                "the run continues and is kept in the results store, not mirrored"
+            )
+            return None
+
+    def start(
+        self,
+        existing_run_id: str | None,
+        run_name: str,
+        params: dict[str, Any],
+        tags: dict[str, str],
+    ) -> str | None:
+        """Open (or re-open, when resuming) the MLflow run; returns its id."""
+
+        def go() -> str:
+            from mlflow import MlflowClient
+            from mlflow.entities import Param, RunTag
+
+            self.client = MlflowClient(tracking_uri=self.tracking_uri)
+            if existing_run_id:
+                try:
+                    self.client.update_run(existing_run_id, status="RUNNING")
+                    return existing_run_id
+                except Exception:  # deleted meanwhile: start a fresh one
+                    pass
+            exp = self.client.get_experiment_by_name(self.experiment)
+            if exp is None:
+                self.artifact_root.mkdir(parents=True, exist_ok=True)
+                exp_id = self.client.create_experiment(
+                    self.experiment, artifact_location=self.artifact_root.resolve().as_uri()
+                )
+            else:
+                exp_id = exp.experiment_id
+            run = self.client.create_run(exp_id, run_name=run_name, tags=tags)
+            rid = run.info.run_id
+            flat = flatten(params)
+            self.client.log_batch(
+                rid,
+                params=[Param(k, str(v)[:6000]) for k, v in flat.items()],
+                tags=[RunTag(k, v) for k, v in tags.items()],
+            )
+            return rid
+
+        self.run_id = self._guard("start", go)
+        return self.run_id
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if self.run_id is None:
+            return
+
+        def go() -> None:
+            from mlflow.entities import Metric
+
+            ts = int(time.time() * 1000)
+            self.client.log_batch(
+                self.run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()]
+            )
+
+        self._guard("log_metrics", go)
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        if self.run_id is None:
+            return
+        self._guard(
+            "log_artifact", lambda: self.client.log_artifact(self.run_id, str(path), artifact_path)
+        )
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        if self.run_id is None:
+            return
+
+        def go() -> None:
+            for k, v in tags.items():
+                self.client.set_tag(self.run_id, k, v)
+
+        self._guard("set_tag", go)
+
+    def end(self, status: str) -> bool:
+        """Close the run (FINISHED / FAILED / KILLED); True when everything was mirrored."""
+        if self.run_id is None:
+            return False
+        self._guard("end", lambda: self.client.set_terminated(self.run_id, status=status))
+        return self.ok

@@ -1,0 +1,226 @@
+"""Typed configuration of one training run, and its validation.
+
+These dataclasses are the schema Hydra checks overrides against (the sweeper registers them
+with Hydra's ConfigStore) and the typed object everything below the CLI receives. Values
+live in ``conf/*.yaml``; defaults here only make the dataclasses usable from Python.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from trainers.data import DataConfig, known_datasets
+from trainers.methods import METHODS, MethodSpec
+from trainers.models import known_models
+from trainers.registry import ConfigError
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DEVICES_HELP = "auto, cpu, cuda or cuda:N"
+
+
+@dataclass
+class ModelConf:
+    name: str = "digits_cnn"
+
+
+@dataclass
+class MethodConf:
+    """The ``method`` group. Which knobs matter depends on the method (MethodSpec.knobs)."""
+
+    name: str = "baseline"
+    pgt_impl: str = "identity"  # identity (exact, any loss scale) | paper_hook (Fig. 9 snippet)
+    label_smoothing: float = 0.0  # ls / ls_pgt only: q = (1 - eps) onehot + eps / C
+    gc_max_norm: float = 1.0  # gc / gc_pgt: global-norm threshold lambda
+    agc_clip_factor: float = 0.01  # agc / agc_pgt: lambda (NFNets default)
+    agc_eps: float = 1e-3  # agc / agc_pgt: floor on the weight norm
+    znorm_eps: float = 1e-8  # znorm: added to the std
+
+    @property
+    def spec(self) -> MethodSpec:
+        return METHODS.get(self.name)
+
+
+@dataclass
+class ScheduleConf:
+    """Per-step learning-rate schedule: linear warm-up, then cosine or step decay."""
+
+    name: str = "cosine"  # cosine | step
+    warmup_epochs: float = 5.0
+    warmup_start_factor: float = 1e-3  # paper: 4e-4 -> 0.4, i.e. start at peak * 1e-3
+    min_lr: float = 0.0  # cosine floor (absolute)
+    milestones: list[int] = field(default_factory=lambda: [30, 60, 90])  # step: epochs
+    gamma: float = 0.1  # step: factor at each milestone
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines one training run (the keys of ``conf/config.yaml``)."""
+
+    model: ModelConf = field(default_factory=ModelConf)
+    method: MethodConf = field(default_factory=MethodConf)
+    data: DataConfig = field(default_factory=lambda: DataConfig(name="digits"))
+    schedule: ScheduleConf = field(default_factory=ScheduleConf)
+    alpha: float = 0.25  # PGT's alpha, 0 < alpha <= 1; used by methods containing PGT
+    batch_size: int = 64  # global batch
+    epochs: int = 30
+    lr: float = 0.1  # peak lr at batch lr_ref_batch; see resolved_lr()
+    lr_scaling: str = "linear"  # linear: lr * batch_size / lr_ref_batch | none
+    lr_ref_batch: int = 256
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4  # applied to tensors with ndim > 1 only (official code)
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    channels_last: bool = True  # CUDA only
+    compile: bool = False
+    filter_stats_every: int = 50  # steps between per-filter norm snapshots; 0 = off
+    check_every: int = 50  # steps between host syncs (divergence check)
+
+    # ----------------------------------------------------------------- derived values
+    def resolved_lr(self) -> float:
+        """Peak lr actually used: linear scaling (Goyal et al. 2017) by default.
+
+        Paper recipe: lr 0.1 per 256 images -> 0.4 at batch 1024 (its stated peak).
+        """
+        if self.lr_scaling == "linear":
+            return self.lr * self.batch_size / self.lr_ref_batch
+        return self.lr
+
+    def uses_pgt(self) -> bool:
+        return self.method.spec.pgt
+
+    def effective_alpha(self) -> float | None:
+        """alpha when the method contains PGT, else None (alpha has no effect there)."""
+        return self.alpha if self.uses_pgt() else None
+
+    def effective_label_smoothing(self) -> float:
+        return self.method.label_smoothing if self.method.spec.label_smoothing else 0.0
+
+    def identity(self, precision: str) -> dict[str, Any]:
+        """The values that define the run's result: the config hash is taken over these.
+
+        Left out on purpose: where results go (results_dir, store, MLflow), speed-only
+        switches (compile, channels_last, check_every, num_workers, download), and knobs the
+        method does not use, including alpha for methods without PGT -- so a grid over
+        alpha does not run the baseline once per alpha.
+        """
+        spec = self.method.spec
+        data = asdict(self.data)
+        for k in ("num_workers", "download", "root"):
+            data.pop(k, None)
+        return {
+            "model": self.model.name,
+            "method": {"name": spec.name, **{k: getattr(self.method, k) for k in spec.knobs()}},
+            "data": data,
+            "schedule": asdict(self.schedule),
+            "alpha": self.effective_alpha(),
+            "batch_size": self.batch_size,
+            "epochs": self.epochs,
+            "lr": self.resolved_lr(),
+            "momentum": self.momentum,
+            "nesterov": self.nesterov,
+            "weight_decay": self.weight_decay,
+            "seed": self.seed,
+            "precision": precision,
+            "filter_stats_every": self.filter_stats_every,
+        }
+
+    # ---------------------------------------------------------------------- validation
+    def validate(self) -> None:
+        """Raise ConfigError (one line: the bad value and what is allowed) on bad input."""
+        if self.model.name not in known_models():
+            raise ConfigError(
+                f"unknown model {self.model.name!r}; known: {', '.join(known_models())}"
+            )
+        if self.data.name not in known_datasets():
+            raise ConfigError(
+                f"unknown data {self.data.name!r}; known: {', '.join(known_datasets())}"
+            )
+        spec = self.method.spec  # raises for an unknown method, listing the known ones
+        _check(
+            _finite(self.alpha) and 0.0 < self.alpha <= 1.0,
+            "alpha",
+            self.alpha,
+            "a number in (0, 1]",
+        )
+        _check(self.batch_size > 0, "batch_size", self.batch_size, "an integer >= 1")
+        _check(self.epochs >= 1, "epochs", self.epochs, "an integer >= 1")
+        _check(_finite(self.lr) and self.lr > 0, "lr", self.lr, "a number > 0")
+        _check(
+            self.lr_scaling in ("linear", "none"), "lr_scaling", self.lr_scaling, "linear or none"
+        )
+        _check(self.lr_ref_batch > 0, "lr_ref_batch", self.lr_ref_batch, "an integer >= 1")
+        _check(0.0 <= self.momentum < 1.0, "momentum", self.momentum, "a number in [0, 1)")
+        _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0")
+        _check(self.precision in PRECISIONS, "precision", self.precision, ", ".join(PRECISIONS))
+        dev = self.device
+        _check(
+            dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit()),
+            "device",
+            dev,
+            DEVICES_HELP,
+        )
+        _check(
+            self.filter_stats_every >= 0,
+            "filter_stats_every",
+            self.filter_stats_every,
+            "an integer >= 0",
+        )
+        _check(self.check_every >= 1, "check_every", self.check_every, "an integer >= 1")
+        m = self.method
+        _check(
+            m.pgt_impl in ("identity", "paper_hook"),
+            "method.pgt_impl",
+            m.pgt_impl,
+            "identity or paper_hook",
+        )
+        if spec.label_smoothing:
+            _check(
+                0.0 < m.label_smoothing < 1.0,
+                "method.label_smoothing",
+                m.label_smoothing,
+                "a number in (0, 1)",
+            )
+        elif m.label_smoothing != 0.0:
+            raise ConfigError(
+                f"method.label_smoothing={m.label_smoothing} has no effect with method={spec.name}; "
+                "use method=ls or method=ls_pgt"
+            )
+        _check(m.gc_max_norm > 0, "method.gc_max_norm", m.gc_max_norm, "a number > 0")
+        _check(m.agc_clip_factor > 0, "method.agc_clip_factor", m.agc_clip_factor, "a number > 0")
+        _check(m.agc_eps > 0, "method.agc_eps", m.agc_eps, "a number > 0")
+        _check(m.znorm_eps > 0, "method.znorm_eps", m.znorm_eps, "a number > 0")
+        s = self.schedule
+        _check(s.name in ("cosine", "step"), "schedule", s.name, "cosine or step")
+        _check(
+            0 <= s.warmup_epochs <= self.epochs,
+            "schedule.warmup_epochs",
+            s.warmup_epochs,
+            f"a number in [0, epochs={self.epochs}]",
+        )
+        _check(
+            0 < s.warmup_start_factor <= 1,
+            "schedule.warmup_start_factor",
+            s.warmup_start_factor,
+            "a number in (0, 1]",
+        )
+        _check(s.min_lr >= 0, "schedule.min_lr", s.min_lr, "a number >= 0")
+        _check(0 < s.gamma <= 1, "schedule.gamma", s.gamma, "a number in (0, 1]")
+        _check(
+            list(s.milestones) == sorted(s.milestones) and all(x > 0 for x in s.milestones),
+            "schedule.milestones",
+            list(s.milestones),
+            "increasing positive epochs",
+        )
+
+
+def _finite(x: float) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def _check(ok: bool, key: str, value: object, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value} is not allowed; expected {allowed}")

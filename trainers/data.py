@@ -1,0 +1,495 @@
+"""Data sets and deterministic batch loaders.
+
+Every random choice of the training stream (order, crops, flips) is drawn from a CPU
+``torch.Generator`` seeded from ``(seed, epoch)`` alone, never from the global RNG, so a run
+resumed at epoch k sees exactly the batches of an uninterrupted run, and the test set (fixed
+by ``data_seed``) is identical across run seeds.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pickle
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from trainers.registry import ConfigError, Registry
+
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+CIFAR_PAD = 4  # He et al. 2016: 4-pixel zero padding, random 32x32 crop, random flip
+
+
+@dataclass  # mutable: it is also Hydra's schema for the `data` group (overrides write to it)
+class DataConfig:
+    name: str = "digits"  # digits | synthetic | cifar10 | cifar100 | imagenet
+    root: str | None = None  # directory for cifar10/cifar100/imagenet
+    download: bool = False  # cifar only: opt-in torchvision download into root
+    augment: bool = True  # apply the dataset's standard training augmentation
+    image_size: int = 32  # synthetic: side; imagenet: train crop (test: resize size*8/7, crop)
+    num_classes: int = 10  # synthetic only
+    channels: int = 3  # synthetic only
+    num_train: int = 1024  # synthetic only
+    num_test: int = 256  # synthetic only
+    data_seed: int = 0  # synthetic generation + digits split; NOT the run seed
+    num_workers: int = 2  # imagenet DataLoader workers
+
+
+class Loader(Protocol):
+    def batches(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]: ...
+
+    def __len__(self) -> int: ...
+
+
+@dataclass
+class DataBundle:
+    train: Loader  # training batches, augmented, drop_last
+    test: Loader  # not augmented, not shuffled, every example exactly once
+    num_classes: int
+    in_channels: int
+    image_size: int
+    num_train: int
+    num_test: int
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The only source of training randomness: depends on (seed, epoch) and nothing else."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2**63)
+
+
+def crop_flip(x: Tensor, offsets: Tensor, flip: Tensor, pad: int) -> Tensor:
+    """Per-sample random crop (window at ``offsets`` of the zero-padded image) + h-flip.
+
+    One gather on index grids instead of a Python loop: the flip is folded into the column
+    indices, so crop and flip cost a single indexing kernel on whatever device ``x`` is on.
+    """
+    b, c, h, w = x.shape
+    if pad:
+        padded = x.new_zeros((b, c, h + 2 * pad, w + 2 * pad))
+        padded[:, :, pad : pad + h, pad : pad + w] = x
+    else:
+        padded = x
+    ar_h, ar_w = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
+    rows = offsets[:, :1] + ar_h  # (B, H)
+    cols = offsets[:, 1:] + torch.where(flip[:, None], w - 1 - ar_w, ar_w)  # (B, W)
+    bi = torch.arange(b, device=x.device)[:, None, None, None]
+    ci = torch.arange(c, device=x.device)[None, :, None, None]
+    return padded[bi, ci, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+class TensorLoader:
+    """Batches from a whole data set held as one uint8 NCHW tensor on the target device.
+
+    Per-sample torchvision transforms behind a DataLoader are launch/IPC bound for small
+    images; keeping the set resident and augmenting whole batches with vectorised tensor ops
+    is how fast CIFAR trainers (airbench) work, and it makes resume-exactness trivial.
+    """
+
+    def __init__(
+        self,
+        images: Tensor,
+        labels: Tensor,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        batch_size: int,
+        seed: int,
+        train: bool,
+        pad: int | None,  # None: no augmentation; 0: flip only; >0: crop (zero pad) + flip
+    ) -> None:
+        self.images, self.labels = images, labels
+        self.batch_size, self.seed, self.train, self.pad = batch_size, seed, train, pad
+        dev = images.device
+        m, s = torch.tensor(mean, dtype=torch.float64), torch.tensor(std, dtype=torch.float64)
+        # (x/255 - mean)/std folded into one multiply-add per element
+        self._scale = (1 / (255 * s)).view(1, -1, 1, 1).to(dev, torch.float32)
+        self._shift = (-m / s).view(1, -1, 1, 1).to(dev, torch.float32)
+
+    def __len__(self) -> int:
+        n = len(self.labels)
+        return n // self.batch_size if self.train else math.ceil(n / self.batch_size)
+
+    def epoch_plan(self, epoch: int) -> tuple[Tensor, Tensor, Tensor]:
+        """(order, offsets (M, 2), flip (M,)) of a training epoch, all drawn up front on CPU.
+
+        Drawing everything at once keeps the random stream independent of how many batches the
+        caller consumes and of the device (CUDA generators give different numbers).
+        """
+        g = epoch_generator(self.seed, epoch)
+        m = len(self) * self.batch_size
+        order = torch.randperm(len(self.labels), generator=g)[:m]
+        hi = 2 * (self.pad or 0) + 1
+        offsets = torch.randint(0, hi, (m, 2), generator=g)
+        flip = torch.rand(m, generator=g) < 0.5
+        return order, offsets, flip
+
+    def raw_batches(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """Batches as uint8 pixels (after augmentation, before normalisation)."""
+        bs, dev = self.batch_size, self.images.device
+        if not self.train:
+            for i in range(0, len(self.labels), bs):
+                yield self.images[i : i + bs], self.labels[i : i + bs]
+            return
+        order, offsets, flip = (t.to(dev) for t in self.epoch_plan(epoch))
+        for i in range(0, len(order), bs):
+            idx = order[i : i + bs]
+            x = self.images[idx]
+            if self.pad is not None:
+                x = crop_flip(x, offsets[i : i + bs], flip[i : i + bs], self.pad)
+            yield x, self.labels[idx]
+
+    def normalise(self, x: Tensor) -> Tensor:
+        return x.float().mul_(self._scale).add_(self._shift)
+
+    def batches(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
+        for x, y in self.raw_batches(epoch):
+            yield self.normalise(x), y
+
+
+def _channel_stats(x: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean/std of uint8 images in [0, 1] units (float64, chunked for memory)."""
+    total = torch.zeros(x.shape[1], dtype=torch.float64)
+    sq = torch.zeros_like(total)
+    for chunk in x.split(4096):
+        c = chunk.double() / 255
+        total += c.sum((0, 2, 3))
+        sq += c.square().sum((0, 2, 3))
+    n = x.numel() / x.shape[1]
+    mean = total / n
+    std = (sq / n - mean.square()).clamp_min(0).sqrt()
+    std = torch.where(std > 0, std, torch.ones_like(std))  # constant channel: avoid x/0
+    return tuple(mean.tolist()), tuple(std.tolist())
+
+
+def _bundle(
+    cfg: DataConfig,
+    arrays: tuple[Tensor, Tensor, Tensor, Tensor],
+    stats: tuple[tuple[float, ...], tuple[float, ...]],
+    num_classes: int,
+    pad: int | None,
+    batch_size: int,
+    seed: int,
+    device: torch.device,
+) -> DataBundle:
+    _check_batch_size(cfg.name, batch_size, len(arrays[1]))
+    xtr, ytr, xte, yte = (t.to(device) for t in arrays)  # whole set resident on the device
+    train = TensorLoader(xtr, ytr, *stats, batch_size, seed, True, pad)
+    test = TensorLoader(xte, yte, *stats, batch_size, seed, False, None)
+    n, c, h, _ = xtr.shape
+    return DataBundle(train, test, num_classes, c, h, n, len(yte))
+
+
+def _check_batch_size(name: str, batch_size: int, num_train: int) -> None:
+    if batch_size > num_train:
+        raise ConfigError(
+            f"batch_size={batch_size} exceeds the {num_train} training images of {name}"
+        )
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    check: Callable[[DataConfig], None]
+    build: Callable[[DataConfig, int, int, torch.device], DataBundle]
+
+
+DATASETS: Registry[DatasetSpec] = Registry("data")
+
+
+def _no_check(cfg: DataConfig) -> None:
+    """digits and synthetic need no files."""
+
+
+def _build_digits(cfg: DataConfig, batch_size: int, seed: int, device: torch.device) -> DataBundle:
+    from sklearn.datasets import load_digits  # ships inside scikit-learn: offline
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    x = np.rint(d.data * (255 / 16)).astype(np.uint8).reshape(-1, 1, 8, 8)
+    split = train_test_split(
+        x, d.target, test_size=0.2, random_state=cfg.data_seed, stratify=d.target
+    )
+    xtr, xte, ytr, yte = (torch.from_numpy(np.ascontiguousarray(a)) for a in split)
+    # No augmentation whatever cfg.augment says: the paper has no digits recipe, and the digits
+    # are centred 8x8 glyphs where crops destroy information (and flips change the digit).
+    arrays = (xtr, ytr.long(), xte, yte.long())
+    return _bundle(cfg, arrays, _channel_stats(xtr), 10, None, batch_size, seed, device)
+
+
+def _build_synthetic(
+    cfg: DataConfig, batch_size: int, seed: int, device: torch.device
+) -> DataBundle:
+    for field in ("image_size", "num_classes", "channels", "num_train", "num_test"):
+        if getattr(cfg, field) <= 0:
+            raise ConfigError(f"data.{field}={getattr(cfg, field)} must be positive for synthetic")
+    k, c, s = cfg.num_classes, cfg.channels, cfg.image_size
+    g = torch.Generator().manual_seed(cfg.data_seed)
+    # Smooth (low-resolution, upsampled) prototypes: learnable by small conv nets quickly.
+    low = torch.rand((k, c, max(1, s // 4), max(1, s // 4)), generator=g)
+    protos = 32 + 192 * F.interpolate(low, size=(s, s), mode="bilinear", align_corners=False)
+
+    def draw(n: int) -> tuple[Tensor, Tensor]:
+        y = (torch.arange(n) % k)[torch.randperm(n, generator=g)]  # balanced labels
+        x = torch.empty((n, c, s, s), dtype=torch.uint8)
+        for i in range(0, n, 4096):  # bounded float memory for large sets
+            yi = y[i : i + 4096]
+            noise = 48 * torch.randn((len(yi), c, s, s), generator=g)
+            x[i : i + 4096] = (protos[yi] + noise).round_().clamp_(0, 255).to(torch.uint8)
+        return x, y
+
+    xtr, ytr = draw(cfg.num_train)
+    xte, yte = draw(cfg.num_test)  # same distribution, later draws: different samples
+    pad = 0 if cfg.augment else None  # flip only
+    return _bundle(cfg, (xtr, ytr, xte, yte), _channel_stats(xtr), k, pad, batch_size, seed, device)
+
+
+# --- CIFAR (python pickle version) ----------------------------------------------------------
+# Our own loader rather than torchvision.datasets.CIFAR10/100: torchvision verifies the official
+# files' MD5 sums, so the small files that tests write in the real format cannot load through it.
+_CIFAR = {  # name: (folder, train files, test file, labels key, classes, mean, std)
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], "test_batch",
+                b"labels", 10, CIFAR10_MEAN, CIFAR10_STD),
+    "cifar100": ("cifar-100-python", ["train"], "test", b"fine_labels", 100,
+                 CIFAR100_MEAN, CIFAR100_STD),
+}  # fmt: skip
+
+
+def _root(cfg: DataConfig, expected: str) -> Path:
+    if not cfg.root:
+        raise ConfigError(f"data.root is required for {cfg.name}: {expected}")
+    root = Path(cfg.root).expanduser()
+    if not root.is_dir():
+        raise ConfigError(
+            f"data.root {str(root)!r} does not exist or is not a directory ({cfg.name} expects {expected})"
+        )
+    return root
+
+
+def _cifar_dir(cfg: DataConfig) -> Path:
+    folder, train_files, test_file, *_ = _CIFAR[cfg.name]
+    root = _root(cfg, f"a directory in the CIFAR python format ({folder})")
+    need = [*train_files, test_file]
+    for cand in (root, root / folder):  # the extracted folder itself, or its parent
+        if all((cand / f).is_file() for f in need):
+            return cand
+    names = ", ".join(need)
+    raise ConfigError(
+        f"data.root {str(root)!r} holds no {cfg.name} data: expected {names} "
+        f"(CIFAR python version) in it or in {str(root / folder)!r}"
+    )
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """The CIFAR files are pickles; allow only what they need, so no code runs on load."""
+
+    _ALLOWED = {"_codecs.encode", "numpy.ndarray", "numpy.dtype"} | {
+        f"numpy.{core}.{name}"
+        for core in ("core", "_core")
+        for name in ("multiarray._reconstruct", "multiarray.scalar", "numeric._frombuffer")
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if f"{module}.{name}" not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"global {module}.{name} is not allowed")
+        if module.startswith("numpy.core.") and hasattr(np, "_core"):  # numpy 2 renamed it
+            module = "numpy._core." + module[len("numpy.core.") :]
+        return super().find_class(module, name)
+
+
+def _load_cifar_file(path: Path, key: bytes) -> tuple[Tensor, Tensor]:
+    try:
+        with open(path, "rb") as f:
+            d = _CifarUnpickler(f, encoding="bytes").load()
+        x = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)  # R, G, B planes
+        y = np.asarray(d[key], dtype=np.int64)
+    except (OSError, pickle.UnpicklingError, KeyError, ValueError, TypeError, EOFError) as e:
+        raise ConfigError(f"{str(path)!r} is not a CIFAR python batch file ({e})") from None
+    if len(x) != len(y):
+        raise ConfigError(f"{str(path)!r} has {len(x)} images but {len(y)} labels")
+    return torch.from_numpy(x.copy()), torch.from_numpy(y)
+
+
+def _check_cifar(cfg: DataConfig) -> None:
+    if not cfg.download:
+        _cifar_dir(cfg)
+    elif not cfg.root:  # the download creates root, so only its name is needed up front
+        raise ConfigError(f"data.root is required for {cfg.name}: the directory to download into")
+
+
+def _build_cifar(cfg: DataConfig, batch_size: int, seed: int, device: torch.device) -> DataBundle:
+    folder, train_files, test_file, key, classes, mean, std = _CIFAR[cfg.name]
+    if cfg.download:  # opt-in; torchvision fetches, verifies and extracts into root
+        import torchvision.datasets as tvd
+
+        root = Path(str(cfg.root)).expanduser()
+        root.mkdir(parents=True, exist_ok=True)
+        (tvd.CIFAR10 if cfg.name == "cifar10" else tvd.CIFAR100)(str(root), download=True)
+    d = _cifar_dir(cfg)
+    parts = [_load_cifar_file(d / f, key) for f in train_files]
+    xte, yte = _load_cifar_file(d / test_file, key)
+    xtr, ytr = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    for y in (ytr, yte):  # num_classes comes from the data set, not from the labels present
+        if len(y) and (int(y.min()) < 0 or int(y.max()) >= classes):
+            raise ConfigError(f"{cfg.name} labels in {str(d)!r} must lie in [0, {classes})")
+    pad = CIFAR_PAD if cfg.augment else None
+    return _bundle(cfg, (xtr, ytr, xte, yte), (mean, std), classes, pad, batch_size, seed, device)
+
+
+# --- ImageNet (ImageFolder trees root/train and root/val) -------------------------------------
+def _class_dirs(split: Path) -> list[str]:
+    return sorted(e.name for e in os.scandir(split) if e.is_dir())
+
+
+def _has_image(split: Path, classes: list[str]) -> bool:
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    for c in classes:  # stops at the first image: cheap even on the full ImageNet tree
+        for e in os.scandir(split / c):
+            if e.name.lower().endswith(IMG_EXTENSIONS) and e.is_file():
+                return True
+    return False
+
+
+def _check_imagenet(cfg: DataConfig) -> None:
+    if cfg.download:
+        raise ConfigError("data.download is only supported for cifar10/cifar100, not imagenet")
+    expected = "a directory with train/ and val/ ImageFolder trees (one sub-folder per class)"
+    root = _root(cfg, expected)
+    classes: dict[str, list[str]] = {}
+    for split in ("train", "val"):
+        d = root / split
+        if not d.is_dir():
+            raise ConfigError(
+                f"data.root {str(root)!r} has no {split}/ folder: imagenet expects {expected}"
+            )
+        classes[split] = _class_dirs(d)
+        if not _has_image(d, classes[split]):
+            raise ConfigError(
+                f"{str(d)!r} holds no images: imagenet expects one sub-folder per class with image files"
+            )
+    unknown = sorted(set(classes["val"]) - set(classes["train"]))
+    if unknown:
+        raise ConfigError(
+            f"{str(root / 'val')!r} has class folders not in train/: {', '.join(unknown[:5])} "
+            "(val must use the train class names)"
+        )
+
+
+class _SeededImages(Dataset):
+    """ImageFolder whose items are ``(index, sample_seed)``: the transform of each sample runs
+    under its own seed, so augmentation depends on (seed, epoch, position) only, not on the
+    worker count, worker scheduling or how many epochs ran before (exact resume), and the
+    caller's global RNG is restored afterwards (num_workers=0 runs transforms in-process)."""
+
+    def __init__(self, root: Path, class_to_idx: dict[str, int], transform: Any) -> None:
+        from torchvision.datasets import ImageFolder
+
+        try:  # allow_empty: val may lack some classes; check_data ensures some images exist
+            self.folder = f = ImageFolder(str(root), transform=transform, allow_empty=True)
+        except (FileNotFoundError, OSError) as e:
+            raise ConfigError(f"cannot read images under {str(root)!r}: {e}") from None
+        if f.class_to_idx != class_to_idx:  # relabel val by the train class list
+            f.samples = [(p, class_to_idx[f.classes[t]]) for p, t in f.samples]
+            f.targets = [t for _, t in f.samples]
+            f.classes, f.class_to_idx = list(class_to_idx), dict(class_to_idx)
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, item: tuple[int, int]) -> tuple[Tensor, int]:
+        index, sample_seed = item
+        with torch.random.fork_rng(devices=[]):  # CPU RNG only; restored on exit
+            torch.default_generator.manual_seed(sample_seed)  # torchvision v1 uses torch RNG
+            return self.folder[index]
+
+
+class ImageFolderLoader:
+    """DataLoader over an ImageFolder; order and per-sample seeds come from (seed, epoch)."""
+
+    def __init__(
+        self, data: _SeededImages, batch_size: int, seed: int, train: bool, num_workers: int,
+        device: torch.device,
+    ) -> None:  # fmt: skip
+        self.data, self.batch_size, self.seed, self.train = data, batch_size, seed, train
+        self.num_workers, self.device = num_workers, device
+
+    def __len__(self) -> int:
+        n = len(self.data)
+        return n // self.batch_size if self.train else math.ceil(n / self.batch_size)
+
+    def batches(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
+        n, g = len(self.data), epoch_generator(self.seed, epoch)
+        order = torch.randperm(n, generator=g) if self.train else torch.arange(n)
+        seeds = torch.randint(0, 2**62, (n,), generator=g)
+        loader = DataLoader(
+            self.data,
+            batch_size=self.batch_size,
+            sampler=list(zip(order.tolist(), seeds.tolist(), strict=True)),  # any iterable
+            drop_last=self.train,
+            num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=False,
+            # DataLoader draws its worker base seed from `generator` (else from the global RNG,
+            # even with 0 workers): (seed, epoch) seeds the workers and leaves the global RNG be.
+            generator=g,
+        )
+        for x, y in loader:
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+def _build_imagenet(
+    cfg: DataConfig, batch_size: int, seed: int, device: torch.device
+) -> DataBundle:
+    from torchvision import transforms as T
+
+    if cfg.image_size <= 0 or cfg.num_workers < 0:
+        raise ConfigError(f"imagenet needs data.image_size > 0 and data.num_workers >= 0, got "
+                          f"{cfg.image_size} and {cfg.num_workers}")  # fmt: skip
+    root, size = Path(str(cfg.root)).expanduser(), cfg.image_size
+    norm = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    aug = [T.RandomResizedCrop(size), T.RandomHorizontalFlip()] if cfg.augment else []
+    train_tf = T.Compose([*aug, *norm])
+    test_tf = T.Compose([T.Resize(round(size * 8 / 7)), T.CenterCrop(size), *norm])  # 256/224
+    classes = {c: i for i, c in enumerate(_class_dirs(root / "train"))}
+    train = _SeededImages(root / "train", classes, train_tf)
+    test = _SeededImages(root / "val", classes, test_tf)
+    _check_batch_size(cfg.name, batch_size, len(train))
+    return DataBundle(
+        ImageFolderLoader(train, batch_size, seed, True, cfg.num_workers, device),
+        ImageFolderLoader(test, batch_size, seed, False, cfg.num_workers, device),
+        len(classes), 3, size, len(train), len(test),
+    )  # fmt: skip
+
+
+DATASETS.register("digits", DatasetSpec(_no_check, _build_digits))
+DATASETS.register("synthetic", DatasetSpec(_no_check, _build_synthetic))
+DATASETS.register("cifar10", DatasetSpec(_check_cifar, _build_cifar))
+DATASETS.register("cifar100", DatasetSpec(_check_cifar, _build_cifar))
+DATASETS.register("imagenet", DatasetSpec(_check_imagenet, _build_imagenet))
+
+
+def known_datasets() -> list[str]:
+    return DATASETS.names()
+
+
+def check_data(cfg: DataConfig) -> None:
+    """Cheap pre-flight: raises ConfigError naming the path when the data cannot be found."""
+    DATASETS.get(cfg.name).check(cfg)
+
+
+def build_data(
+    cfg: DataConfig, batch_size: int, seed: int, device: torch.device | str = "cpu"
+) -> DataBundle:
+    spec = DATASETS.get(cfg.name)
+    if batch_size <= 0:
+        raise ConfigError(f"batch_size={batch_size} must be a positive integer")
+    spec.check(cfg)
+    return spec.build(cfg, batch_size, seed, torch.device(device))

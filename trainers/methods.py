@@ -1,0 +1,263 @@
+"""Backward-pass gradient methods: PGT, label smoothing, GC, AGC, ZNorm (design.md §2).
+
+The public functions are usable in any PyTorch loop:
+
+* :func:`pgt_cross_entropy` -- loss-side methods (PGT, LS, and their combination).
+* :func:`clip_grad_norm_` -- GC, clip by global norm.
+* :func:`adaptive_clip_grad_` -- AGC, unit-wise (Brock et al. 2021, NFNets).
+* :func:`znorm_` -- ZNorm, per-tensor Z-score of the gradient (Yun 2024).
+
+:data:`METHODS` maps each method name of the CLI (``baseline, gc, agc, pgt, ls, znorm,
+gc_pgt, agc_pgt, ls_pgt``) to a :class:`MethodSpec` that says which pieces it combines.
+
+Order inside one training step (design.md §2): forward -> loss (PGT/LS act here) ->
+backward -> AMP unscale -> gradient transform (GC/AGC/ZNorm act here) -> optimiser step.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from trainers.registry import Registry
+
+GradTransform = Literal["none", "gc", "agc", "znorm"]
+
+
+# --------------------------------------------------------------------------- loss side
+def smoothed_targets(
+    target: Tensor, num_classes: int, label_smoothing: float, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """The target distribution q, shape (N, C), in ``dtype``.
+
+    ``target`` is either class indices (N,) or a distribution (N, C). Label smoothing uses
+    the official PGT code's (and PyTorch's) convention q = (1 - eps) * onehot + eps / C,
+    i.e. the true class keeps 1 - eps + eps/C. (The paper's Eq. 7 spreads eps over the
+    K - 1 off-classes instead; we follow the code so that ``ls`` runs match
+    ``torch.nn.CrossEntropyLoss(label_smoothing=eps)`` exactly.)
+    """
+    if target.dim() == 1:
+        q = F.one_hot(target.long(), num_classes).to(dtype)
+    else:
+        q = target.to(dtype)
+    if label_smoothing:
+        q = q * (1.0 - label_smoothing) + label_smoothing / num_classes
+    return q
+
+
+class _PGTCrossEntropy(torch.autograd.Function):
+    """Value: mean CE(z, q). Gradient w.r.t. z: (softmax(alpha * z) - q) / N  (Eq. 8-9).
+
+    PGT replaces p by p' = p^alpha / sum_j p_j^alpha in the backward pass only. Since
+    p^alpha / sum p^alpha = softmax(alpha * z) exactly (the partition function cancels),
+    the transformed gradient is computed stably from the logits, never from p or from the
+    incoming gradient. The incoming ``grad_output`` is the AMP loss scale S (or 1), so the
+    result is S * (softmax(alpha z) - q) / N whatever S, N or the precision are: unlike the
+    paper's hook (see :func:`register_paper_pgt_hook`) it needs no S = N^2 coincidence.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, q: Tensor, alpha: float) -> Tensor:  # type: ignore[override]
+        # (N, C) in float32 at least: bf16/fp16 logits are upcast, float64 stays float64
+        z = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        loss = -(q * F.log_softmax(z, dim=1)).sum(dim=1).mean()
+        ctx.save_for_backward(z, q)
+        ctx.alpha = alpha
+        ctx.in_dtype = logits.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):  # type: ignore[override]
+        z, q = ctx.saved_tensors
+        n = z.shape[0]
+        grad = (torch.softmax(ctx.alpha * z, dim=1) - q) * (grad_output.to(z.dtype) / n)
+        return grad.to(ctx.in_dtype), None, None
+
+
+def pgt_cross_entropy(
+    logits: Tensor, target: Tensor, alpha: float, label_smoothing: float = 0.0
+) -> Tensor:
+    """Mean cross-entropy whose gradient is the PowerGrad Transform's (paper Eq. 8-9).
+
+    Args:
+        logits: (N, C) logits z, any floating dtype (bf16/fp16 under autocast).
+        target: (N,) class indices or (N, C) target distribution.
+        alpha: PGT's alpha, 0 < alpha <= 1; alpha = 1 is plain cross-entropy.
+        label_smoothing: eps in [0, 1); q = (1 - eps) onehot + eps / C.
+
+    Returns:
+        A float32 scalar equal to plain CE(z, q) (mean over the batch). Its gradient
+        w.r.t. ``logits`` is exactly (softmax(alpha * z) - q) / N, computed in float32 and
+        cast back to the logits' dtype, independent of any AMP loss scale.
+    """
+    if not 0.0 < alpha <= 1.0:
+        raise ValueError(f"alpha={alpha} is outside (0, 1]")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing={label_smoothing} is outside [0, 1)")
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    q = smoothed_targets(target, logits.shape[1], label_smoothing, dtype).to(logits.device)
+    return _PGTCrossEntropy.apply(logits, q, float(alpha))
+
+
+def cross_entropy(logits: Tensor, target: Tensor, label_smoothing: float = 0.0) -> Tensor:
+    """Plain mean CE (the baseline / LS loss), in float32 at least, like the PGT loss."""
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(z, target, label_smoothing=label_smoothing)
+
+
+def register_paper_pgt_hook(logits: Tensor, onehot: Tensor, alpha: float) -> None:
+    """The paper's own PGT snippet (Fig. 9), kept only for exact replication.
+
+    It rebuilds p from the incoming gradient as ``grad / N + q``. The gradient reaching the
+    logits is S * (p - q) / N with S the AMP loss scale, so the rebuild equals p only when
+    S = N^2 -- true by coincidence for the official recipe (256 images per GPU and
+    GradScaler's initial scale 2^16). In fp32 (S = 1), at another batch size, or once the
+    scaler changes S, it computes something else (or NaN from a negative power). Use
+    :func:`pgt_cross_entropy` instead; ``method.pgt_impl=paper_hook`` selects this one.
+    """
+
+    def hook(grad: Tensor) -> Tensor:
+        n = grad.shape[0]
+        pred = grad / n + onehot
+        pred = pred**alpha
+        pred = pred / pred.sum(-1, keepdim=True)
+        return (pred - onehot) * n
+
+    logits.register_hook(hook)
+
+
+# ----------------------------------------------------------------- gradient transforms
+def _grads(parameters: Iterable[Tensor]) -> list[Tensor]:
+    return [p for p in parameters if p.grad is not None]
+
+
+@torch.no_grad()
+def global_grad_norm(parameters: Iterable[Tensor]) -> Tensor:
+    """L2 norm of all gradients together, as a 0-d float32 tensor on their device."""
+    grads = [p.grad for p in _grads(parameters)]
+    if not grads:
+        return torch.zeros(())
+    norms = torch._foreach_norm(grads)  # one fused launch per device/dtype group
+    return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+
+
+@torch.no_grad()
+def clip_grad_norm_(parameters: Iterable[Tensor], max_norm: float) -> Tensor:
+    """GC (paper Eq. 5): scale every gradient by min(1, max_norm / ||g||), ||g|| global.
+
+    Thin wrapper over ``torch.nn.utils.clip_grad_norm_`` (fused foreach kernels). Note
+    PyTorch adds 1e-6 to the norm in the ratio; that is the library's documented rule.
+    Returns the norm before clipping.
+    """
+    return torch.nn.utils.clip_grad_norm_(list(parameters), max_norm, foreach=None)
+
+
+def _unit_norm(x: Tensor) -> Tensor:
+    """Per-unit L2 norm: rows/filters (dim 0) for ndim > 1, the whole tensor otherwise.
+
+    x has shape (G, *unit_shape) -- a stack of G same-shaped tensors -- and the result
+    keeps dims for broadcasting: (G, U, 1, ...) for matrices/filters, (G, 1...) for vectors.
+    """
+    if x.dim() == 1:  # stack of 0-d tensors
+        return x.abs()
+    if x.dim() == 2:  # stack of vectors: one unit per tensor
+        return torch.linalg.vector_norm(x, dim=tuple(range(1, x.dim())), keepdim=True)
+    return torch.linalg.vector_norm(x, dim=tuple(range(2, x.dim())), keepdim=True)
+
+
+@torch.no_grad()
+def adaptive_clip_grad_(
+    parameters: Iterable[Tensor], clip_factor: float = 0.01, eps: float = 1e-3
+) -> None:
+    """AGC in place (paper Eq. 6; Brock et al. 2021, NFNets).
+
+    For each parameter W with gradient G and each output unit i (row of a matrix, filter of
+    a conv; the whole tensor when ndim <= 1): if ||G_i|| / max(||W_i||, eps) > clip_factor,
+    G_i <- clip_factor * max(||W_i||, eps) / ||G_i|| * G_i.
+
+    The reference (timm's ``adaptive_clip_grad``) loops over parameters: 4-6 kernel launches
+    each, ~160 tensors for a ResNet-50, launch-bound on a GPU (design.md §5). Here tensors
+    of the same shape, dtype and device are stacked and handled by one set of kernels.
+    The caller excludes the final classifier layer (NFNets' rule).
+    """
+    groups: dict[tuple, list[Tensor]] = defaultdict(list)
+    for p in _grads(parameters):
+        groups[(p.shape, p.dtype, p.device)].append(p)
+    for params in groups.values():
+        w = torch.stack([p.detach() for p in params])  # (G, *shape)
+        g = torch.stack([p.grad for p in params])
+        max_norm = _unit_norm(w).clamp_(min=eps).mul_(clip_factor)
+        g_norm = _unit_norm(g)
+        # scale = max_norm / ||G_i|| where the ratio exceeds the factor, else 1.
+        scale = torch.where(g_norm > max_norm, max_norm / g_norm.clamp(min=1e-12), 1.0)
+        g.mul_(scale.to(g.dtype))
+        torch._foreach_copy_([p.grad for p in params], list(g.unbind(0)))
+
+
+@torch.no_grad()
+def znorm_(parameters: Iterable[Tensor], eps: float = 1e-8) -> None:
+    """ZNorm in place (Yun 2024, arXiv 2408.01215): g <- (g - mean(g)) / (std(g) + eps).
+
+    Per parameter tensor (per layer). ``std`` is the population standard deviation
+    (``unbiased=False``): the Z-score of the tensor's own elements. A tensor with a single
+    element has no spread (its Z-score is 0/0), so it is left unchanged rather than zeroed
+    -- zeroing would silently freeze that parameter.
+    """
+    for p in _grads(parameters):
+        g = p.grad
+        if g.numel() <= 1:
+            continue
+        gf = g.to(torch.promote_types(g.dtype, torch.float32))  # fp16/bf16 -> fp32
+        std, mean = torch.std_mean(gf, unbiased=False)
+        g.copy_((gf - mean) / (std + eps))
+
+
+# ------------------------------------------------------------------------ registry
+@dataclass(frozen=True)
+class MethodSpec:
+    """What a method combines: the loss-side pieces and one gradient transform."""
+
+    name: str
+    pgt: bool = False
+    label_smoothing: bool = False
+    grad_transform: GradTransform = "none"
+
+    def knobs(self) -> list[str]:
+        """The ``method.*`` config keys that matter for this method (others are ignored)."""
+        keys: list[str] = []
+        if self.pgt:
+            keys.append("pgt_impl")
+        if self.label_smoothing:
+            keys.append("label_smoothing")
+        keys += {
+            "none": [],
+            "gc": ["gc_max_norm"],
+            "agc": ["agc_clip_factor", "agc_eps"],
+            "znorm": ["znorm_eps"],
+        }[self.grad_transform]
+        return keys
+
+
+METHODS: Registry[MethodSpec] = Registry("method")
+for _spec in (
+    MethodSpec("baseline"),
+    MethodSpec("gc", grad_transform="gc"),
+    MethodSpec("agc", grad_transform="agc"),
+    MethodSpec("pgt", pgt=True),
+    MethodSpec("ls", label_smoothing=True),
+    MethodSpec("znorm", grad_transform="znorm"),
+    MethodSpec("gc_pgt", pgt=True, grad_transform="gc"),
+    MethodSpec("agc_pgt", pgt=True, grad_transform="agc"),
+    MethodSpec("ls_pgt", pgt=True, label_smoothing=True),
+):
+    METHODS.register(_spec.name, _spec)
+
+
+def known_methods() -> list[str]:
+    return METHODS.names()

@@ -1,0 +1,318 @@
+"""Image classifiers for the sweeps, by name (design.md §3).
+
+Every factory in :data:`MODELS` builds a randomly initialised network (``weights=None``;
+nothing is ever downloaded) that maps ``(N, in_channels, H, W)`` images to ``(N, num_classes)``
+logits. Contract relied on by the trainer: the final classifier is an ``nn.Linear`` attribute
+named ``fc`` whose input is the pooled feature vector. The trainer hooks that input to measure
+per-channel feature norms, and adaptive gradient clipping skips ``fc.weight``/``fc.bias``, as
+NFNets and the official PGT code do.
+
+References:
+
+- K. He, X. Zhang, S. Ren, J. Sun, "Deep Residual Learning for Image Recognition", CVPR 2016
+  (arXiv:1512.03385). ImageNet ResNets (Sec. 3.4) and CIFAR ResNets (Sec. 4.2).
+- J. Hu, L. Shen, G. Sun, "Squeeze-and-Excitation Networks", CVPR 2018 (arXiv:1709.01507).
+- B. Das, M. Mondal, B. Lall, S. D. Joshi, S. Dutta Roy, "Altering Backward Pass Gradients
+  improves Convergence" (``shared/paper/``): non-BN ResNets with BN replaced by identity.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models import resnet as tv_resnet
+
+from trainers.registry import ConfigError, Registry
+
+__all__ = ["MODELS", "build_model", "classifier_of", "count_parameters", "known_models"]
+
+#: Name -> factory ``(num_classes, in_channels) -> nn.Module``.
+MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
+
+
+def _replace_stem(model: nn.Module, in_channels: int) -> None:
+    """Swap ``model.conv1`` for a conv with ``in_channels`` inputs and the same config.
+
+    The new conv is initialised as torchvision initialises convs (Kaiming normal, fan_out),
+    so a 1-channel ResNet starts from the same distribution as the RGB one.
+    """
+    old = model.conv1
+    assert isinstance(old, nn.Conv2d)
+    if old.in_channels == in_channels:
+        return
+    new = nn.Conv2d(
+        in_channels,
+        old.out_channels,
+        kernel_size=old.kernel_size,  # type: ignore[arg-type]
+        stride=old.stride,  # type: ignore[arg-type]
+        padding=old.padding,  # type: ignore[arg-type]
+        dilation=old.dilation,  # type: ignore[arg-type]
+        groups=old.groups,
+        bias=old.bias is not None,
+    )
+    nn.init.kaiming_normal_(new.weight, mode="fan_out", nonlinearity="relu")
+    model.conv1 = new
+
+
+# --- torchvision ResNets, with and without BatchNorm -------------------------------------------
+
+_TV_RESNETS: dict[int, Callable[..., tv_resnet.ResNet]] = {
+    18: tv_resnet.resnet18,
+    34: tv_resnet.resnet34,
+    50: tv_resnet.resnet50,
+    101: tv_resnet.resnet101,
+}
+
+
+def _torchvision_resnet(
+    depth: int, num_classes: int, in_channels: int = 3, *, batchnorm: bool = True
+) -> nn.Module:
+    """torchvision ResNet-``depth`` (He et al. 2016), randomly initialised.
+
+    With ``batchnorm=False`` every BatchNorm2d (stem, blocks, downsample shortcuts) is an
+    ``nn.Identity``: the paper's "non-BN ResNet", no Fixup, no SkipInit, no scalar gains.
+    The convs keep torchvision's ``bias=False`` on purpose, so this is exactly "BN replaced by
+    identity" and the only bias left is ``fc``'s. ``norm_layer=nn.Identity`` works because
+    torchvision calls ``norm_layer(planes)`` and Identity ignores its arguments; the module
+    tree stays that of the BN model. Without BN the residual sums grow with depth at init;
+    the paper only trains ResNet-18 this way, the deeper ones are here for completeness.
+    """
+    kwargs: dict[str, object] = {}
+    if not batchnorm:
+        kwargs["norm_layer"] = nn.Identity
+    model = _TV_RESNETS[depth](weights=None, num_classes=num_classes, **kwargs)
+    _replace_stem(model, in_channels)
+    return model
+
+
+for _depth in _TV_RESNETS:  # BN variants first: registration order is the listing order
+    MODELS.register(f"resnet{_depth}", partial(_torchvision_resnet, _depth))
+for _depth in _TV_RESNETS:
+    MODELS.register(f"resnet{_depth}_nobn", partial(_torchvision_resnet, _depth, batchnorm=False))
+
+
+# --- Squeeze-and-Excitation ResNets (Hu et al. 2018) -------------------------------------------
+
+
+class SqueezeExcite(nn.Module):
+    """SE module: global avg pool -> 1x1 conv C->C/r -> ReLU -> 1x1 conv C/r->C -> sigmoid.
+
+    The two FC layers of Hu et al. (Fig. 3) are 1x1 convs with bias, as in the reference
+    Caffe models and timm, so no reshaping is needed. ``C // r`` is not rounded up to a
+    multiple of 8 (timm does that; it only changes SE-ResNet-18's 64-channel stage).
+    """
+
+    def __init__(self, channels: int, reduction: int = 16) -> None:
+        super().__init__()
+        hidden = max(1, channels // reduction)
+        self.fc1 = nn.Conv2d(channels, hidden, kernel_size=1)
+        self.relu = nn.ReLU(inplace=True)
+        self.fc2 = nn.Conv2d(hidden, channels, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = F.adaptive_avg_pool2d(x, 1)
+        scale = self.fc2(self.relu(self.fc1(scale)))
+        return x * torch.sigmoid(scale)
+
+
+class _SEBasicBlock(tv_resnet.BasicBlock):
+    """torchvision BasicBlock with SE on the residual branch, before the addition."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.se = SqueezeExcite(self.conv2.out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.se(self.bn2(self.conv2(out)))
+        return self.relu(out + identity)
+
+
+class _SEBottleneck(tv_resnet.Bottleneck):
+    """torchvision Bottleneck (stride on the 3x3, "ResNet v1.5") with SE before the addition."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.se = SqueezeExcite(self.conv3.out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.se(self.bn3(self.conv3(out)))
+        return self.relu(out + identity)
+
+
+_SE_LAYERS: dict[int, tuple[type[tv_resnet.BasicBlock | tv_resnet.Bottleneck], list[int]]] = {
+    18: (_SEBasicBlock, [2, 2, 2, 2]),
+    50: (_SEBottleneck, [3, 4, 6, 3]),
+}
+
+
+def _se_resnet(depth: int, num_classes: int, in_channels: int = 3) -> nn.Module:
+    """SE-ResNet-``depth`` on torchvision's ``ResNet`` class, reduction 16.
+
+    Parameter counts at 1000 classes: SE-ResNet-50 28,088,024 (the standard 28.09 M, same
+    as timm's ``seresnet50``; timm is not installed here, the figure is checked by
+    arithmetic in the tests), SE-ResNet-18 11,778,592.
+    """
+    block, layers = _SE_LAYERS[depth]
+    model = tv_resnet.ResNet(block, layers, num_classes=num_classes)
+    _replace_stem(model, in_channels)
+    return model
+
+
+for _depth in _SE_LAYERS:
+    MODELS.register(f"seresnet{_depth}", partial(_se_resnet, _depth))
+
+
+# --- CIFAR ResNets (He et al. 2016, Sec. 4.2) --------------------------------------------------
+
+
+class _ShortcutA(nn.Module):
+    """Option-A shortcut: subsample by ``stride`` and zero-pad the new channels.
+
+    Parameter-free, which is why ResNet-20 has 0.27 M parameters and not more.
+    """
+
+    def __init__(self, in_planes: int, out_planes: int, stride: int) -> None:
+        super().__init__()
+        self.stride = stride
+        extra = out_planes - in_planes
+        # Split the zero channels evenly on both sides, as the common reference code does.
+        self.pad = (0, 0, 0, 0, extra // 2, extra - extra // 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.pad(x[:, :, :: self.stride, :: self.stride], self.pad)
+
+
+class _CifarBlock(nn.Module):
+    """BasicBlock: 3x3 conv-BN-ReLU-3x3 conv-BN, plus shortcut, then ReLU."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.shortcut: nn.Module = (
+            _ShortcutA(in_planes, planes, stride)
+            if stride != 1 or in_planes != planes
+            else nn.Identity()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """ResNet-(6n+2) for 32x32 images: conv 16 -> 3 stages of n blocks (16/32/64) -> pool -> fc.
+
+    Kaiming-normal (fan_in) init of convs and the linear layer, as in He et al. 2015
+    ("Delving Deep into Rectifiers"), which the CIFAR ResNets use.
+    """
+
+    def __init__(self, n: int, num_classes: int, in_channels: int = 3) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 16, 3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.relu = nn.ReLU(inplace=True)
+        stages: list[nn.Module] = []
+        in_planes = 16
+        for planes, stride in ((16, 1), (32, 2), (64, 2)):
+            blocks = []
+            for i in range(n):
+                blocks.append(_CifarBlock(in_planes, planes, stride if i == 0 else 1))
+                in_planes = planes
+            stages.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3 = stages
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(64, num_classes)
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+for _depth in (20, 32, 56):
+    MODELS.register(f"resnet{_depth}", partial(CifarResNet, (_depth - 2) // 6))
+
+
+# --- Small CNN for scikit-learn's 8x8 digits ---------------------------------------------------
+
+
+class DigitsCNN(nn.Module):
+    """Small CNN for 8x8 greyscale digits (the CPU default; works for any input >= 8x8).
+
+    conv3x3(in,32)-BN-ReLU-conv3x3(32,64)-BN-ReLU-maxpool2-conv3x3(64,128)-BN-ReLU -> global
+    avg pool -> fc(128, C). Padding keeps 8x8 maps until the single pool, so the last conv
+    still sees 4x4; global pooling makes ``fc``'s input the pooled features, like the ResNets.
+    """
+
+    def __init__(self, num_classes: int, in_channels: int = 1) -> None:
+        super().__init__()
+
+        def conv_bn(cin: int, cout: int) -> list[nn.Module]:
+            # No conv bias: BN's shift makes it redundant.
+            conv = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+            return [conv, nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+        self.features = nn.Sequential(
+            *conv_bn(in_channels, 32),
+            *conv_bn(32, 64),
+            nn.MaxPool2d(2),
+            *conv_bn(64, 128),
+        )
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(128, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+MODELS.register("digits_cnn", DigitsCNN)
+
+
+# --- Public helpers ----------------------------------------------------------------------------
+
+
+def build_model(name: str, num_classes: int, in_channels: int = 3) -> nn.Module:
+    """Build the registered model ``name``; raises :class:`ConfigError` for bad arguments."""
+    factory = MODELS.get(name)  # ConfigError listing the known names
+    if num_classes < 1:
+        raise ConfigError(f"num_classes must be >= 1, got {num_classes}")
+    if in_channels < 1:
+        raise ConfigError(f"in_channels must be >= 1, got {in_channels}")
+    model = factory(num_classes=num_classes, in_channels=in_channels)
+    classifier_of(model)  # enforce the fc contract at build time, not mid-run
+    return model
+
+
+def known_models() -> list[str]:
+    """Registered model names, in registration order."""
+    return MODELS.names()
+
+
+def classifier_of(model: nn.Module) -> nn.Linear:
+    """The final classifier ``model.fc``; its input is the pooled feature vector."""
+    fc = getattr(model, "fc", None)
+    if not isinstance(fc, nn.Linear):
+        raise TypeError(f"{type(model).__name__} has no nn.Linear attribute 'fc'")
+    return fc
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameter elements (trainable or not; shared tensors counted once)."""
+    return sum(p.numel() for p in model.parameters())

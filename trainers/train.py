@@ -1,0 +1,523 @@
+"""One training run: model, data, recipe, gradient method, metrics, checkpoints.
+
+:class:`Trainer` knows nothing of the results store or MLflow: it reports through a
+:class:`Sink` (the sweeper's job wires the store and the MLflow mirror to it), so it can be
+used from any script. It resumes from ``<run_dir>/checkpoint.pt`` when that exists.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from trainers.config import RunConfig
+from trainers.data import DataBundle, build_data
+from trainers.methods import (
+    adaptive_clip_grad_,
+    clip_grad_norm_,
+    cross_entropy,
+    global_grad_norm,
+    pgt_cross_entropy,
+    register_paper_pgt_hook,
+    znorm_,
+)
+from trainers.models import build_model, classifier_of
+from trainers.schedule import lr_at
+
+ZERO_NORM = 1e-8  # a filter / feature with L2 norm below this counts as "zeroed out"
+
+
+@dataclass
+class EpochMetrics:
+    """One row of ``epoch_metrics``. Accuracies in percent, like the paper."""
+
+    epoch: int  # 0-based
+    step: int  # optimiser steps done at the end of this epoch
+    train_loss: float  # mean over the epoch's steps, as seen while training
+    train_acc: float
+    test_loss: float  # plain CE on the test set
+    test_acc: float
+    test_top5: float
+    logit_norm: float  # mean over test images of ||z||_2
+    gap: float  # train_acc - test_acc
+    lr: float  # lr of the epoch's last step
+    epoch_time: float  # seconds, training + evaluation
+    images_per_s: float  # training images / training seconds
+    grad_norm_before: float  # mean over steps of the global gradient norm before the transform
+    grad_norm_after: float  # ... and after it (equal when the method has none)
+
+
+@dataclass
+class LayerFilterStats:
+    """Per-layer summary of the L2 norms of every filter (output unit) of a weight."""
+
+    step: int
+    epoch: int
+    layer_index: int  # 1-based, conv/linear weights in module order (the paper's layer ids)
+    layer_name: str
+    n_filters: int
+    n_zero: int  # filters with norm < 1e-8
+    min_norm: float
+    median_norm: float
+    max_norm: float
+
+
+@dataclass
+class TrainResult:
+    status: str  # done | diverged
+    history: list[EpochMetrics]
+    diverged_step: int | None = None
+    feature_norms: list[float] = field(default_factory=list)  # per pooled-feature channel
+    zero_features: int | None = None
+    device: str = ""
+    precision: str = ""
+
+    @property
+    def final(self) -> EpochMetrics | None:
+        return self.history[-1] if self.history else None
+
+
+@dataclass
+class _FilterLog:
+    """One epoch's filter-norm snapshots: per-layer summaries and the full vectors."""
+
+    stats: list[LayerFilterStats] = field(default_factory=list)
+    steps: list[int] = field(default_factory=list)
+    vectors: dict[str, list[np.ndarray]] = field(default_factory=dict)
+
+
+class Sink(Protocol):
+    """Where a run's metrics go.
+
+    ``on_start`` is called once the checkpoint (if any) is loaded, with the first epoch to
+    run; ``on_epoch`` at the end of each epoch, before the checkpoint is written (so after
+    a kill, rows of epochs >= the resumed epoch may exist and are to be replaced).
+    """
+
+    def on_start(self, resume_epoch: int, device: str, precision: str) -> None: ...
+
+    def on_epoch(
+        self, metrics: EpochMetrics, filter_stats: list[LayerFilterStats], filter_file: Path | None
+    ) -> None: ...
+
+
+class NullSink:
+    def on_start(self, resume_epoch: int, device: str, precision: str) -> None:
+        pass
+
+    def on_epoch(
+        self, metrics: EpochMetrics, filter_stats: list[LayerFilterStats], filter_file: Path | None
+    ) -> None:
+        pass
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        from trainers.registry import ConfigError
+
+        raise ConfigError(f"device={name} is not available on this machine; use device=cpu or auto")
+    return dev
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        return f"cuda:{idx} {torch.cuda.get_device_name(idx)}"
+    return "cpu"
+
+
+def atomic_torch_save(obj: object, path: Path) -> None:
+    """Write to a temp file in the same directory, fsync, then rename over ``path``."""
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on tensors with ndim > 1 only (official PGT code; no decay on BN/bias)."""
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def _weight_layers(model: nn.Module) -> list[tuple[str, Tensor]]:
+    return [
+        (name, m.weight)
+        for name, m in model.named_modules()
+        if isinstance(m, (nn.Conv2d, nn.Linear))
+    ]
+
+
+class Trainer:
+    """Train one configuration; resumable; emits metrics to a :class:`Sink`."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        run_dir: Path,
+        sink: Sink | None = None,
+        log: Callable[[str], None] = print,
+        config_hash: str = "",
+    ) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.sink = sink or NullSink()
+        self.log = log
+        self.config_hash = config_hash
+        self.device = resolve_device(cfg.device)
+        self.precision = resolve_precision(cfg.precision, self.device)
+        self.ckpt_path = self.run_dir / "checkpoint.pt"
+
+    # ------------------------------------------------------------------ set-up
+    def _setup(self) -> None:
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)  # model init depends on the seed only
+        self.data: DataBundle = build_data(cfg.data, cfg.batch_size, cfg.seed, self.device)
+        model = build_model(cfg.model.name, self.data.num_classes, self.data.in_channels)
+        self.channels_last = cfg.channels_last and self.device.type == "cuda"
+        model = model.to(self.device)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.fc = classifier_of(model)
+        fc_params = {id(p) for p in self.fc.parameters()}
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        # AGC excludes the final classifier (NFNets; the official code drops fc weight/bias)
+        self.agc_params = [p for p in self.params if id(p) not in fc_params]
+        self.peak_lr = cfg.resolved_lr()
+        self.opt = torch.optim.SGD(
+            _param_groups(model, cfg.weight_decay),
+            lr=self.peak_lr,
+            momentum=cfg.momentum,
+            nesterov=cfg.nesterov,
+        )
+        self.steps_per_epoch = len(self.data.train)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
+        self.forward = torch.compile(model) if cfg.compile else model
+        self.layers = _weight_layers(model)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.precision in ("bf16", "fp16"):
+            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+            return torch.autocast(self.device.type, dtype=dtype)
+        return contextlib.nullcontext()
+
+    def _lr(self, step: int) -> float:
+        c = self.cfg
+        return lr_at(step, self.steps_per_epoch, c.epochs, self.peak_lr, c.schedule)
+
+    # ------------------------------------------------------------------ one step
+    def _loss(self, logits: Tensor, y: Tensor) -> Tensor:
+        cfg, spec = self.cfg, self.cfg.method.spec
+        ls = cfg.effective_label_smoothing()
+        if spec.pgt and cfg.method.pgt_impl == "paper_hook":
+            onehot = F.one_hot(y, logits.shape[1]).to(logits.dtype)
+            register_paper_pgt_hook(logits, onehot, cfg.alpha)
+            return cross_entropy(logits, y, ls)
+        if spec.pgt:
+            return pgt_cross_entropy(logits, y, cfg.alpha, ls)
+        return cross_entropy(logits, y, ls)
+
+    def _transform(self) -> Tensor | None:
+        """GC / AGC / ZNorm on the (unscaled) gradients; returns the norm after, if changed."""
+        m, kind = self.cfg.method, self.cfg.method.spec.grad_transform
+        if kind == "none":
+            return None
+        if kind == "gc":
+            clip_grad_norm_(self.params, m.gc_max_norm)
+        elif kind == "agc":
+            adaptive_clip_grad_(self.agc_params, m.agc_clip_factor, m.agc_eps)
+        elif kind == "znorm":
+            znorm_(self.params, m.znorm_eps)
+        return global_grad_norm(self.params)
+
+    def _train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        with self._autocast():
+            logits = self.forward(x)
+        loss = self._loss(logits, y)
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.opt)  # no-op unless fp16: transforms see true gradients
+        before = global_grad_norm(self.params)
+        after = self._transform()
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        correct = (logits.detach().argmax(1) == y).sum()
+        return loss.detach(), correct, before, before if after is None else after
+
+    # ---------------------------------------------------------------- measuring
+    @torch.no_grad()
+    def _filter_snapshot(self, step: int, epoch: int) -> tuple[list[LayerFilterStats], dict]:
+        norms = [
+            w.detach().float().flatten(1).norm(dim=1) if w.dim() > 1 else w.detach().float().abs()
+            for _, w in self.layers
+        ]
+        flat = torch.cat(norms).cpu()  # one device->host copy for all layers
+        stats, vectors, i = [], {}, 0
+        for idx, ((name, _), n) in enumerate(zip(self.layers, norms, strict=True), start=1):
+            v = flat[i : i + n.numel()]
+            i += n.numel()
+            vectors[f"L{idx:03d}"] = v.numpy()
+            stats.append(
+                LayerFilterStats(
+                    step=step,
+                    epoch=epoch,
+                    layer_index=idx,
+                    layer_name=name,
+                    n_filters=v.numel(),
+                    n_zero=int((v < ZERO_NORM).sum()),
+                    min_norm=float(v.min()),
+                    median_norm=float(v.median()),
+                    max_norm=float(v.max()),
+                )
+            )
+        return stats, vectors
+
+    @torch.no_grad()
+    def _evaluate(self, want_features: bool) -> tuple[float, float, float, float, list[float]]:
+        self.model.eval()
+        n = 0
+        loss_sum = torch.zeros((), device=self.device)
+        top1 = torch.zeros((), device=self.device)
+        top5 = torch.zeros((), device=self.device)
+        lnorm = torch.zeros((), device=self.device)
+        feat_sq: list[Tensor] = []
+
+        def grab(_m: nn.Module, inp: tuple[Tensor, ...]) -> None:
+            f = inp[0].float()  # (N, D) pooled features entering the classifier
+            sq = (f * f).sum(0)
+            if feat_sq:
+                feat_sq[0] += sq
+            else:
+                feat_sq.append(sq)
+
+        handle = self.fc.register_forward_pre_hook(grab) if want_features else None
+        try:
+            for x, y in self.data.test.batches(0):
+                if self.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with self._autocast():
+                    logits = self.model(x)
+                z = logits.float()
+                loss_sum += F.cross_entropy(z, y, reduction="sum")
+                k = min(5, z.shape[1])
+                topk = z.topk(k, dim=1).indices
+                hit = topk == y[:, None]
+                top1 += hit[:, 0].sum()
+                top5 += hit.any(1).sum()
+                lnorm += z.norm(dim=1).sum()
+                n += y.numel()
+        finally:
+            if handle is not None:
+                handle.remove()
+            self.model.train()
+        feats = feat_sq[0].sqrt().cpu().tolist() if feat_sq else []
+        return (
+            loss_sum.item() / n,
+            100.0 * top1.item() / n,
+            100.0 * top5.item() / n,
+            lnorm.item() / n,
+            feats,
+        )
+
+    # ---------------------------------------------------------------- checkpoints
+    def _save(self, next_epoch: int, step: int, history: list[EpochMetrics]) -> None:
+        atomic_torch_save(
+            {
+                "config_hash": self.config_hash,
+                "epoch": next_epoch,
+                "step": step,
+                "model": self.model.state_dict(),
+                "optimizer": self.opt.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "history": [asdict(h) for h in history],
+            },
+            self.ckpt_path,
+        )
+
+    def _load(self) -> tuple[int, int, list[EpochMetrics]]:
+        if not self.ckpt_path.exists():
+            return 0, 0, []
+        # weights_only: a checkpoint is data, never code (no pickle of arbitrary objects)
+        ck = torch.load(self.ckpt_path, map_location=self.device, weights_only=True)
+        if self.config_hash and ck.get("config_hash") != self.config_hash:
+            raise RuntimeError(f"checkpoint {self.ckpt_path} belongs to another configuration")
+        self.model.load_state_dict(ck["model"])
+        self.opt.load_state_dict(ck["optimizer"])
+        self.scaler.load_state_dict(ck["scaler"])
+        torch.set_rng_state(ck["torch_rng"])
+        return int(ck["epoch"]), int(ck["step"]), [EpochMetrics(**h) for h in ck["history"]]
+
+    # ---------------------------------------------------------------------- fit
+    def fit(self) -> TrainResult:
+        self._setup()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        start_epoch, step, history = self._load()
+        cfg = self.cfg
+        result = TrainResult(
+            status="done",
+            history=history,
+            device=describe_device(self.device),
+            precision=self.precision,
+        )
+        self.sink.on_start(start_epoch, result.device, self.precision)
+        if start_epoch:
+            self.log(f"resuming after epoch {start_epoch}/{cfg.epochs} (step {step})")
+        every = cfg.filter_stats_every
+        for epoch in range(start_epoch, cfg.epochs):
+            t0 = time.perf_counter()
+            flog = _FilterLog()
+            if every and step == 0:
+                self._snapshot(flog, 0, epoch)
+            diverged = self._train_epoch(epoch, step, flog)
+            step_end = step + self.steps_per_epoch
+            if diverged is not None:
+                result.status, result.diverged_step = "diverged", diverged
+                self.log(
+                    f"epoch {epoch + 1}/{cfg.epochs}: non-finite loss at step {diverged}; "
+                    "stopping (status diverged)"
+                )
+                return result
+            train_loss, train_acc, gn_before, gn_after, train_time = self._epoch_totals
+            step = step_end
+            last = epoch == cfg.epochs - 1
+            test_loss, test_acc, test_top5, logit_norm, feats = self._evaluate(want_features=last)
+            m = EpochMetrics(
+                epoch=epoch,
+                step=step,
+                train_loss=train_loss,
+                train_acc=train_acc,
+                test_loss=test_loss,
+                test_acc=test_acc,
+                test_top5=test_top5,
+                logit_norm=logit_norm,
+                gap=train_acc - test_acc,
+                lr=self._lr(step - 1),
+                epoch_time=time.perf_counter() - t0,
+                images_per_s=self.steps_per_epoch * cfg.batch_size / max(train_time, 1e-9),
+                grad_norm_before=gn_before,
+                grad_norm_after=gn_after,
+            )
+            if not all(math.isfinite(v) for v in (test_loss, logit_norm)):
+                result.status, result.diverged_step = "diverged", step
+                self.log(f"epoch {epoch + 1}/{cfg.epochs}: non-finite test loss; stopping")
+                return result
+            filter_file = self._write_filter_file(epoch, flog)
+            history.append(m)
+            if last:
+                result.feature_norms = feats
+                result.zero_features = sum(1 for f in feats if f < ZERO_NORM)
+            self.sink.on_epoch(m, flog.stats, filter_file)
+            self._save(epoch + 1, step, history)
+            self.log(
+                f"epoch {epoch + 1:>3}/{cfg.epochs}  train loss {m.train_loss:.4f} "
+                f"acc {m.train_acc:6.2f}%  test loss {m.test_loss:.4f} acc {m.test_acc:6.2f}% "
+                f"top5 {m.test_top5:6.2f}%  |z| {m.logit_norm:7.3f}  lr {m.lr:.4g}  "
+                f"{m.epoch_time:5.1f}s {m.images_per_s:7.0f} img/s"
+            )
+        if start_epoch >= cfg.epochs and history:
+            # finished before (e.g. killed after the last checkpoint): measure features again
+            *_, feats = self._evaluate(want_features=True)
+            result.feature_norms = feats
+            result.zero_features = sum(1 for f in feats if f < ZERO_NORM)
+        return result
+
+    def _snapshot(self, flog: _FilterLog, step: int, epoch: int) -> None:
+        stats, vectors = self._filter_snapshot(step, epoch)
+        flog.stats.extend(stats)
+        flog.steps.append(step)
+        for k, v in vectors.items():
+            flog.vectors.setdefault(k, []).append(v)
+
+    def _train_epoch(self, epoch: int, step: int, flog: _FilterLog) -> int | None:
+        """Run one epoch; returns the global step of the first non-finite loss, or None.
+
+        Losses go into a device buffer and are checked every ``check_every`` steps, so the
+        host syncs with the device only that often, yet the diverging step is exact.
+        """
+        cfg, dev = self.cfg, self.device
+        k = cfg.check_every
+        buf = torch.zeros(k, device=dev)
+        loss_sum = torch.zeros((), device=dev)
+        correct = torch.zeros((), device=dev, dtype=torch.long)
+        gn_b = torch.zeros((), device=dev)
+        gn_a = torch.zeros((), device=dev)
+        seen, i, t0 = 0, 0, time.perf_counter()
+        batches: Iterator[tuple[Tensor, Tensor]] = self.data.train.batches(epoch)
+        for i, (x, y) in enumerate(batches):
+            s = step + i
+            for g in self.opt.param_groups:
+                g["lr"] = self._lr(s)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            loss, c, b, a = self._train_step(x, y)
+            buf[i % k] = loss
+            loss_sum += loss
+            correct += c
+            gn_b += b
+            gn_a += a
+            seen += y.numel()
+            if (i + 1) % k == 0 or i + 1 == self.steps_per_epoch:
+                n = i % k + 1
+                finite = torch.isfinite(buf[:n])
+                if not bool(finite.all()):
+                    return s - n + 1 + int((~finite).nonzero()[0])
+            if cfg.filter_stats_every and (s + 1) % cfg.filter_stats_every == 0:
+                self._snapshot(flog, s + 1, epoch)
+        steps = i + 1
+        train_time = time.perf_counter() - t0
+        self._epoch_totals = (
+            loss_sum.item() / steps,
+            100.0 * correct.item() / seen,
+            gn_b.item() / steps,
+            gn_a.item() / steps,
+            train_time,
+        )
+        return None
+
+    def _write_filter_file(self, epoch: int, flog: _FilterLog) -> Path | None:
+        """Full per-filter norm vectors of this epoch's snapshots: one .npz per epoch.
+
+        Arrays: ``steps`` (S,), ``L001`` ... (S, n_filters), ``names`` (layer names).
+        """
+        if not flog.steps:
+            return None
+        d = self.run_dir / "filter_norms"
+        d.mkdir(exist_ok=True)
+        path = d / f"epoch_{epoch:04d}.npz"
+        tmp = d / f".epoch_{epoch:04d}.tmp.npz"
+        np.savez_compressed(
+            tmp,
+            steps=np.asarray(flog.steps),
+            names=np.asarray([n for n, _ in self.layers]),
+            **{k: np.stack(v) for k, v in flog.vectors.items()},
+        )
+        os.replace(tmp, path)
+        return path
