@@ -11,6 +11,7 @@ import logging
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -31,6 +32,7 @@ def group_options(group: str) -> list[str]:
 
 def to_config(cfg: DictConfig) -> Config:
     """The one boundary where a DictConfig becomes the typed Config."""
+    _reject_extra_keys(cfg)
     obj = OmegaConf.to_object(cfg)
     assert isinstance(obj, Config)
     return obj
@@ -41,16 +43,54 @@ def _one_line(e: Exception) -> str:
     text = str(e).strip()
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     key = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("full_key:")), "")
-    m = re.search(r"Key '([^']+)' is not in struct", text)
-    if m:
-        known = ", ".join(k for k in Config.__dataclass_fields__)
-        return f"unknown key {key or m.group(1)!r}; known top-level keys: {known}"
+    m = re.search(r"Could not override '([^']+)'", text)
+    if m and re.search(r"Key '[^']+' (is )?not in", text + str(e.__cause__ or "")):
+        return unknown_key_message(m.group(1))
     m = re.search(r"Missing mandatory value: ?(\S+)", text)
     if m or "MissingMandatoryValue" in type(e).__name__:
         k = m.group(1) if m else key
         return f"{k} is required (no default); set it on the command line, e.g. {k}=/path"
     first = lines[0] if lines else type(e).__name__
+    cause = e.__cause__
+    if cause is not None and str(cause).strip():  # Hydra wraps the OmegaConf error that says why
+        first = f"{first.rstrip('.')}: {str(cause).strip().splitlines()[0]}"
     return f"{key}: {first}" if key and key not in first else first
+
+
+def unknown_key_message(path: str) -> str:
+    """'unknown key X; known ...' listing the keys allowed where X was put."""
+    node: Any = Config
+    parts = path.lstrip("+~").split(".")
+    for part in parts[:-1]:
+        fields = getattr(node, "__dataclass_fields__", {})
+        if part not in fields:
+            break
+        node = _schema_class(fields[part].type)
+    fields = getattr(node, "__dataclass_fields__", None) or Config.__dataclass_fields__
+    where = "top-level keys" if len(parts) == 1 else f"keys of {'.'.join(parts[:-1])}"
+    return f"unknown key {path.lstrip('+~')!r}; known {where}: {', '.join(fields)}"
+
+
+def _schema_class(name: object) -> Any:
+    """Field types are strings under `from __future__ import annotations`: resolve them."""
+    import trainers.config as tc
+    import trainers.data as td
+
+    for mod in (tc, td, sys.modules[Config.__module__]):
+        if isinstance(name, str) and hasattr(mod, name):
+            return getattr(mod, name)
+    return name
+
+
+def _reject_extra_keys(cfg: DictConfig, schema: Any = Config, prefix: str = "") -> None:
+    """``+colour=blue`` adds a key Hydra accepts but nothing reads: refuse it."""
+    fields = schema.__dataclass_fields__
+    for k in cfg.keys():
+        if k not in fields:
+            raise ConfigError(unknown_key_message(prefix + str(k)))
+        sub = _schema_class(fields[k].type)
+        if hasattr(sub, "__dataclass_fields__") and isinstance(cfg[k], DictConfig):
+            _reject_extra_keys(cfg[k], sub, f"{prefix}{k}.")
 
 
 def _check_group_choices(overrides: list[str]) -> None:
@@ -118,7 +158,7 @@ def _task(dcfg: DictConfig) -> None:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(EXIT_BAD_INPUT)
-    if outcome.status in ("failed", "diverged"):
+    if outcome.status == "failed":  # diverged is a result (recorded), not a crash
         sys.exit(EXIT_FAILED)
 
 
@@ -126,6 +166,9 @@ def main(argv: list[str] | None = None) -> None:
     import hydra
 
     argv = sys.argv[1:] if argv is None else argv
+    # MLflow/alembic narrate their DB migrations at INFO; our own lines say what matters
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     register_configs()
     if not any(
         a

@@ -138,6 +138,9 @@ def run_job(cfg: Config) -> JobOutcome:
     """Train one configuration to completion (or resume it); record everything."""
     preflight(cfg)
     ident, chash = identity_of(cfg)
+    run_dir = Path(cfg.results_dir) / "runs" / chash[:16]
+    trainer = Trainer(cfg, run_dir, log=log.info, config_hash=chash)
+    trainer.setup()  # data/model errors (e.g. batch larger than the data) before any row
     store = open_store(cfg)
     try:
         resolved = {**asdict(cfg), "resolved_lr": cfg.resolved_lr(), "identity": ident}
@@ -148,13 +151,13 @@ def run_job(cfg: Config) -> JobOutcome:
                 f"(test_acc {run.test_acc:.2f}%); not training it again"
             )
             return JobOutcome(chash, "skipped", run.id, run.test_acc)
-        return _train(cfg, store, run, chash, ident)
+        return _train(cfg, store, run, trainer, ident)
     finally:
         store.dispose()
 
 
-def _train(cfg: Config, store: Store, run: Run, chash: str, ident: dict) -> JobOutcome:
-    run_dir = Path(cfg.results_dir) / "runs" / chash[:16]
+def _train(cfg: Config, store: Store, run: Run, trainer: Trainer, ident: dict) -> JobOutcome:
+    chash, run_dir = trainer.config_hash, trainer.run_dir
     mirror: MlflowMirror | None = None
     if cfg.mlflow.enabled:
         mirror = MlflowMirror(
@@ -176,8 +179,7 @@ def _train(cfg: Config, store: Store, run: Run, chash: str, ident: dict) -> JobO
         )
         if mirror.run_id and mirror.run_id != run.mlflow_run_id:
             store.set_fields(run.id, mlflow_run_id=mirror.run_id)
-    sink = StoreSink(store, run, mirror)
-    trainer = Trainer(cfg, run_dir, sink=sink, log=log.info, config_hash=chash)
+    trainer.sink = StoreSink(store, run, mirror)
     log.info(
         f"run {run.id} ({chash[:12]}): {cfg.model.name} / {cfg.method.name}"
         + (f" alpha={cfg.alpha:g}" if cfg.uses_pgt() else "")

@@ -32,6 +32,14 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _quiet_mlflow() -> None:
+    """MLflow narrates its DB migrations at INFO on first use; keep the terminal for ours."""
+    import logging
+
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def init_tracking_store(tracking_uri: str) -> None:
     """Create / migrate the MLflow tracking DB once, in the parent, before jobs start.
 
@@ -40,6 +48,7 @@ def init_tracking_store(tracking_uri: str) -> None:
     """
     from mlflow import MlflowClient
 
+    _quiet_mlflow()
     MlflowClient(tracking_uri=tracking_uri).search_experiments(max_results=1)
 
 
@@ -88,6 +97,7 @@ class MlflowMirror:
             from mlflow import MlflowClient
             from mlflow.entities import Param, RunTag
 
+            _quiet_mlflow()
             self.client = MlflowClient(tracking_uri=self.tracking_uri)
             if existing_run_id:
                 try:

@@ -17,7 +17,7 @@ def lr_at(step: int, steps_per_epoch: int, epochs: int, peak_lr: float, s: Sched
     passed), milestones in epochs (paper: /10 at 30, 60, 90).
     """
     total = max(1, steps_per_epoch * epochs)
-    warm = int(round(s.warmup_epochs * steps_per_epoch))
+    warm = int(round(min(s.warmup_epochs, epochs) * steps_per_epoch))  # capped at the run
     if step < warm:
         f = s.warmup_start_factor
         return peak_lr * (f + (1.0 - f) * step / warm)

@@ -190,12 +190,15 @@ class Trainer:
         self.sink = sink or NullSink()
         self.log = log
         self.config_hash = config_hash
+        self.ckpt_path = self.run_dir / "checkpoint.pt"
         self.device = resolve_device(cfg.device)
         self.precision = resolve_precision(cfg.precision, self.device)
-        self.ckpt_path = self.run_dir / "checkpoint.pt"
+        self._ready = False
 
     # ------------------------------------------------------------------ set-up
-    def _setup(self) -> None:
+    def setup(self) -> None:
+        """Build data, model and optimiser. Bad data/model settings raise ConfigError here,
+        so a caller can run this before recording anything (fit() calls it if needed)."""
         cfg = self.cfg
         torch.manual_seed(cfg.seed)  # model init depends on the seed only
         self.data: DataBundle = build_data(cfg.data, cfg.batch_size, cfg.seed, self.device)
@@ -221,6 +224,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
         self.forward = torch.compile(model) if cfg.compile else model
         self.layers = _weight_layers(model)
+        self._ready = True
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.precision in ("bf16", "fp16"):
@@ -377,7 +381,8 @@ class Trainer:
 
     # ---------------------------------------------------------------------- fit
     def fit(self) -> TrainResult:
-        self._setup()
+        if not self._ready:
+            self.setup()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         start_epoch, step, history = self._load()
         cfg = self.cfg

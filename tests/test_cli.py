@@ -1,0 +1,95 @@
+"""The real CLI: every method runs; bad input is refused with one line and no row."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import run_cli, sql
+
+from trainers.methods import known_methods
+
+FAST = ["epochs=2", "filter_stats_every=10"]
+
+
+@pytest.mark.parametrize("method", known_methods())
+def test_every_method_runs_from_the_cli(method: str, shared_results: Path) -> None:
+    res = run_cli(f"method={method}", f"results_dir={shared_results}", *FAST, cwd=shared_results)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = sql(
+        shared_results / "results.db",
+        "SELECT status, alpha, label_smoothing, epoch, test_acc, config FROM runs WHERE method = ?",
+        method,
+    )
+    assert len(rows) == 1
+    status, alpha, ls, epoch, test_acc, config = rows[0]
+    assert status == "done" and epoch == 2
+    assert 0.0 <= test_acc <= 100.0
+    assert (alpha == 0.25) == ("pgt" in method)  # alpha is NULL for methods without PGT
+    assert (ls == 0.1) == method.startswith("ls")
+    cfg = json.loads(config)
+    assert cfg["method"]["name"] == method and cfg["resolved_lr"] == pytest.approx(0.1 * 64 / 256)
+    assert "epoch   2/2" in res.stderr + res.stdout
+
+
+BAD = [
+    (["alpha=0"], "alpha=0", "(0, 1]"),
+    (["alpha=1.5"], "alpha=1.5", "(0, 1]"),
+    (["method=pgtx"], "'pgtx'", "agc_pgt"),
+    (["model=resnet99"], "'resnet99'", "resnet20"),
+    (["data=mnist"], "'mnist'", "digits"),
+    (["batch_size=0"], "batch_size=0", ">= 1"),
+    (["batch_size=-8"], "batch_size=-8", ">= 1"),
+    (["batch_size=abc"], "batch_size", "Integer"),
+    (["batch_size=5000"], "5000", "1437"),
+    (["epochs=0"], "epochs=0", ">= 1"),
+    (["data=cifar10"], "data.root", "required"),
+    (["data=cifar10", "data.root=/nonexistent/cifar"], "/nonexistent/cifar", "cifar"),
+    (["data=imagenet", "data.root=/nonexistent/imnet"], "/nonexistent/imnet", "train"),
+    (["colour=blue"], "colour", "known top-level keys"),
+    (["+colour=blue"], "colour", "known top-level keys"),
+    (["method.gc_max=2"], "method.gc_max", "gc_max_norm"),
+    (["method=ls", "method.label_smoothing=1.5"], "1.5", "(0, 1)"),
+]
+
+
+@pytest.mark.parametrize(("args", "names", "allowed"), BAD, ids=[" ".join(a) for a, _, _ in BAD])
+def test_bad_input_one_line_no_row(
+    args: list[str], names: str, allowed: str, tmp_path: Path
+) -> None:
+    res = run_cli(*args, f"results_dir={tmp_path / 'res'}", cwd=tmp_path)
+    assert res.returncode == 2, res.stderr[-2000:]
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("error: ")
+    assert names in lines[0] and allowed in lines[0], lines[0]
+    assert "Traceback" not in res.stderr
+    assert sql(tmp_path / "res" / "results.db", "SELECT count(*) FROM runs") in ([], [(0,)])
+    assert not (tmp_path / "res" / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize("kind", ["empty", "wrong_files"])
+def test_dataset_dir_without_data(kind: str, tmp_path: Path) -> None:
+    root = tmp_path / "cifar"
+    root.mkdir()
+    if kind == "wrong_files":
+        (root / "readme.txt").write_text("not cifar")
+    res = run_cli(
+        "data=cifar10", f"data.root={root}", f"results_dir={tmp_path / 'res'}", cwd=tmp_path
+    )
+    assert res.returncode == 2
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and str(root) in lines[0], res.stderr
+    assert sql(tmp_path / "res" / "results.db", "SELECT count(*) FROM runs") in ([], [(0,)])
+
+
+def test_unwritable_results_dir(tmp_path: Path) -> None:
+    # a path below a regular file can be created by nobody, root included
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    res = run_cli(f"results_dir={blocker / 'results'}", cwd=tmp_path)
+    assert res.returncode == 2
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "results_dir=" in lines[0] and "cannot be written" in lines[0]
+    assert not (blocker.parent / "results").exists()
