@@ -149,7 +149,10 @@ def test_filter_stats_match_the_weights(finished: Path) -> None:
         if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))
     ]
     assert [r[1] for r in last] == [n for n, _ in weights]
-    for (idx, _, n, nz, lo, med, hi), (_, w) in zip(last, weights, strict=True):
+    for i, ((idx, _, n, nz, lo, med, hi), (_, w)) in enumerate(
+        zip(last, weights, strict=True), start=1
+    ):
+        assert idx == i
         norms = np.sqrt((w.detach().double().numpy().reshape(w.shape[0], -1) ** 2).sum(1))
         assert n == w.shape[0] and nz == int((norms < 1e-8).sum())
         assert (lo, hi) == pytest.approx((norms.min(), norms.max()), rel=1e-5)
