@@ -20,6 +20,8 @@ from trainers.registry import ConfigError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ("model", "method", "data", "schedule", "experiment")
+# hydra's own groups that we replace: Hydra's basic launcher/sweeper bypass the store
+HYDRA_GROUPS = {"hydra/launcher": ["local", "slurm"], "hydra/sweeper": ["gradsweep"]}
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
 
@@ -27,6 +29,8 @@ log = logging.getLogger("gradsweep")
 
 
 def group_options(group: str) -> list[str]:
+    if group in HYDRA_GROUPS:
+        return HYDRA_GROUPS[group]
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
@@ -103,7 +107,7 @@ def _check_group_choices(overrides: list[str]) -> None:
         raise ConfigError(_one_line(e)) from None
     for ov in parsed:
         group = ov.key_or_group.lstrip("+~")
-        if group not in GROUPS or ov.is_delete():
+        if (group not in GROUPS and group not in HYDRA_GROUPS) or ov.is_delete():
             continue
         values = (
             list(ov.sweep_string_iterator())
@@ -129,12 +133,9 @@ def preflight_argv(argv: list[str]) -> Config | None:
     from sweeper.job import preflight
 
     multirun = any(a in ("-m", "--multirun") for a in argv)
-    overrides = [
-        a
-        for a in argv
-        if not a.startswith("-") and not a.startswith(("hydra.", "hydra/", "+hydra"))
-    ]
+    overrides = [a for a in argv if not a.startswith("-")]
     _check_group_choices(overrides)
+    overrides = [a for a in overrides if not a.startswith(("hydra.", "hydra/", "+hydra"))]
     if multirun:
         return None
     try:
@@ -166,6 +167,11 @@ def main(argv: list[str] | None = None) -> None:
     import hydra
 
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "status":
+        from sweeper.status import main as status_main
+
+        status_main(argv[1:])
+        return
     # MLflow/alembic narrate their DB migrations at INFO; our own lines say what matters
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)

@@ -134,8 +134,11 @@ class StoreSink:
                 self.mirror.log_artifact(filter_file, "filter_norms")
 
 
-def run_job(cfg: Config) -> JobOutcome:
-    """Train one configuration to completion (or resume it); record everything."""
+def run_job(cfg: Config, mlflow_tags: dict[str, str] | None = None) -> JobOutcome:
+    """Train one configuration to completion (or resume it); record everything.
+
+    ``mlflow_tags`` are added to the MLflow run (a sweep passes its id and parent run).
+    """
     preflight(cfg)
     ident, chash = identity_of(cfg)
     run_dir = Path(cfg.results_dir) / "runs" / chash[:16]
@@ -151,12 +154,14 @@ def run_job(cfg: Config) -> JobOutcome:
                 f"(test_acc {run.test_acc:.2f}%); not training it again"
             )
             return JobOutcome(chash, "skipped", run.id, run.test_acc)
-        return _train(cfg, store, run, trainer, ident)
+        return _train(cfg, store, run, trainer, ident, mlflow_tags or {})
     finally:
         store.dispose()
 
 
-def _train(cfg: Config, store: Store, run: Run, trainer: Trainer, ident: dict) -> JobOutcome:
+def _train(
+    cfg: Config, store: Store, run: Run, trainer: Trainer, ident: dict, mlflow_tags: dict[str, str]
+) -> JobOutcome:
     chash, run_dir = trainer.config_hash, trainer.run_dir
     mirror: MlflowMirror | None = None
     if cfg.mlflow.enabled:
@@ -175,7 +180,12 @@ def _train(cfg: Config, store: Store, run: Run, trainer: Trainer, ident: dict) -
             run.mlflow_run_id,
             name,
             {**ident, "results_run_id": run.id},
-            {"config_hash": chash, "method": cfg.method.name, "model": cfg.model.name},
+            {
+                "config_hash": chash,
+                "method": cfg.method.name,
+                "model": cfg.model.name,
+                **mlflow_tags,
+            },
         )
         if mirror.run_id and mirror.run_id != run.mlflow_run_id:
             store.set_fields(run.id, mlflow_run_id=mirror.run_id)

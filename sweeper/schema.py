@@ -26,6 +26,7 @@ class Config(RunConfig):
     """``conf/config.yaml`` is checked against this: a typo or a wrong type is an error."""
 
     results_dir: str = "./results"
+    sweep_name: str | None = None  # multirun: the sweep's name (default sweep-<timestamp>)
     store: StoreConf = field(default_factory=StoreConf)
     mlflow: MlflowConf = field(default_factory=MlflowConf)
 

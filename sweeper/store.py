@@ -140,6 +140,33 @@ class FilterStat(Base):
     max_norm: Mapped[float] = mapped_column(Float)
 
 
+class Sweep(Base):
+    """One launch of a grid (or search). Runs are shared between sweeps: a point whose
+    config hash already exists is linked, not duplicated."""
+
+    __tablename__ = "sweeps"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(255), index=True)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    ended_at: Mapped[dt.datetime | None]
+    command: Mapped[str] = mapped_column(Text)  # the overrides as typed
+    launcher: Mapped[str] = mapped_column(String(32))
+    n_points: Mapped[int] = mapped_column(Integer)
+    mlflow_parent_run_id: Mapped[str | None] = mapped_column(String(64))
+
+
+class SweepRun(Base):
+    __tablename__ = "sweep_runs"
+    __table_args__ = (UniqueConstraint("sweep_id", "run_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    sweep_id: Mapped[int] = mapped_column(ForeignKey("sweeps.id", ondelete="CASCADE"), index=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    point: Mapped[str] = mapped_column(Text)  # the point's overrides, e.g. "method=pgt alpha=0.3"
+    job_id: Mapped[str | None] = mapped_column(String(64))  # submitit / Slurm job id
+
+
 class StoreInfo(Base):
     """One row: the schema version this database was created or upgraded to."""
 
@@ -265,7 +292,60 @@ class Store:
             for k, v in fields.items():
                 setattr(run, k, v)
 
+    def create_sweep(self, name: str, command: str, launcher: str, n_points: int) -> Sweep:
+        with self.session() as s:
+            sweep = Sweep(name=name, command=command, launcher=launcher, n_points=n_points)
+            s.add(sweep)
+        return sweep
+
+    def link_run(self, sweep_id: int, run_id: int, point: str) -> None:
+        with self.session() as s:
+            exists = s.scalar(
+                select(SweepRun).where(SweepRun.sweep_id == sweep_id, SweepRun.run_id == run_id)
+            )
+            if exists is None:
+                s.add(SweepRun(sweep_id=sweep_id, run_id=run_id, point=point))
+
+    def set_job_id(self, sweep_id: int, run_id: int, job_id: str) -> None:
+        with self.session() as s:
+            link = s.scalar(
+                select(SweepRun).where(SweepRun.sweep_id == sweep_id, SweepRun.run_id == run_id)
+            )
+            if link is not None:
+                link.job_id = job_id
+
+    def set_sweep_fields(self, sweep_id: int, **fields: Any) -> None:
+        with self.session() as s:
+            sweep = s.get_one(Sweep, sweep_id)
+            for k, v in fields.items():
+                setattr(sweep, k, v)
+
+    def requeue_run(self, run_id: int) -> None:
+        """A failed / diverged run asked to be retried: back to queued, error cleared."""
+        with self.session() as s:
+            run = s.get_one(Run, run_id)
+            run.status = RunStatus.queued
+            run.error = None
+
     # --------------------------------------------------------------------- queries
+    def sweeps(self) -> list[Sweep]:
+        with self.session() as s:
+            return list(s.scalars(select(Sweep).order_by(Sweep.id)))
+
+    def sweep_runs(self, sweep_id: int) -> list[tuple[SweepRun, Run]]:
+        with self.session() as s:
+            q = (
+                select(SweepRun, Run)
+                .join(Run, Run.id == SweepRun.run_id)
+                .where(SweepRun.sweep_id == sweep_id)
+                .order_by(SweepRun.id)
+            )
+            return [(a, b) for a, b in s.execute(q).all()]
+
+    def get_run_by_id(self, run_id: int) -> Run | None:
+        with self.session() as s:
+            return s.get(Run, run_id)
+
     def get_run(self, config_hash: str) -> Run | None:
         with self.session() as s:
             return s.scalar(select(Run).where(Run.config_hash == config_hash))

@@ -33,6 +33,14 @@ def run_cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.Completed
     )
 
 
+def poll_sql(db: Path, query: str, *params: object) -> list[tuple]:
+    """Like :func:`sql` for polling a store another process is still creating."""
+    try:
+        return sql(db, query, *params)
+    except sqlite3.OperationalError:  # tables not created yet, or a writer holds the lock
+        return []
+
+
 def sql(db: Path, query: str, *params: object) -> list[tuple]:
     """Read the results store with plain SQL, as a user would (independent of our ORM)."""
     if not db.exists():

@@ -23,8 +23,13 @@ pytestmark = [
 
 
 def _cfg(**kw: object) -> RunConfig:
-    base = dict(model=ModelConf("digits_cnn"), data=DataConfig(name="digits"), epochs=8,
-                device="cuda", filter_stats_every=20)
+    base = dict(
+        model=ModelConf("digits_cnn"),
+        data=DataConfig(name="digits"),
+        epochs=8,
+        device="cuda",
+        filter_stats_every=20,
+    )
     base.update(kw)
     return RunConfig(**base)  # type: ignore[arg-type]
 
@@ -32,8 +37,13 @@ def _cfg(**kw: object) -> RunConfig:
 @pytest.mark.parametrize("precision", ["bf16", "fp16", "fp32"])
 @pytest.mark.parametrize("method", ["agc_pgt", "ls_pgt", "gc", "znorm"])
 def test_training_on_cuda(precision: str, method: str, tmp_path: Path) -> None:
-    t = Trainer(_cfg(precision=precision, method=MethodConf(
-        method, label_smoothing=0.1 if method.startswith("ls") else 0.0)), tmp_path)
+    t = Trainer(
+        _cfg(
+            precision=precision,
+            method=MethodConf(method, label_smoothing=0.1 if method.startswith("ls") else 0.0),
+        ),
+        tmp_path,
+    )
     r = t.fit()
     assert r.status == "done" and r.device.startswith("cuda") and r.precision == precision
     assert r.final is not None and r.final.test_acc > 90.0, r.final
@@ -48,9 +58,15 @@ def test_compiled_step_matches_eager_closely(tmp_path: Path) -> None:
 
 
 def test_resnet50_channels_last_bf16_step(tmp_path: Path) -> None:
-    cfg = RunConfig(model=ModelConf("resnet50"), method=MethodConf("agc_pgt"),
-                    data=DataConfig(name="synthetic", image_size=64, num_train=256, num_test=64),
-                    epochs=1, batch_size=64, device="cuda", filter_stats_every=2)
+    cfg = RunConfig(
+        model=ModelConf("resnet50"),
+        method=MethodConf("agc_pgt"),
+        data=DataConfig(name="synthetic", image_size=64, num_train=256, num_test=64),
+        epochs=1,
+        batch_size=64,
+        device="cuda",
+        filter_stats_every=2,
+    )
     r = Trainer(cfg, tmp_path).fit()
     assert r.status == "done" and r.precision == "bf16"
 

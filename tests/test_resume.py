@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import torch
-from conftest import cli_env, run_cli, sql
+from conftest import cli_env, poll_sql, run_cli, sql
 
 # batch 16 -> 89 steps an epoch on digits: long enough to be killed inside an epoch
 ARGS = ["method=pgt", "epochs=5", "batch_size=16", "mlflow.enabled=false"]
@@ -36,7 +36,7 @@ def test_sigkill_then_resume_gives_identical_metrics(tmp_path: Path) -> None:
     deadline = time.monotonic() + 120
     try:
         while time.monotonic() < deadline:
-            rows = sql(db, "SELECT epoch FROM runs") if db.exists() else []
+            rows = poll_sql(db, "SELECT epoch FROM runs")
             if rows and rows[0][0] >= 2:
                 break
             time.sleep(0.02)

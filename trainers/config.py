@@ -8,6 +8,7 @@ live in ``conf/*.yaml``; defaults here only make the dataclasses usable from Pyt
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -111,8 +112,13 @@ class RunConfig:
         """
         spec = self.method.spec
         data = asdict(self.data)
-        for k in ("num_workers", "download", "root"):
+        for k in ("num_workers", "download"):
             data.pop(k, None)
+        # The dataset's location is part of its identity: two roots may hold different data
+        # (a grid over data.root must not collapse into one run). Moving a dataset therefore
+        # starts new runs; record the absolute path so relative spellings agree.
+        if data.get("root"):
+            data["root"] = os.path.abspath(os.path.expanduser(data["root"]))
         return {
             "model": self.model.name,
             "method": {"name": spec.name, **{k: getattr(self.method, k) for k in spec.knobs()}},

@@ -1,0 +1,432 @@
+"""Run a grid: validate every point, record the sweep, dispatch jobs with submitit, report.
+
+Why not hydra-submitit-launcher: it blocks until every job of the array ends, reports a
+task exception as a success, starts all local jobs at once and never requeues
+(design.md §4). Here the parent keeps at most ``max_parallel`` local jobs in flight,
+starts the next as soon as one ends, reads each job's outcome from the results store (the
+job's own record, so it works without Slurm accounting), and prints progress as jobs end.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import shlex
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import submitit
+
+from sweeper.job import (
+    JobOutcome,
+    identity_of,
+    open_store,
+    preflight,
+    run_job,
+    store_url,
+    tracking_uri,
+)
+from sweeper.schema import Config
+from sweeper.store import Run, RunStatus, Store
+from trainers.registry import ConfigError
+
+TERMINAL = {RunStatus.done, RunStatus.failed, RunStatus.diverged}
+
+
+@dataclass
+class LauncherParams:
+    """``hydra/launcher`` settings (see conf/hydra/launcher/*.yaml and the README)."""
+
+    kind: str = "local"  # local | slurm
+    max_parallel: int | None = None  # local: None -> (GPUs x jobs_per_gpu) or 1 on CPU
+    jobs_per_gpu: int = 1  # local: pack several small jobs on one GPU
+    retry_failed: bool = False  # re-run points whose run ended failed / diverged
+    timeout_min: int = 60 * 24 * 3  # per job (local and Slurm time limit)
+    poll_s: float = 0.5
+    # Slurm
+    partition: str | None = None
+    gpus_per_job: int = 0  # GPUs per job (DDP over them when > 1)
+    cpus_per_task: int = 2
+    mem_gb: int = 8
+    array_parallelism: int = 64
+    max_requeues: int = 3  # pre-emption / time-out requeues per job (submitit checkpointing)
+    setup: list[str] = field(default_factory=list)  # shell lines run before each Slurm job
+    additional: dict[str, Any] = field(default_factory=dict)  # extra sbatch parameters
+
+    def validate(self) -> None:
+        if self.kind not in ("local", "slurm"):
+            raise ConfigError(
+                f"hydra.launcher.kind={self.kind} is not allowed; expected local or slurm"
+            )
+        if self.max_parallel is not None and self.max_parallel < 1:
+            raise ConfigError(
+                f"hydra.launcher.max_parallel={self.max_parallel} is not allowed; expected >= 1"
+            )
+        if self.jobs_per_gpu < 1:
+            raise ConfigError(
+                f"hydra.launcher.jobs_per_gpu={self.jobs_per_gpu} is not allowed; expected >= 1"
+            )
+
+
+@dataclass
+class Point:
+    label: str  # the point's overrides, as typed
+    cfg: Config
+    config_hash: str
+    run: Run | None = None
+    job: Any = None
+    started: float = 0.0
+    status: str = "queued"
+    slot: int | None = None
+
+
+class TrainJob(submitit.helpers.Checkpointable):
+    """What a worker process runs. Checkpointable: on Slurm pre-emption or time-out,
+    submitit requeues the same call, and :func:`run_job` resumes from the run's checkpoint."""
+
+    def __call__(self, cfg: Config, mlflow_tags: dict[str, str], threads: int | None) -> JobOutcome:
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)  # share the CPU cores between parallel jobs
+        import logging
+
+        logging.basicConfig(
+            level=logging.INFO,
+            format="[%(asctime)s] %(message)s",
+            datefmt="%H:%M:%S",
+            stream=sys.stdout,
+            force=True,
+        )
+        for name in ("mlflow", "alembic"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        return run_job(cfg, mlflow_tags)
+
+
+def _gpu_count() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except Exception:
+        return 0
+
+
+def validate_points(points: list[tuple[str, Config]]) -> list[Point]:
+    """Every point checked before anything is dispatched or written (one line on error)."""
+    if not points:
+        raise ConfigError("the grid is empty: no point to run")
+    out: list[Point] = []
+    urls = set()
+    for label, cfg in points:
+        try:
+            preflight(cfg)
+            _, chash = identity_of(cfg)
+        except ConfigError as e:
+            raise ConfigError(f"point [{label}]: {e}") from None
+        urls.add(store_url(cfg))
+        out.append(Point(label, cfg, chash))
+    if len(urls) > 1:
+        raise ConfigError(f"all points of a sweep must share one results store; got {sorted(urls)}")
+    return out
+
+
+class SweepRunner:
+    """Dispatch validated points; report progress; return the per-point outcome."""
+
+    def __init__(
+        self,
+        points: list[Point],
+        params: LauncherParams,
+        command: str,
+        sweep_name: str | None = None,
+        out: Callable[[str], None] | None = None,
+    ) -> None:
+        params.validate()
+        self.points, self.params, self.command = points, params, command
+        self.cfg0 = points[0].cfg
+        self.name = sweep_name or "sweep-" + dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        self.out = out or (lambda s: print(s, flush=True))
+        self.counts: Counter[str] = Counter()
+
+    # ----------------------------------------------------------------- bookkeeping
+    def _prepare(self, store: Store) -> list[Point]:
+        """Record the sweep and one queued row per point; return the points to start."""
+        self.sweep = store.create_sweep(self.name, self.command, self.params.kind, len(self.points))
+        from sweeper.job import grid_columns
+
+        todo, seen = [], {}
+        for p in self.points:
+            if p.config_hash in seen:  # e.g. baseline x alpha: one run serves both points
+                p.status, p.run = "duplicate", seen[p.config_hash].run
+                continue
+            seen[p.config_hash] = p
+            import dataclasses
+
+            resolved = {
+                **dataclasses.asdict(p.cfg),
+                "resolved_lr": p.cfg.resolved_lr(),
+                "identity": identity_of(p.cfg)[0],
+            }
+            p.run = store.claim_run(p.config_hash, grid_columns(p.cfg), resolved)
+            store.link_run(self.sweep.id, p.run.id, p.label)
+            st = p.run.status
+            if st == RunStatus.done or (st in TERMINAL and not self.params.retry_failed):
+                p.status = "skipped"
+                self.counts["skipped"] += 1
+                continue
+            if st in (RunStatus.failed, RunStatus.diverged):
+                store.requeue_run(p.run.id)
+            todo.append(p)
+        return todo
+
+    def _mlflow_parent(self, store: Store) -> dict[str, str]:
+        tags = {"sweep_id": str(self.sweep.id), "sweep_name": self.name}
+        if not self.cfg0.mlflow.enabled:
+            return tags
+        from sweeper.tracking import MlflowMirror, init_tracking_store
+
+        uri = tracking_uri(self.cfg0)
+        try:  # once, in the parent: concurrent first-time migrations race (design.md §4)
+            init_tracking_store(uri)
+        except Exception as e:
+            self.out(
+                f"warning: MLflow store {uri} cannot be initialised ({type(e).__name__}); "
+                "runs are recorded in the results store only"
+            )
+            return tags
+        parent = MlflowMirror(
+            uri,
+            self.cfg0.mlflow.experiment,
+            Path(self.cfg0.results_dir) / "mlartifacts",
+            warn=self.out,
+        )
+        pid = parent.start(
+            None,
+            self.name,
+            {"sweep_command": self.command, "n_points": len(self.points)},
+            {"sweep_id": str(self.sweep.id), "sweep": "parent"},
+        )
+        if pid:
+            store.set_sweep_fields(self.sweep.id, mlflow_parent_run_id=pid)
+            tags["mlflow.parentRunId"] = pid
+        self._parent = parent
+        return tags
+
+    # ------------------------------------------------------------------ executors
+    def _executor(self, folder: Path) -> Any:
+        p = self.params
+        if p.kind == "local":
+            ex = submitit.LocalExecutor(folder=folder)
+            ex.update_parameters(timeout_min=p.timeout_min)
+            return ex
+        ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=p.max_requeues)
+        params: dict[str, Any] = dict(
+            time=p.timeout_min,
+            cpus_per_task=p.cpus_per_task,
+            mem=f"{p.mem_gb}GB",
+            ntasks_per_node=max(1, p.gpus_per_job),
+            array_parallelism=p.array_parallelism,
+            signal_delay_s=60,
+            setup=list(p.setup),
+            job_name=self.name,
+        )
+        if p.partition:
+            params["partition"] = p.partition
+        if p.gpus_per_job:
+            params["gpus_per_node"] = p.gpus_per_job
+        params.update(p.additional)
+        ex.update_parameters(**params)
+        return ex
+
+    def _slots(self) -> list[int | None]:
+        """Local slots: each holds one job; on a GPU machine each slot maps to one GPU."""
+        p, gpus = self.params, _gpu_count()
+        if gpus:
+            slots: list[int | None] = [g for g in range(gpus) for _ in range(p.jobs_per_gpu)]
+            return slots[: p.max_parallel] if p.max_parallel else slots
+        return [None] * (p.max_parallel or 1)
+
+    # ------------------------------------------------------------------------ run
+    def run(self) -> list[Point]:
+        store = open_store(self.cfg0)
+        try:
+            todo = self._prepare(store)
+            n = len(self.points)
+            self.out(
+                f"sweep {self.sweep.id} '{self.name}': {n} points, {len(todo)} to run, "
+                f"{self.counts['skipped']} already finished"
+                + (
+                    f", {sum(p.status == 'duplicate' for p in self.points)} duplicates"
+                    if any(p.status == "duplicate" for p in self.points)
+                    else ""
+                )
+            )
+            if not todo:
+                store.set_sweep_fields(self.sweep.id, ended_at=self.sweep.created_at)
+                self.out(
+                    "nothing to start: every point is already finished "
+                    "(use hydra.launcher.retry_failed=true to retry failed ones)"
+                )
+                return self.points
+            tags = self._mlflow_parent(store)
+            folder = Path(self.cfg0.results_dir) / "logs" / "jobs" / f"sweep{self.sweep.id}"
+            folder.mkdir(parents=True, exist_ok=True)
+            self.out(f"job logs: {folder}")
+            if self.params.kind == "local":
+                self._run_local(store, todo, tags, folder)
+            else:
+                self._run_slurm(store, todo, tags, folder)
+            store.set_sweep_fields(
+                self.sweep.id, ended_at=dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+            )
+            if getattr(self, "_parent", None) is not None:
+                bad = any(p.status == "failed" for p in self.points)
+                self._parent.end("FAILED" if bad else "FINISHED")
+            return self.points
+        finally:
+            store.dispose()
+
+    def _run_local(
+        self, store: Store, todo: list[Point], tags: dict[str, str], folder: Path
+    ) -> None:
+        ex = self._executor(folder)
+        slots = self._slots()
+        free = list(range(len(slots)))
+        threads = None if _gpu_count() else max(1, (os.cpu_count() or 1) // len(slots))
+        pending: list[Point] = list(todo)
+        running: list[Point] = []
+        try:
+            while pending or running:
+                while pending and free:
+                    p = pending.pop(0)
+                    p.slot = free.pop(0)
+                    gpu = slots[p.slot]
+                    ex.update_parameters(
+                        gpus_per_node=0 if gpu is None else 1,
+                        visible_gpus=() if gpu is None else (gpu,),
+                    )
+                    p.job = ex.submit(TrainJob(), p.cfg, tags, threads)
+                    p.started, p.status = time.monotonic(), "running"
+                    store.set_job_id(self.sweep.id, p.run.id, str(p.job.job_id))
+                    self.counts["running"] += 1
+                    running.append(p)
+                time.sleep(self.params.poll_s)
+                for p in list(running):
+                    if self._finished(store, p):
+                        running.remove(p)
+                        free.append(p.slot)
+                        self._report(p)
+        except KeyboardInterrupt:
+            for p in running:
+                p.job.cancel(check=False)
+            self.out(
+                "interrupted: running jobs cancelled; run the same command again to "
+                "resume (finished points are skipped, interrupted ones resume)"
+            )
+            raise
+
+    def _run_slurm(
+        self, store: Store, todo: list[Point], tags: dict[str, str], folder: Path
+    ) -> None:
+        ex = self._executor(folder)
+        with ex.batch():  # one job array
+            for p in todo:
+                p.job = ex.submit(TrainJob(), p.cfg, tags, None)
+        for p in todo:
+            p.started, p.status = time.monotonic(), "running"
+            self.counts["running"] += 1
+            store.set_job_id(self.sweep.id, p.run.id, str(p.job.job_id))
+        self.out(f"submitted job array {todo[0].job.job_id.split('_')[0]} ({len(todo)} tasks)")
+        running = list(todo)
+        while running:
+            time.sleep(self.params.poll_s)
+            for p in [q for q in running if self._finished(store, q)]:
+                running.remove(p)
+                self._report(p)
+
+    def _finished(self, store: Store, p: Point) -> bool:
+        """A job is finished when its process is gone; its outcome is the run's row."""
+        if not _job_gone(p.job, self.params.kind):
+            return False
+        run = store.get_run_by_id(p.run.id)
+        assert run is not None
+        p.run = run
+        if run.status in TERMINAL:
+            p.status = run.status.value
+        else:  # the process died without recording an outcome (killed, OOM, node lost)
+            err = _job_error(p.job)
+            store.finish_run(run.id, RunStatus.failed, error=err)
+            p.run = store.get_run_by_id(run.id)
+            p.status = "failed"
+        return True
+
+    def _report(self, p: Point) -> None:
+        self.counts["running"] -= 1
+        self.counts[p.status] += 1
+        done = sum(self.counts[k] for k in ("done", "failed", "diverged", "skipped"))
+        acc = f"test {p.run.test_acc:6.2f}%" if p.run and p.run.test_acc is not None else ""
+        c = self.counts
+        self.out(
+            f"[{done:>3}/{sum(1 for q in self.points if q.status != 'duplicate')}] "
+            f"{p.status:<8} {p.label}  {acc}  ({time.monotonic() - p.started:.1f}s)   "
+            f"done {c['done']} · failed {c['failed']} · diverged {c['diverged']} · "
+            f"skipped {c['skipped']} · running {c['running']}"
+        )
+
+
+def _job_gone(job: Any, kind: str) -> bool:
+    if kind == "local":
+        return job.done()
+    if job.paths.result_pickle.exists():
+        return True
+    # without Slurm accounting (no sacct) submitit cannot tell a dead job: ask squeue
+    import subprocess
+
+    q = subprocess.run(
+        ["squeue", "-h", "-j", str(job.job_id), "-o", "%T"], capture_output=True, text=True
+    )
+    state = q.stdout.strip()
+    return q.returncode == 0 and state in ("", "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
+
+
+def _job_error(job: Any) -> str:
+    try:
+        exc = job.exception()
+        if exc is not None:
+            return str(exc)
+    except Exception as e:  # no result at all
+        return f"job {job.job_id} ended without a result ({type(e).__name__}: {e})"
+    return f"job {job.job_id} ended without recording an outcome; see {job.paths.stderr}"
+
+
+def summary_table(points: list[Point]) -> str:
+    """Plain-text summary, one line per point (rich renders it when on a terminal)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="sweep summary")
+    for col in ("point", "status", "run", "epochs", "train %", "test %"):
+        t.add_column(col)
+    for p in points:
+        r = p.run
+        t.add_row(
+            p.label or "(defaults)",
+            p.status,
+            str(r.id) if r else "—",
+            f"{r.epoch}/{r.epochs}" if r else "—",
+            f"{r.train_acc:.2f}" if r and r.train_acc is not None else "—",
+            f"{r.test_acc:.2f}" if r and r.test_acc is not None else "—",
+        )
+    console = Console(width=160, record=True, file=open(os.devnull, "w"))  # noqa: SIM115
+    console.print(t)
+    return console.export_text()
+
+
+def format_command(argv: list[str]) -> str:
+    return " ".join(shlex.quote(a) for a in argv)

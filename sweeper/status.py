@@ -1,0 +1,150 @@
+"""``python -m sweeper status``: every sweep and run with its state, progress and time.
+
+Reads the results store only (SQLite in WAL mode lets it read while jobs write), so it
+works while a sweep is running, from any shell, for local and Slurm sweeps alike.
+
+    python -m sweeper status                       # ./results/results.db
+    python -m sweeper status results_dir=/scratch/results
+    python -m sweeper status store.url=postgresql://...  sweep=3
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from sweeper.store import Run, RunStatus, Store
+from trainers.registry import ConfigError
+
+USAGE = "usage: python -m sweeper status [results_dir=DIR] [store.url=URL] [sweep=ID] [all=true]"
+
+
+def _elapsed(run: Run, now: dt.datetime) -> str:
+    if run.started_at is None:
+        return "—"
+    end = run.ended_at or now
+    s = int((end - run.started_at).total_seconds())
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def parse_args(argv: list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for a in argv:
+        key, eq, value = a.partition("=")
+        if not eq or key not in ("results_dir", "store.url", "sweep", "all"):
+            raise ConfigError(f"status does not take {a!r}; {USAGE}")
+        out[key] = value
+    if "sweep" in out and not out["sweep"].isdigit():
+        raise ConfigError(f"sweep={out['sweep']} is not allowed; expected a sweep id (a number)")
+    return out
+
+
+def status(argv: list[str], console: Console | None = None) -> None:
+    args = parse_args(argv)
+    results_dir = Path(args.get("results_dir", "./results"))
+    url = args.get("store.url") or f"sqlite:///{results_dir.resolve() / 'results.db'}"
+    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///") :]).exists():
+        raise ConfigError(
+            f"no results store at {url[len('sqlite:///') :]}; run a sweep first "
+            "or pass results_dir=/store.url="
+        )
+    console = console or Console(width=max(120, Console().width))
+    store = Store(url)
+    try:
+        now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+        sweeps = store.sweeps()
+        t = Table(title=f"sweeps in {url}")
+        for col in (
+            "sweep",
+            "name",
+            "created (UTC)",
+            "launcher",
+            "points",
+            "done",
+            "failed",
+            "diverged",
+            "running",
+            "queued",
+            "elapsed",
+        ):
+            t.add_column(col)
+        for sw in sweeps:
+            runs = [r for _, r in store.sweep_runs(sw.id)]
+            c = {st: sum(1 for r in runs if r.status == st) for st in RunStatus}
+            end = sw.ended_at or now
+            secs = int((end - sw.created_at).total_seconds())
+            t.add_row(
+                str(sw.id),
+                sw.name,
+                sw.created_at.strftime("%Y-%m-%d %H:%M"),
+                sw.launcher,
+                str(sw.n_points),
+                str(c[RunStatus.done]),
+                str(c[RunStatus.failed]),
+                str(c[RunStatus.diverged]),
+                str(c[RunStatus.running]),
+                str(c[RunStatus.queued]),
+                f"{secs // 60}m{secs % 60:02d}s",
+            )
+        console.print(t)
+        if "sweep" in args:
+            sid = int(args["sweep"])
+            if not any(s.id == sid for s in sweeps):
+                raise ConfigError(
+                    f"unknown sweep id {sid}; known: "
+                    f"{', '.join(str(s.id) for s in sweeps) or 'none'}"
+                )
+            rows = [(link.point, r) for link, r in store.sweep_runs(sid)]
+            title = f"runs of sweep {sid}"
+        elif sweeps and args.get("all") != "true":
+            rows = [(link.point, r) for link, r in store.sweep_runs(sweeps[-1].id)]
+            title = f"runs of the latest sweep ({sweeps[-1].id}); all=true lists every run"
+        else:
+            rows = [("", r) for r in store.runs()]
+            title = "all runs"
+        rt = Table(title=title)
+        for col in (
+            "run",
+            "point",
+            "model",
+            "method",
+            "alpha",
+            "batch",
+            "seed",
+            "status",
+            "epoch",
+            "elapsed",
+            "test %",
+            "host",
+        ):
+            rt.add_column(col)
+        for point, r in rows:
+            rt.add_row(
+                str(r.id),
+                point,
+                r.model,
+                r.method,
+                "—" if r.alpha is None else f"{r.alpha:g}",
+                str(r.batch_size),
+                str(r.seed),
+                r.status.value,
+                f"{r.epoch}/{r.epochs}",
+                _elapsed(r, now),
+                "—" if r.test_acc is None else f"{r.test_acc:.2f}",
+                r.host or "—",
+            )
+        console.print(rt)
+    finally:
+        store.dispose()
+
+
+def main(argv: list[str]) -> None:
+    try:
+        status(argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)

@@ -1,0 +1,182 @@
+"""Multirun sweeps through submitit's local executor (real subprocesses), end to end."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import cli_env, poll_sql, run_cli, sql
+from test_data import _write_imagefolder
+
+SMOKE = ["-m", "method=pgt", "alpha=0.05,0.25,0.3", "+experiment=smoke"]
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
+    d = tmp_path_factory.mktemp("smoke")
+    res = run_cli(*SMOKE, f"results_dir={d}", cwd=d, timeout=600)
+    return d, res
+
+
+def test_smoke_sweep_runs_every_point(smoke: tuple[Path, subprocess.CompletedProcess]) -> None:
+    d, res = smoke
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = sql(d / "results.db", "SELECT method, alpha, status, epoch FROM runs ORDER BY alpha")
+    assert rows == [("pgt", 0.05, "done", 3), ("pgt", 0.25, "done", 3), ("pgt", 0.3, "done", 3)]
+    assert sql(d / "results.db", "SELECT count(*) FROM sweep_runs") == [(3,)]
+    out = res.stdout
+    assert "[  3/3]" in out and "done 3 · failed 0" in out and "sweep summary" in out
+    # every job's own log, written by submitit, has its per-epoch lines
+    logs = list((d / "logs" / "jobs" / "sweep1").glob("*_log.out"))
+    assert len(logs) == 3 and all("epoch   3/3" in p.read_text() for p in logs)
+
+
+def test_smoke_sweep_is_grouped_in_mlflow(smoke: tuple[Path, subprocess.CompletedProcess]) -> None:
+    from mlflow import MlflowClient
+
+    d, _ = smoke
+    client = MlflowClient(tracking_uri=f"sqlite:///{d / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("gradsweep")
+    (parent_id,) = sql(d / "results.db", "SELECT mlflow_parent_run_id FROM sweeps WHERE id = 1")[0]
+    children = client.search_runs([exp.experiment_id], "tags.sweep_id = '1'")
+    kids = [r for r in children if r.data.tags.get("sweep") != "parent"]
+    assert len(kids) == 3
+    assert all(r.data.tags["mlflow.parentRunId"] == parent_id for r in kids)
+    assert sorted(float(r.data.params["alpha"]) for r in kids) == [0.05, 0.25, 0.3]
+    assert all(r.info.status == "FINISHED" for r in kids)
+
+
+def test_rerun_starts_nothing_and_is_fast(smoke: tuple[Path, subprocess.CompletedProcess]) -> None:
+    d, first = smoke
+    assert first.returncode == 0
+    t0 = time.monotonic()
+    res = run_cli(*SMOKE, f"results_dir={d}", cwd=d)
+    took = time.monotonic() - t0
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "nothing to start" in res.stdout and "0 to run, 3 already finished" in res.stdout
+    assert not (d / "logs" / "jobs" / "sweep2").exists()  # no job was started
+    assert sql(d / "results.db", "SELECT count(*) FROM runs") == [(3,)]
+    assert took <= 15.0, took
+
+
+def test_status_lists_sweeps_and_runs(smoke: tuple[Path, subprocess.CompletedProcess]) -> None:
+    d, _ = smoke
+    res = run_cli("status", f"results_dir={d}", cwd=d)
+    assert res.returncode == 0, res.stderr
+    assert "alpha=0.25" in res.stdout and "3/3" in res.stdout and "done" in res.stdout
+
+
+def test_failing_point_is_recorded_and_named(tmp_path: Path) -> None:
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    # five training images in each; batch 5 reads them all (drop_last cannot skip the bad one)
+    _write_imagefolder(good, {"train": {"ant": 3, "bee": 2}, "val": {"ant": 1, "bee": 1}})
+    _write_imagefolder(bad, {"train": {"ant": 2, "bee": 2}, "val": {"ant": 1, "bee": 1}})
+    (bad / "train" / "ant" / "broken.jpg").write_bytes(b"this is not a JPEG")
+    res = run_cli(
+        "-m",
+        "data=imagenet",
+        f"data.root={good},{bad}",
+        "data.image_size=32",
+        "data.num_workers=0",
+        "model=resnet18",
+        "batch_size=5",
+        "epochs=1",
+        "mlflow.enabled=false",
+        f"results_dir={tmp_path / 'res'}",
+        cwd=tmp_path,
+        timeout=600,
+    )
+    assert res.returncode == 1
+    err = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert len(err) == 1 and str(bad) in err[0] and "failed points" in err[0]
+    rows = dict(
+        sql(
+            tmp_path / "res" / "results.db",
+            "SELECT json_extract(config, '$.data.root'), status FROM runs",
+        )
+    )
+    assert rows == {str(good): "done", str(bad): "failed"}
+    (tb,) = sql(tmp_path / "res" / "results.db", "SELECT error FROM runs WHERE status='failed'")[0]
+    assert "Traceback" in tb and "broken.jpg" in tb
+    logs = (tmp_path / "res" / "logs" / "jobs" / "sweep1").glob("*_log.err")
+    assert any("broken.jpg" in p.read_text() for p in logs)
+
+
+def test_eight_concurrent_jobs_share_one_sqlite_store(tmp_path: Path) -> None:
+    res = run_cli(
+        "-m",
+        "seed=range(8)",
+        "epochs=1",
+        "filter_stats_every=5",
+        "hydra.launcher.max_parallel=8",
+        f"results_dir={tmp_path}",
+        cwd=tmp_path,
+        timeout=900,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert sql(tmp_path / "results.db", "SELECT count(*), sum(status = 'done') FROM runs") == [
+        (8, 8)
+    ]
+    assert sql(tmp_path / "results.db", "SELECT count(*) FROM epoch_metrics") == [(8,)]
+    n_layers = 4  # digits_cnn: 3 convs + fc; steps 0,5,...,20 -> 5 snapshots per run
+    assert sql(tmp_path / "results.db", "SELECT count(*) FROM filter_stats") == [
+        (8 * 5 * n_layers,)
+    ]
+    logs = "".join(p.read_text() for p in (tmp_path / "logs" / "jobs").rglob("*_log.*"))
+    assert "database is locked" not in logs
+
+
+BAD_GRIDS = [
+    (["alpha=0.3,1.5"], "1.5"),
+    (["+experiment=nope"], "nope"),
+    (["hydra/launcher=nope"], "nope"),
+    (["colour=red,blue"], "colour"),
+    (["alpha=range(0,0)"], "empty"),
+    (["method=pgt,wat"], "wat"),
+    (["hydra.launcher.max_parallel=0"], "max_parallel=0"),
+]
+
+
+@pytest.mark.parametrize(("args", "named"), BAD_GRIDS, ids=[a[0] for a, _ in BAD_GRIDS])
+def test_bad_grid_refused_before_anything(args: list[str], named: str, tmp_path: Path) -> None:
+    res = run_cli("-m", *args, f"results_dir={tmp_path / 'res'}", cwd=tmp_path)
+    assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-2000:]
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and named in lines[0], res.stderr
+    assert not (tmp_path / "res" / "results.db").exists()
+    assert not (tmp_path / "res" / "logs").exists()
+
+
+def test_status_is_readable_while_a_sweep_runs(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "sweeper",
+            "-m",
+            "seed=0,1",
+            "epochs=4",
+            "batch_size=16",
+            "mlflow.enabled=false",
+            f"results_dir={tmp_path}",
+        ],
+        cwd=tmp_path,
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline, seen = time.monotonic() + 240, ""
+        while time.monotonic() < deadline:
+            if poll_sql(tmp_path / "results.db", "SELECT 1 FROM runs WHERE status='running'"):
+                seen = run_cli("status", f"results_dir={tmp_path}", cwd=tmp_path).stdout
+                if "running" in seen:
+                    break
+            time.sleep(0.5)
+        assert "running" in seen and "seed=0" in seen
+    finally:
+        proc.wait(timeout=600)
+    assert proc.returncode == 0
