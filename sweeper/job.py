@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import tempfile
 import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import submitit
 from sqlalchemy.exc import SQLAlchemyError
 
 from sweeper import provenance
@@ -240,3 +242,26 @@ def _train(
             f"|z| {final.logit_norm:.3f}"
         )
     return JobOutcome(chash, result.status, run.id, final.test_acc if final else None)
+
+
+class TrainJob(submitit.helpers.Checkpointable):
+    """What a worker process runs. Checkpointable: on Slurm pre-emption or time-out,
+    submitit requeues the same call, and :func:`run_job` resumes from the run's checkpoint."""
+
+    def __call__(self, cfg: Config, mlflow_tags: dict[str, str], threads: int | None) -> JobOutcome:
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)  # share the CPU cores between parallel jobs
+        import logging
+
+        logging.basicConfig(
+            level=logging.INFO,
+            format="[%(asctime)s] %(message)s",
+            datefmt="%H:%M:%S",
+            stream=sys.stdout,
+            force=True,
+        )
+        for name in ("mlflow", "alembic"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        return run_job(cfg, mlflow_tags)

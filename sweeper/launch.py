@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime as dt
 import os
 import shlex
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -23,11 +22,10 @@ from typing import Any
 import submitit
 
 from sweeper.job import (
-    JobOutcome,
+    TrainJob,
     identity_of,
     open_store,
     preflight,
-    run_job,
     store_url,
     tracking_uri,
 )
@@ -83,29 +81,6 @@ class Point:
     started: float = 0.0
     status: str = "queued"
     slot: int | None = None
-
-
-class TrainJob(submitit.helpers.Checkpointable):
-    """What a worker process runs. Checkpointable: on Slurm pre-emption or time-out,
-    submitit requeues the same call, and :func:`run_job` resumes from the run's checkpoint."""
-
-    def __call__(self, cfg: Config, mlflow_tags: dict[str, str], threads: int | None) -> JobOutcome:
-        if threads:
-            import torch
-
-            torch.set_num_threads(threads)  # share the CPU cores between parallel jobs
-        import logging
-
-        logging.basicConfig(
-            level=logging.INFO,
-            format="[%(asctime)s] %(message)s",
-            datefmt="%H:%M:%S",
-            stream=sys.stdout,
-            force=True,
-        )
-        for name in ("mlflow", "alembic"):
-            logging.getLogger(name).setLevel(logging.WARNING)
-        return run_job(cfg, mlflow_tags)
 
 
 def _gpu_count() -> int:
