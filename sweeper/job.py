@@ -148,6 +148,12 @@ def run_job(cfg: Config, mlflow_tags: dict[str, str] | None = None) -> JobOutcom
     trainer.setup()  # data/model errors (e.g. batch larger than the data) before any row
     store = open_store(cfg)
     try:
+        if not trainer.dist.is_main:  # data-parallel worker: trains, records nothing
+            row = store.get_run(chash)
+            if row is not None and row.status == RunStatus.done:
+                return JobOutcome(chash, "skipped", row.id, row.test_acc)
+            result = trainer.fit()
+            return JobOutcome(chash, result.status, row.id if row else -1)
         resolved = {**asdict(cfg), "resolved_lr": cfg.resolved_lr(), "identity": ident}
         run = store.claim_run(chash, grid_columns(cfg), resolved)
         if run.status == RunStatus.done:
@@ -249,6 +255,11 @@ class TrainJob(submitit.helpers.Checkpointable):
     submitit requeues the same call, and :func:`run_job` resumes from the run's checkpoint."""
 
     def __call__(self, cfg: Config, mlflow_tags: dict[str, str], threads: int | None) -> JobOutcome:
+        env = submitit.JobEnvironment()
+        if env.num_tasks > 1:
+            # a multi-GPU job: one task per GPU; RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* for
+            # torch.distributed. Every task sees all the node's GPUs and takes cuda:LOCAL_RANK.
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         if threads:
             import torch
 

@@ -50,6 +50,8 @@ class Loader(Protocol):
 
     def __len__(self) -> int: ...
 
+    def shard(self, lo: int, hi: int) -> None: ...
+
 
 @dataclass
 class DataBundle:
@@ -108,6 +110,7 @@ class TensorLoader:
     ) -> None:
         self.images, self.labels = images, labels
         self.batch_size, self.seed, self.train, self.pad = batch_size, seed, train, pad
+        self.lo, self.hi = 0, batch_size  # this process's slice of each training batch
         dev = images.device
         m, s = torch.tensor(mean, dtype=torch.float64), torch.tensor(std, dtype=torch.float64)
         # (x/255 - mean)/std folded into one multiply-add per element
@@ -141,11 +144,16 @@ class TensorLoader:
             return
         order, offsets, flip = (t.to(dev) for t in self.epoch_plan(epoch))
         for i in range(0, len(order), bs):
-            idx = order[i : i + bs]
+            a, b = i + self.lo, i + self.hi  # data-parallel: our slice of the global batch
+            idx = order[a:b]
             x = self.images[idx]
             if self.pad is not None:
-                x = crop_flip(x, offsets[i : i + bs], flip[i : i + bs], self.pad)
+                x = crop_flip(x, offsets[a:b], flip[a:b], self.pad)
             yield x, self.labels[idx]
+
+    def shard(self, lo: int, hi: int) -> None:
+        """Yield only [lo, hi) of every training batch (the global plan is unchanged)."""
+        self.lo, self.hi = lo, hi
 
     def normalise(self, x: Tensor) -> Tensor:
         return x.float().mul_(self._scale).add_(self._shift)
@@ -420,6 +428,11 @@ class ImageFolderLoader:
     ) -> None:  # fmt: skip
         self.data, self.batch_size, self.seed, self.train = data, batch_size, seed, train
         self.num_workers, self.device = num_workers, device
+        self.lo, self.hi = 0, batch_size
+
+    def shard(self, lo: int, hi: int) -> None:
+        """Load only [lo, hi) of every training batch: each process decodes its own images."""
+        self.lo, self.hi = lo, hi
 
     def __len__(self) -> int:
         n = len(self.data)
@@ -429,10 +442,16 @@ class ImageFolderLoader:
         n, g = len(self.data), epoch_generator(self.seed, epoch)
         order = torch.randperm(n, generator=g) if self.train else torch.arange(n)
         seeds = torch.randint(0, 2**62, (n,), generator=g)
+        items = list(zip(order.tolist(), seeds.tolist(), strict=True))
+        bs = self.batch_size
+        if self.train and (self.lo, self.hi) != (0, bs):
+            full = len(items) // bs * bs  # drop_last of the *global* batch, then our slice
+            items = [it for i in range(0, full, bs) for it in items[i + self.lo : i + self.hi]]
+            bs = self.hi - self.lo
         loader = DataLoader(
             self.data,
-            batch_size=self.batch_size,
-            sampler=list(zip(order.tolist(), seeds.tolist(), strict=True)),  # any iterable
+            batch_size=bs,
+            sampler=items,  # any iterable
             drop_last=self.train,
             num_workers=self.num_workers,
             pin_memory=self.device.type == "cuda",

@@ -20,7 +20,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 
+from trainers import distributed
 from trainers.config import RunConfig
 from trainers.data import DataBundle, build_data
 from trainers.methods import (
@@ -33,6 +35,7 @@ from trainers.methods import (
     znorm_,
 )
 from trainers.models import build_model, classifier_of
+from trainers.registry import ConfigError
 from trainers.schedule import lr_at
 
 ZERO_NORM = 1e-8  # a filter / feature with L2 norm below this counts as "zeroed out"
@@ -191,7 +194,10 @@ class Trainer:
         self.log = log
         self.config_hash = config_hash
         self.ckpt_path = self.run_dir / "checkpoint.pt"
+        self.dist = distributed.from_env()
         self.device = resolve_device(cfg.device)
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)  # one GPU per process
         self.precision = resolve_precision(cfg.precision, self.device)
         self._ready = False
 
@@ -199,10 +205,19 @@ class Trainer:
     def setup(self) -> None:
         """Build data, model and optimiser. Bad data/model settings raise ConfigError here,
         so a caller can run this before recording anything (fit() calls it if needed)."""
-        cfg = self.cfg
+        cfg, info = self.cfg, self.dist
+        if cfg.batch_size % info.world:
+            raise ConfigError(
+                f"batch_size={cfg.batch_size} is not divisible by the "
+                f"{info.world} data-parallel processes"
+            )
         torch.manual_seed(cfg.seed)  # model init depends on the seed only
         self.data: DataBundle = build_data(cfg.data, cfg.batch_size, cfg.seed, self.device)
+        if info.enabled:
+            self.data.train.shard(*distributed.shard_bounds(cfg.batch_size, info))
         model = build_model(cfg.model.name, self.data.num_classes, self.data.in_channels)
+        if info.enabled and self.device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.channels_last = cfg.channels_last and self.device.type == "cuda"
         model = model.to(self.device)
         if self.channels_last:
@@ -222,7 +237,12 @@ class Trainer:
         )
         self.steps_per_epoch = len(self.data.train)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
-        self.forward = torch.compile(model) if cfg.compile else model
+        self._owns_group = distributed.init(info, self.device)
+        fwd: nn.Module = model
+        if info.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            fwd = DDP(model, device_ids=ids)  # averages gradients across processes
+        self.forward = torch.compile(fwd) if cfg.compile else fwd
         self.layers = _weight_layers(model)
         self._ready = True
 
@@ -303,6 +323,18 @@ class Trainer:
             )
         return stats, vectors
 
+    def _evaluate_shared(
+        self, want_features: bool
+    ) -> tuple[float, float, float, float, list[float]]:
+        """Rank 0 evaluates the whole test set; the numbers are broadcast to every rank so
+        all ranks take the same decisions (e.g. stopping on a non-finite test loss)."""
+        if not self.dist.enabled:
+            return self._evaluate(want_features)
+        out = self._evaluate(want_features) if self.dist.is_main else (0.0, 0.0, 0.0, 0.0, [])
+        t = torch.tensor(out[:4], dtype=torch.float64, device=self.device)
+        a, b, c, d = distributed.broadcast(t, self.dist).tolist()
+        return a, b, c, d, out[4]
+
     @torch.no_grad()
     def _evaluate(self, want_features: bool) -> tuple[float, float, float, float, list[float]]:
         self.model.eval()
@@ -381,9 +413,19 @@ class Trainer:
 
     # ---------------------------------------------------------------------- fit
     def fit(self) -> TrainResult:
+        """Train (or resume) to the end; returns the outcome. Only rank 0 reports/saves."""
         if not self._ready:
             self.setup()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            return self._fit()
+        finally:
+            if self._owns_group:
+                torch.distributed.destroy_process_group()
+
+    def _fit(self) -> TrainResult:
+        main = self.dist.is_main
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         start_epoch, step, history = self._load()
         cfg = self.cfg
         result = TrainResult(
@@ -392,14 +434,15 @@ class Trainer:
             device=describe_device(self.device),
             precision=self.precision,
         )
-        self.sink.on_start(start_epoch, result.device, self.precision)
-        if start_epoch:
+        if main:
+            self.sink.on_start(start_epoch, result.device, self.precision)
+        if start_epoch and main:
             self.log(f"resuming after epoch {start_epoch}/{cfg.epochs} (step {step})")
         every = cfg.filter_stats_every
         for epoch in range(start_epoch, cfg.epochs):
             t0 = time.perf_counter()
             flog = _FilterLog()
-            if every and step == 0:
+            if every and step == 0 and main:
                 self._snapshot(flog, 0, epoch)
             diverged = self._train_epoch(epoch, step, flog)
             step_end = step + self.steps_per_epoch
@@ -413,7 +456,7 @@ class Trainer:
             train_loss, train_acc, gn_before, gn_after, train_time = self._epoch_totals
             step = step_end
             last = epoch == cfg.epochs - 1
-            test_loss, test_acc, test_top5, logit_norm, feats = self._evaluate(want_features=last)
+            test_loss, test_acc, test_top5, logit_norm, feats = self._evaluate_shared(last)
             m = EpochMetrics(
                 epoch=epoch,
                 step=step,
@@ -430,15 +473,17 @@ class Trainer:
                 grad_norm_before=gn_before,
                 grad_norm_after=gn_after,
             )
-            if not all(math.isfinite(v) for v in (test_loss, logit_norm)):
+            if not all(math.isfinite(v) for v in (test_loss, logit_norm)):  # same on all ranks
                 result.status, result.diverged_step = "diverged", step
                 self.log(f"epoch {epoch + 1}/{cfg.epochs}: non-finite test loss; stopping")
                 return result
-            filter_file = self._write_filter_file(epoch, flog)
             history.append(m)
             if last:
                 result.feature_norms = feats
                 result.zero_features = sum(1 for f in feats if f < ZERO_NORM)
+            if not main:
+                continue
+            filter_file = self._write_filter_file(epoch, flog)
             self.sink.on_epoch(m, flog.stats, filter_file)
             self._save(epoch + 1, step, history)
             self.log(
@@ -447,7 +492,7 @@ class Trainer:
                 f"top5 {m.test_top5:6.2f}%  |z| {m.logit_norm:7.3f}  lr {m.lr:.4g}  "
                 f"{m.epoch_time:5.1f}s {m.images_per_s:7.0f} img/s"
             )
-        if start_epoch >= cfg.epochs and history:
+        if start_epoch >= cfg.epochs and history and main:
             # finished before (e.g. killed after the last checkpoint): measure features again
             *_, feats = self._evaluate(want_features=True)
             result.feature_norms = feats
@@ -491,16 +536,23 @@ class Trainer:
             seen += y.numel()
             if (i + 1) % k == 0 or i + 1 == self.steps_per_epoch:
                 n = i % k + 1
-                finite = torch.isfinite(buf[:n])
-                if not bool(finite.all()):
-                    return s - n + 1 + int((~finite).nonzero()[0])
-            if cfg.filter_stats_every and (s + 1) % cfg.filter_stats_every == 0:
+                pos = torch.arange(n, device=dev)
+                first = torch.where(torch.isfinite(buf[:n]), n, pos).min()
+                # every rank must stop at the same check: agree on the earliest bad step
+                first = int(distributed.all_min(first, self.dist))
+                if first < n:
+                    return s - n + 1 + first
+            main = self.dist.is_main
+            if cfg.filter_stats_every and (s + 1) % cfg.filter_stats_every == 0 and main:
                 self._snapshot(flog, s + 1, epoch)
         steps = i + 1
         train_time = time.perf_counter() - t0
+        totals = torch.stack([loss_sum.float(), correct.float()])
+        loss_total, correct_total = distributed.all_sum(totals, self.dist).tolist()
+        world = self.dist.world
         self._epoch_totals = (
-            loss_sum.item() / steps,
-            100.0 * correct.item() / seen,
+            loss_total / (steps * world),
+            100.0 * correct_total / (seen * world),
             gn_b.item() / steps,
             gn_a.item() / steps,
             train_time,
