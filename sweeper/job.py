@@ -206,6 +206,13 @@ def _train(
     )
     try:
         result = trainer.fit()
+    except SystemExit:
+        # submitit's time-out / pre-emption handler requeues the job, then exits: the run
+        # is not over, it resumes from its checkpoint when the requeued job starts.
+        store.set_fields(
+            run.id, error="requeued (time-out or pre-emption); resumes from its last checkpoint"
+        )
+        raise
     except BaseException as e:
         err = traceback.format_exc()
         status = RunStatus.failed

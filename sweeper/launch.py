@@ -5,13 +5,25 @@ task exception as a success, starts all local jobs at once and never requeues
 (design.md §4). Here the parent keeps at most ``max_parallel`` local jobs in flight,
 starts the next as soon as one ends, reads each job's outcome from the results store (the
 job's own record, so it works without Slurm accounting), and prints progress as jobs end.
+
+Slurm (``hydra/launcher=slurm``): the points go out as one job array (``sbatch --array``
+through submitit, ``%array_parallelism`` at a time). Each task is a
+:class:`~sweeper.job.TrainJob`, a submitit ``Checkpointable``: on time-out submitit requeues
+it (at most ``max_requeues`` times), and on pre-emption or ``scontrol requeue`` Slurm runs the
+same task again; either way :func:`~sweeper.job.run_job` resumes from the run's checkpoint.
+Whether a task still exists is asked of ``squeue`` (never ``sacct``: many clusters run
+without accounting), and what it did is read from its row in the results store.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import io
 import os
 import shlex
+import shutil
+import subprocess
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -34,6 +46,29 @@ from sweeper.store import Run, RunStatus, Store
 from trainers.registry import ConfigError
 
 TERMINAL = {RunStatus.done, RunStatus.failed, RunStatus.diverged}
+
+SLURM_COMMANDS = ("sbatch", "srun", "squeue", "scancel", "sinfo")
+# squeue states after which a job will not run again by itself. Anything else (PENDING,
+# RUNNING, REQUEUED, REQUEUE_HOLD, CONFIGURING, COMPLETING, SUSPENDED, SPECIAL_EXIT, ...) is
+# alive: a requeued job passes through REQUEUED and PENDING before it runs again. PREEMPTED
+# is here because it ends a job under PreemptMode=CANCEL; under REQUEUE it is followed by
+# PENDING, which the grace period below waits for.
+SLURM_ENDED = {
+    "BOOT_FAIL",
+    "CANCELLED",
+    "COMPLETED",
+    "DEADLINE",
+    "FAILED",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "PREEMPTED",
+    "REVOKED",
+    "TIMEOUT",
+}
+# A Slurm job that looks gone (ended state, or no longer listed) while its run has no final
+# status yet must look gone for this long before the run is marked failed: the job's own
+# store writes, a requeue after pre-emption and squeue itself all lag a little.
+SLURM_GONE_GRACE_S = 15.0
 
 
 @dataclass
@@ -69,6 +104,49 @@ class LauncherParams:
             raise ConfigError(
                 f"hydra.launcher.jobs_per_gpu={self.jobs_per_gpu} is not allowed; expected >= 1"
             )
+        for key, low in (
+            ("timeout_min", 1),
+            ("cpus_per_task", 1),
+            ("mem_gb", 1),
+            ("gpus_per_job", 0),
+            ("array_parallelism", 1),
+            ("max_requeues", 0),
+        ):
+            if getattr(self, key) < low:
+                raise ConfigError(
+                    f"hydra.launcher.{key}={getattr(self, key)} is not allowed; expected >= {low}"
+                )
+        if not self.poll_s > 0:
+            raise ConfigError(
+                f"hydra.launcher.poll_s={self.poll_s} is not allowed; expected a number > 0"
+            )
+        if self.kind == "slurm":
+            self._check_slurm()
+
+    def _check_slurm(self) -> None:
+        """Slurm's commands are there, the controller answers and the partition exists:
+        checked before anything is written (one line on error, like any bad input)."""
+        missing = [c for c in SLURM_COMMANDS if shutil.which(c) is None]
+        if missing:
+            raise ConfigError(
+                "hydra/launcher=slurm needs Slurm's client commands on PATH; "
+                f"not found: {', '.join(missing)}"
+            )
+        try:
+            q = subprocess.run(
+                ["sinfo", "-h", "-o", "%P"], capture_output=True, text=True, timeout=60
+            )
+        except subprocess.TimeoutExpired:
+            raise ConfigError("hydra/launcher=slurm: sinfo did not answer within 60 s") from None
+        if q.returncode != 0:
+            why = (q.stderr.strip().splitlines() or [f"exit status {q.returncode}"])[0]
+            raise ConfigError(f"hydra/launcher=slurm: Slurm cannot be reached ({why})")
+        known = sorted({ln.strip().rstrip("*") for ln in q.stdout.splitlines() if ln.strip()})
+        if self.partition is not None and self.partition not in known:
+            raise ConfigError(
+                f"hydra.launcher.partition={self.partition} is not allowed; "
+                f"known partitions: {', '.join(known) or '(none)'}"
+            )
 
 
 @dataclass
@@ -81,6 +159,8 @@ class Point:
     started: float = 0.0
     status: str = "queued"
     slot: int | None = None
+    slurm_state: str | None = None  # last state squeue reported for this point's job
+    gone_since: float | None = None  # Slurm: when the job was first seen gone
 
 
 def _gpu_count() -> int:
@@ -200,14 +280,18 @@ class SweepRunner:
             ex = submitit.LocalExecutor(folder=folder)
             ex.update_parameters(timeout_min=p.timeout_min)
             return ex
+        # The job runs `<python> -u -m submitit.core._submit`; submitit's default python is
+        # sys.executable, i.e. the interpreter of this sweep (the project's venv), and sbatch
+        # exports this environment (PATH, PYTHONPATH, SLURM_CONF, ...) to the job.
         ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=p.max_requeues)
         params: dict[str, Any] = dict(
             time=p.timeout_min,
             cpus_per_task=p.cpus_per_task,
             mem=f"{p.mem_gb}GB",
-            ntasks_per_node=max(1, p.gpus_per_job),
+            ntasks_per_node=max(1, p.gpus_per_job),  # one task per GPU (DDP)
             array_parallelism=p.array_parallelism,
-            signal_delay_s=60,
+            # SIGUSR2 this long before the time limit: submitit checkpoints and requeues
+            signal_delay_s=min(90, max(15, p.timeout_min * 60 // 4)),
             setup=list(p.setup),
             job_name=self.name,
         )
@@ -215,8 +299,12 @@ class SweepRunner:
             params["partition"] = p.partition
         if p.gpus_per_job:
             params["gpus_per_node"] = p.gpus_per_job
-        params.update(p.additional)
-        ex.update_parameters(**params)
+        if p.additional:  # raw sbatch options: {"constraint": "a100", "account": "x"}
+            params["additional_parameters"] = dict(p.additional)
+        try:
+            ex.update_parameters(**params)
+        except ValueError as e:
+            raise ConfigError(f"hydra/launcher=slurm: {str(e).splitlines()[0]}") from None
         return ex
 
     def _slots(self) -> list[int | None]:
@@ -310,24 +398,73 @@ class SweepRunner:
         self, store: Store, todo: list[Point], tags: dict[str, str], folder: Path
     ) -> None:
         ex = self._executor(folder)
-        with ex.batch():  # one job array
-            for p in todo:
-                p.job = ex.submit(TrainJob(), p.cfg, tags, None)
+        threads = self.params.cpus_per_task  # torch would otherwise use every core of the node
+        err = io.StringIO()
+        try:  # one job array (a single point is a plain job)
+            with contextlib.redirect_stderr(err), ex.batch():
+                for p in todo:
+                    p.job = ex.submit(TrainJob(), p.cfg, tags, threads)
+        except Exception as e:  # sbatch refused: submitit raises with sbatch's stderr
+            store.set_sweep_fields(self.sweep.id, ended_at=self.sweep.created_at)
+            if getattr(self, "_parent", None) is not None:
+                self._parent.end("FAILED")
+            text = (str(e) or err.getvalue()).strip()
+            lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+            why = next((ln for ln in lines if "error" in ln.lower()), lines[0] if lines else "")
+            raise ConfigError(
+                f"sbatch refused the sweep's jobs: {why or type(e).__name__}"
+            ) from None
         for p in todo:
             p.started, p.status = time.monotonic(), "running"
             self.counts["running"] += 1
             store.set_job_id(self.sweep.id, p.run.id, str(p.job.job_id))
-        self.out(f"submitted job array {todo[0].job.job_id.split('_')[0]} ({len(todo)} tasks)")
+        main_id = str(todo[0].job.job_id).split("_")[0]
+        what = f"job array {main_id} ({len(todo)} tasks)" if len(todo) > 1 else f"job {main_id}"
+        self.out(f"submitted Slurm {what}")
+        queue = SlurmQueue(main_id, self.out)
         running = list(todo)
-        while running:
-            time.sleep(self.params.poll_s)
-            for p in [q for q in running if self._finished(store, q)]:
-                running.remove(p)
-                self._report(p)
+        try:
+            while running:
+                time.sleep(self.params.poll_s)
+                states = queue.states()
+                for p in list(running):
+                    if self._finished(store, p, self._slurm_gone(store, p, states)):
+                        running.remove(p)
+                        self._report(p)
+        except KeyboardInterrupt:
+            subprocess.run(["scancel", main_id], capture_output=True, timeout=60)
+            self.out(
+                f"interrupted: Slurm job {main_id} cancelled; run the same command again to "
+                "resume (finished points are skipped, interrupted ones resume)"
+            )
+            raise
 
-    def _finished(self, store: Store, p: Point) -> bool:
+    def _slurm_gone(self, store: Store, p: Point, states: dict[str, str] | None) -> bool:
+        """Is this point's Slurm job over for good? Never guessed from a failed squeue."""
+        if p.job.paths.result_pickle.exists():  # submitit wrote the task's return/exception
+            return True
+        if states is None:  # squeue failed this time: ask again at the next poll
+            return False
+        state = states.get(str(p.job.job_id))  # None: no longer listed (purged after MinJobAge)
+        prev, p.slurm_state = p.slurm_state, state
+        if not _job_gone(p.job, "slurm", states):
+            if prev in ("RUNNING", "COMPLETING") and state in ("PENDING", "REQUEUED"):
+                self.out(f"requeued  {p.label}  (Slurm job {p.job.job_id}; it resumes)")
+            p.gone_since = None
+            return False
+        run = store.get_run_by_id(p.run.id)
+        if run is not None and run.status in TERMINAL:
+            return True
+        now = time.monotonic()
+        if p.gone_since is None:
+            p.gone_since = now
+        return now - p.gone_since >= max(SLURM_GONE_GRACE_S, 3 * self.params.poll_s)
+
+    def _finished(self, store: Store, p: Point, gone: bool | None = None) -> bool:
         """A job is finished when its process is gone; its outcome is the run's row."""
-        if not _job_gone(p.job, self.params.kind):
+        if gone is None:
+            gone = _job_gone(p.job, self.params.kind)
+        if not gone:
             return False
         run = store.get_run_by_id(p.run.id)
         assert run is not None
@@ -335,7 +472,7 @@ class SweepRunner:
         if run.status in TERMINAL:
             p.status = run.status.value
         else:  # the process died without recording an outcome (killed, OOM, node lost)
-            err = _job_error(p.job)
+            err = _job_error(p.job, self.params.kind, p.slurm_state)
             store.finish_run(run.id, RunStatus.failed, error=err)
             p.run = store.get_run_by_id(run.id)
             p.status = "failed"
@@ -355,29 +492,85 @@ class SweepRunner:
         )
 
 
-def _job_gone(job: Any, kind: str) -> bool:
+class SlurmQueue:
+    """The states of one submission's jobs, from ``squeue`` (no accounting needed).
+
+    submitit's own watcher asks ``sacct``, which fails where accounting is disabled (it
+    then logs a warning at every poll and reports every job as UNKNOWN, so ``job.done()``
+    and ``job.wait()`` never see a dead job end). Nothing here calls it: a job's liveness
+    comes from squeue, its outcome from the results store, and submitit's ``result_pickle``
+    is only read once it exists.
+    """
+
+    def __init__(self, main_id: str, warn: Callable[[str], None]) -> None:
+        self.main_id, self.warn = main_id, warn
+        self.failing_since: float | None = None
+        self.warned = False
+
+    def states(self) -> dict[str, str] | None:
+        """``{job_id: STATE}`` for the jobs squeue still lists (array tasks one by one);
+        ``{}`` when Slurm no longer knows the job at all; None when squeue failed."""
+        cmd = ["squeue", "-h", "-r", "-t", "all", "-o", "%i|%T", "-j", self.main_id]
+        try:
+            q = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            return self._failed(f"{type(e).__name__}: {e}")
+        if q.returncode != 0:
+            if "Invalid job id" in q.stderr:  # purged from the controller: every task ended
+                return {}
+            return self._failed(q.stderr.strip() or f"exit status {q.returncode}")
+        if self.warned:
+            self.warn("squeue answers again")
+        self.failing_since, self.warned = None, False
+        out: dict[str, str] = {}
+        for line in q.stdout.splitlines():
+            jid, _, state = line.strip().partition("|")
+            if jid:
+                out[jid] = state.strip().split()[0] if state.strip() else "UNKNOWN"
+        return out
+
+    def _failed(self, why: str) -> None:
+        now = time.monotonic()
+        self.failing_since = self.failing_since or now
+        if not self.warned and now - self.failing_since >= 60:
+            self.warn(f"warning: squeue has been failing for a minute ({why}); still waiting")
+            self.warned = True
+        return None
+
+
+def _job_gone(job: Any, kind: str, states: dict[str, str] | None = None) -> bool:
+    """Local: submitit's own answer. Slurm: the result file, else squeue's (never sacct)."""
     if kind == "local":
         return job.done()
     if job.paths.result_pickle.exists():
         return True
-    # without Slurm accounting (no sacct) submitit cannot tell a dead job: ask squeue
-    import subprocess
-
-    q = subprocess.run(
-        ["squeue", "-h", "-j", str(job.job_id), "-o", "%T"], capture_output=True, text=True
-    )
-    state = q.stdout.strip()
-    return q.returncode == 0 and state in ("", "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
+    if states is None:
+        return False
+    state = states.get(str(job.job_id))
+    return state is None or state in SLURM_ENDED
 
 
-def _job_error(job: Any) -> str:
+def _job_error(job: Any, kind: str = "local", state: str | None = None) -> str:
+    if kind == "local" or job.paths.result_pickle.exists():
+        try:  # with the result file present this neither waits nor asks sacct
+            exc = job.exception()
+            if exc is not None:
+                return str(exc)
+        except Exception as e:  # no result at all
+            return f"job {job.job_id} ended without a result ({type(e).__name__}: {e})"
+        return f"job {job.job_id} ended without recording an outcome; see {job.paths.stderr}"
+    how = f"in state {state}" if state else "(no longer listed by squeue)"
+    msg = f"Slurm job {job.job_id} ended {how} without recording an outcome"
+    tail = _tail(job.paths.stderr, 40)
+    return f"{msg}; stderr ({job.paths.stderr}):\n{tail}" if tail else f"{msg}; no stderr"
+
+
+def _tail(path: Path, n: int) -> str:
     try:
-        exc = job.exception()
-        if exc is not None:
-            return str(exc)
-    except Exception as e:  # no result at all
-        return f"job {job.job_id} ended without a result ({type(e).__name__}: {e})"
-    return f"job {job.job_id} ended without recording an outcome; see {job.paths.stderr}"
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-n:]).rstrip()
+    except OSError:
+        return ""
 
 
 def summary_table(points: list[Point]) -> str:

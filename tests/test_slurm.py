@@ -1,0 +1,193 @@
+"""``hydra/launcher=slurm`` end to end through a real single-node Slurm (no accounting).
+
+The cluster comes from tests/slurm_cluster.py (real munged, slurmctld and slurmd); the
+sweeps are the real CLI in subprocesses; the jobs are real Slurm jobs running the venv's
+python. Nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import cli_env, poll_sql, run_cli, sql
+from slurm_cluster import SlurmCluster, slurm_cluster_fixture  # noqa: F401 (the fixture)
+
+pytestmark = pytest.mark.slow
+
+METRIC_COLUMNS = (
+    "epoch, step, train_loss, train_acc, test_loss, test_acc, test_top5, logit_norm, lr, "
+    "grad_norm_before, grad_norm_after"
+)
+
+
+def slurm_args(cluster: SlurmCluster, results: Path, cpus: int = 1) -> list[str]:
+    return [
+        "hydra/launcher=slurm",
+        f"hydra.launcher.partition={cluster.partition}",
+        f"hydra.launcher.cpus_per_task={cpus}",
+        "hydra.launcher.mem_gb=1",
+        "hydra.launcher.poll_s=1",
+        f"results_dir={results}",
+    ]
+
+
+def test_small_sweep_through_slurm(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+    res = run_cli(
+        "-m",
+        "method=baseline,pgt",
+        "+experiment=smoke",
+        *slurm_args(slurm_cluster, tmp_path),
+        cwd=tmp_path,
+        timeout=300,
+    )
+    out = res.stdout
+    assert res.returncode == 0, out[-3000:] + res.stderr[-3000:] + slurm_cluster.logs()
+    db = tmp_path / "results.db"
+    assert sql(db, "SELECT method, status, epoch FROM runs ORDER BY method") == [
+        ("baseline", "done", 3),
+        ("pgt", "done", 3),
+    ]
+    (launcher,) = sql(db, "SELECT launcher FROM sweeps WHERE id = 1")[0]
+    assert launcher == "slurm"
+    job_ids = sorted(r[0] for r in sql(db, "SELECT job_id FROM sweep_runs"))
+    array = job_ids[0].split("_")[0]
+    assert job_ids == [f"{array}_0", f"{array}_1"]  # one job array of two tasks
+    assert f"submitted Slurm job array {array} (2 tasks)" in out
+    assert "[  2/2]" in out and "done 2 · failed 0" in out and "sweep summary" in out
+    # no accounting on this cluster: the launcher must not lean on sacct (nor spam about it)
+    assert "sacct" not in out + res.stderr
+    logs = sorted((tmp_path / "logs" / "jobs" / "sweep1").glob("*_log.out"))
+    assert [p.name for p in logs] == [f"{array}_0_0_log.out", f"{array}_1_0_log.out"]
+    assert all("epoch   3/3" in p.read_text() for p in logs)
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("gradsweep")
+    runs = client.search_runs([exp.experiment_id], "tags.sweep_id = '1'")
+    kids = [r for r in runs if r.data.tags.get("sweep") != "parent"]
+    assert sorted(r.data.tags["method"] for r in kids) == ["baseline", "pgt"]
+    assert all(r.info.status == "FINISHED" for r in kids)
+    assert sql(db, "SELECT count(*) FROM runs WHERE mlflow_mirrored = 1") == [(2,)]
+
+
+def test_requeued_job_resumes_from_checkpoint(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+    """``scontrol requeue`` mid-run: Slurm kills the job and runs it again; it resumes from
+    its checkpoint and ends with exactly the metrics of an uninterrupted run."""
+    job = ["epochs=30", "batch_size=8", "mlflow.enabled=false"]
+    res_dir, ref_dir = tmp_path / "slurm", tmp_path / "ref"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sweeper", "-m", *job, *slurm_args(slurm_cluster, res_dir, 2)],
+        cwd=tmp_path,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    db = res_dir / "results.db"
+    try:
+        deadline, epoch, job_id = time.monotonic() + 120, 0, None
+        while time.monotonic() < deadline and proc.poll() is None:
+            rows = poll_sql(
+                db, "SELECT r.epoch, s.job_id FROM runs r JOIN sweep_runs s ON s.run_id = r.id"
+            )
+            if rows and rows[0][1] and rows[0][0] >= 2:
+                epoch, job_id = rows[0]
+                break
+            time.sleep(0.1)
+        assert job_id is not None, f"job never reached epoch 2 (sweep exit {proc.poll()})"
+        slurm_cluster.run("scontrol", "requeue", job_id)
+        out, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, out[-3000:] + err[-3000:] + slurm_cluster.logs()
+    assert sql(db, "SELECT status, epoch FROM runs") == [("done", 30)]
+    assert "requeued" in out  # the launcher saw the job go back to the queue
+    assert slurm_cluster.job_field(job_id, "Restarts") == "1"
+    log = (res_dir / "logs" / "jobs" / "sweep1" / f"{job_id}_0_log.out").read_text()
+    resumed = [ln for ln in log.splitlines() if "resuming after epoch" in ln]
+    assert len(resumed) == 1, log[-3000:]
+    k = int(resumed[0].split("resuming after epoch ")[1].split("/")[0])
+    assert max(1, epoch - 1) <= k < 30, (epoch, resumed)  # DB row precedes the checkpoint
+    print(f"requeued at epoch {epoch}; resumed after epoch {k}; Restarts=1")
+    # the uninterrupted reference: the same job, locally (after the sweep: two trainings
+    # sharing the 2 cores would slow both down a lot)
+    ref = run_cli(*job, f"results_dir={ref_dir}", cwd=tmp_path, timeout=300)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    query = f"SELECT {METRIC_COLUMNS} FROM epoch_metrics ORDER BY epoch"
+    got, want = sql(db, query), sql(ref_dir / "results.db", query)
+    assert len(want) == 30 and got == want  # exact float equality, every epoch
+    final = "SELECT train_acc, test_acc, test_top5, test_loss, logit_norm FROM runs"
+    assert sql(db, final) == sql(ref_dir / "results.db", final)
+
+
+def test_unknown_partition_refused_before_anything(
+    slurm_cluster: SlurmCluster, tmp_path: Path
+) -> None:
+    res = run_cli(
+        "-m",
+        "seed=0,1",
+        "hydra/launcher=slurm",
+        "hydra.launcher.partition=nope",
+        f"results_dir={tmp_path / 'res'}",
+        cwd=tmp_path,
+    )
+    assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-2000:]
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "nope" in lines[0]
+    assert slurm_cluster.partition in lines[0]  # names what is known
+    assert not (tmp_path / "res" / "results.db").exists()
+
+
+def test_job_dying_without_an_outcome_is_failed_with_its_stderr(
+    slurm_cluster: SlurmCluster, tmp_path: Path
+) -> None:
+    """A job killed outside Python (here: scancel) leaves its run `running`; the launcher
+    sees it gone from squeue and records it failed, naming the job and its log."""
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "sweeper",
+            "-m",
+            "epochs=50",
+            "batch_size=8",
+            "mlflow.enabled=false",
+            *slurm_args(slurm_cluster, tmp_path),
+        ],
+        cwd=tmp_path,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    db = tmp_path / "results.db"
+    try:
+        deadline, job_id = time.monotonic() + 120, None
+        while time.monotonic() < deadline and proc.poll() is None:
+            rows = poll_sql(
+                db, "SELECT r.epoch, s.job_id FROM runs r JOIN sweep_runs s ON s.run_id = r.id"
+            )
+            if rows and rows[0][1] and rows[0][0] >= 1:
+                job_id = rows[0][1]
+                break
+            time.sleep(0.2)
+        assert job_id is not None, f"job never reached epoch 1 (sweep exit {proc.poll()})"
+        slurm_cluster.run("scancel", job_id)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 1, out[-3000:] + err[-3000:]
+    ((status, error),) = sql(db, "SELECT status, error FROM runs")
+    assert status == "failed"
+    assert f"Slurm job {job_id} ended" in error and "without recording an outcome" in error
+    assert "CANCELLED" in error
+    assert "failed 1" in out and "error: failed points" in err
