@@ -83,7 +83,8 @@ class LauncherParams:
     poll_s: float = 0.5
     # Slurm
     partition: str | None = None
-    gpus_per_job: int = 0  # GPUs per job (DDP over them when > 1)
+    gpus_per_job: int = 0  # GPUs per job (DDP over them when > 1); local and Slurm
+    tasks_per_job: int | None = None  # processes per job (DDP); None -> max(1, gpus_per_job)
     cpus_per_task: int = 2
     mem_gb: int = 8
     array_parallelism: int = 64
@@ -111,6 +112,7 @@ class LauncherParams:
             ("gpus_per_job", 0),
             ("array_parallelism", 1),
             ("max_requeues", 0),
+            ("tasks", 1),
         ):
             if getattr(self, key) < low:
                 raise ConfigError(
@@ -122,6 +124,11 @@ class LauncherParams:
             )
         if self.kind == "slurm":
             self._check_slurm()
+
+    @property
+    def tasks(self) -> int:
+        """Processes per job: one per GPU for DDP, or tasks_per_job (e.g. gloo on CPUs)."""
+        return self.tasks_per_job if self.tasks_per_job is not None else max(1, self.gpus_per_job)
 
     def _check_slurm(self) -> None:
         """Slurm's commands are there, the controller answers and the partition exists:
@@ -288,7 +295,7 @@ class SweepRunner:
             time=p.timeout_min,
             cpus_per_task=p.cpus_per_task,
             mem=f"{p.mem_gb}GB",
-            ntasks_per_node=max(1, p.gpus_per_job),  # one task per GPU (DDP)
+            ntasks_per_node=p.tasks,  # one process per GPU (DDP)
             array_parallelism=p.array_parallelism,
             # SIGUSR2 this long before the time limit: submitit checkpoints and requeues
             signal_delay_s=min(90, max(15, p.timeout_min * 60 // 4)),
@@ -307,13 +314,26 @@ class SweepRunner:
             raise ConfigError(f"hydra/launcher=slurm: {str(e).splitlines()[0]}") from None
         return ex
 
-    def _slots(self) -> list[int | None]:
-        """Local slots: each holds one job; on a GPU machine each slot maps to one GPU."""
+    def _slots(self) -> list[tuple[int, ...]]:
+        """Local slots, each the GPUs one job gets (CUDA_VISIBLE_DEVICES).
+
+        One GPU per job, ``jobs_per_gpu`` jobs sharing each GPU (small jobs leave most of a
+        big GPU idle, design.md §5); or ``gpus_per_job`` GPUs per job for DDP; none on a
+        CPU-only machine, where ``max_parallel`` jobs (default 1) share the cores.
+        """
         p, gpus = self.params, _gpu_count()
-        if gpus:
-            slots: list[int | None] = [g for g in range(gpus) for _ in range(p.jobs_per_gpu)]
-            return slots[: p.max_parallel] if p.max_parallel else slots
-        return [None] * (p.max_parallel or 1)
+        if not gpus:
+            return [()] * (p.max_parallel or 1)
+        k = max(1, p.gpus_per_job)
+        if k > gpus:
+            raise ConfigError(
+                f"hydra.launcher.gpus_per_job={k} is not allowed; this machine has {gpus} GPU(s)"
+            )
+        if k == 1:
+            slots = [(g,) for g in range(gpus) for _ in range(p.jobs_per_gpu)]
+        else:
+            slots = [tuple(range(i, i + k)) for i in range(0, gpus - k + 1, k)]
+        return slots[: p.max_parallel] if p.max_parallel else slots
 
     # ------------------------------------------------------------------------ run
     def run(self) -> list[Point]:
@@ -361,7 +381,8 @@ class SweepRunner:
         ex = self._executor(folder)
         slots = self._slots()
         free = list(range(len(slots)))
-        threads = None if _gpu_count() else max(1, (os.cpu_count() or 1) // len(slots))
+        tasks = self.params.tasks
+        threads = None if _gpu_count() else max(1, (os.cpu_count() or 1) // (len(slots) * tasks))
         pending: list[Point] = list(todo)
         running: list[Point] = []
         try:
@@ -369,10 +390,9 @@ class SweepRunner:
                 while pending and free:
                     p = pending.pop(0)
                     p.slot = free.pop(0)
-                    gpu = slots[p.slot]
+                    gpus = slots[p.slot]
                     ex.update_parameters(
-                        gpus_per_node=0 if gpu is None else 1,
-                        visible_gpus=() if gpu is None else (gpu,),
+                        tasks_per_node=tasks, gpus_per_node=len(gpus), visible_gpus=gpus
                     )
                     p.job = ex.submit(TrainJob(), p.cfg, tags, threads)
                     p.started, p.status = time.monotonic(), "running"

@@ -180,3 +180,37 @@ def test_status_is_readable_while_a_sweep_runs(tmp_path: Path) -> None:
     finally:
         proc.wait(timeout=600)
     assert proc.returncode == 0
+
+
+def test_two_process_ddp_job_through_submitit(tmp_path: Path) -> None:
+    """tasks_per_job=2: submitit starts 2 processes; TrainJob exports the torch.distributed
+    environment; the job trains with DDP (gloo on CPU) and matches a one-process run."""
+    common = [
+        "model=resnet18_nobn",
+        "epochs=1",
+        "batch_size=32",
+        "filter_stats_every=0",
+        "mlflow.enabled=false",
+    ]
+    res = run_cli(
+        "-m",
+        "seed=0",
+        *common,
+        "hydra.launcher.tasks_per_job=2",
+        f"results_dir={tmp_path / 'ddp'}",
+        cwd=tmp_path,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    ref = run_cli(*common, f"results_dir={tmp_path / 'one'}", cwd=tmp_path, timeout=600)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    q = (
+        "SELECT r.status, r.device, e.train_loss, e.test_acc, e.test_loss "
+        "FROM runs r JOIN epoch_metrics e ON r.id = e.run_id"
+    )
+    ((st, dev, tl, ta, tsl),) = sql(tmp_path / "ddp" / "results.db", q)
+    ((st1, dev1, tl1, ta1, tsl1),) = sql(tmp_path / "one" / "results.db", q)
+    assert (st, st1) == ("done", "done")
+    assert dev == "cpu x2 processes" and dev1 == "cpu"
+    assert tl == pytest.approx(tl1, rel=1e-4) and tsl == pytest.approx(tsl1, rel=1e-3)
+    assert ta == pytest.approx(ta1, abs=0.3)

@@ -431,7 +431,8 @@ class Trainer:
         result = TrainResult(
             status="done",
             history=history,
-            device=describe_device(self.device),
+            device=describe_device(self.device)
+            + (f" x{self.dist.world} processes" if self.dist.enabled else ""),
             precision=self.precision,
         )
         if main:
