@@ -1,0 +1,146 @@
+"""Slurm specifics of the launcher: pre-flight checks and job liveness from squeue.
+
+Why not submitit's watcher: it asks ``sacct``, which fails where Slurm accounting is
+disabled (common on small clusters): it then warns at every poll and reports every job as
+UNKNOWN, so a job that dies without a result is never seen to end. Here liveness comes
+from ``squeue``, a job's outcome from the results store (each job records its own), and
+submitit's result file is read only once it exists.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from trainers.registry import ConfigError
+
+SLURM_COMMANDS = ("sbatch", "srun", "squeue", "scancel", "sinfo")
+# squeue states after which a job will not run again by itself. Anything else (PENDING,
+# RUNNING, REQUEUED, REQUEUE_HOLD, CONFIGURING, COMPLETING, SUSPENDED, SPECIAL_EXIT, ...) is
+# alive: a requeued job passes through REQUEUED and PENDING before it runs again. PREEMPTED
+# is here because it ends a job under PreemptMode=CANCEL; under REQUEUE it is followed by
+# PENDING, which the grace period below waits for.
+SLURM_ENDED = {
+    "BOOT_FAIL",
+    "CANCELLED",
+    "COMPLETED",
+    "DEADLINE",
+    "FAILED",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "PREEMPTED",
+    "REVOKED",
+    "TIMEOUT",
+}
+# A Slurm job that looks gone (ended state, or no longer listed) while its run has no final
+# status yet must look gone for this long before the run is marked failed: the job's own
+# store writes, a requeue after pre-emption and squeue itself all lag a little.
+
+
+def check_slurm(partition: str | None) -> None:
+    """Slurm's commands are there, the controller answers and the partition exists:
+    checked before anything is written (one line on error, like any bad input)."""
+    missing = [c for c in SLURM_COMMANDS if shutil.which(c) is None]
+    if missing:
+        raise ConfigError(
+            "hydra/launcher=slurm needs Slurm's client commands on PATH; "
+            f"not found: {', '.join(missing)}"
+        )
+    try:
+        q = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        raise ConfigError("hydra/launcher=slurm: sinfo did not answer within 60 s") from None
+    if q.returncode != 0:
+        why = (q.stderr.strip().splitlines() or [f"exit status {q.returncode}"])[0]
+        raise ConfigError(f"hydra/launcher=slurm: Slurm cannot be reached ({why})")
+    known = sorted({ln.strip().rstrip("*") for ln in q.stdout.splitlines() if ln.strip()})
+    if partition is not None and partition not in known:
+        raise ConfigError(
+            f"hydra.launcher.partition={partition} is not allowed; "
+            f"known partitions: {', '.join(known) or '(none)'}"
+        )
+
+
+class SlurmQueue:
+    """The states of one submission's jobs, from ``squeue`` (no accounting needed).
+
+    submitit's own watcher asks ``sacct``, which fails where accounting is disabled (it
+    then logs a warning at every poll and reports every job as UNKNOWN, so ``job.done()``
+    and ``job.wait()`` never see a dead job end). Nothing here calls it: a job's liveness
+    comes from squeue, its outcome from the results store, and submitit's ``result_pickle``
+    is only read once it exists.
+    """
+
+    def __init__(self, main_id: str, warn: Callable[[str], None]) -> None:
+        self.main_id, self.warn = main_id, warn
+        self.failing_since: float | None = None
+        self.warned = False
+
+    def states(self) -> dict[str, str] | None:
+        """``{job_id: STATE}`` for the jobs squeue still lists (array tasks one by one);
+        ``{}`` when Slurm no longer knows the job at all; None when squeue failed."""
+        cmd = ["squeue", "-h", "-r", "-t", "all", "-o", "%i|%T", "-j", self.main_id]
+        try:
+            q = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            return self._failed(f"{type(e).__name__}: {e}")
+        if q.returncode != 0:
+            if "Invalid job id" in q.stderr:  # purged from the controller: every task ended
+                return {}
+            return self._failed(q.stderr.strip() or f"exit status {q.returncode}")
+        if self.warned:
+            self.warn("squeue answers again")
+        self.failing_since, self.warned = None, False
+        out: dict[str, str] = {}
+        for line in q.stdout.splitlines():
+            jid, _, state = line.strip().partition("|")
+            if jid:
+                out[jid] = state.strip().split()[0] if state.strip() else "UNKNOWN"
+        return out
+
+    def _failed(self, why: str) -> None:
+        now = time.monotonic()
+        self.failing_since = self.failing_since or now
+        if not self.warned and now - self.failing_since >= 60:
+            self.warn(f"warning: squeue has been failing for a minute ({why}); still waiting")
+            self.warned = True
+        return None
+
+
+def job_gone(job: Any, kind: str, states: dict[str, str] | None = None) -> bool:
+    """Local: submitit's own answer. Slurm: the result file, else squeue's (never sacct)."""
+    if kind == "local":
+        return job.done()
+    if job.paths.result_pickle.exists():
+        return True
+    if states is None:
+        return False
+    state = states.get(str(job.job_id))
+    return state is None or state in SLURM_ENDED
+
+
+def job_error(job: Any, kind: str = "local", state: str | None = None) -> str:
+    if kind == "local" or job.paths.result_pickle.exists():
+        try:  # with the result file present this neither waits nor asks sacct
+            exc = job.exception()
+            if exc is not None:
+                return str(exc)
+        except Exception as e:  # no result at all
+            return f"job {job.job_id} ended without a result ({type(e).__name__}: {e})"
+        return f"job {job.job_id} ended without recording an outcome; see {job.paths.stderr}"
+    how = f"in state {state}" if state else "(no longer listed by squeue)"
+    msg = f"Slurm job {job.job_id} ended {how} without recording an outcome"
+    tail = _tail(job.paths.stderr, 40)
+    return f"{msg}; stderr ({job.paths.stderr}):\n{tail}" if tail else f"{msg}; no stderr"
+
+
+def _tail(path: Path, n: int) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-n:]).rstrip()
+    except OSError:
+        return ""
