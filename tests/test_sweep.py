@@ -214,3 +214,19 @@ def test_two_process_ddp_job_through_submitit(tmp_path: Path) -> None:
     assert dev == "cpu x2 processes" and dev1 == "cpu"
     assert tl == pytest.approx(tl1, rel=1e-4) and tsl == pytest.approx(tsl1, rel=1e-3)
     assert ta == pytest.approx(ta1, abs=0.3)
+
+
+def test_failed_or_diverged_points_are_retried_only_when_asked(tmp_path: Path) -> None:
+    grid = ["-m", "lr=1e6,0.1", "epochs=1", "mlflow.enabled=false", f"results_dir={tmp_path}"]
+    first = run_cli(*grid, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]  # diverged is a result, not a failure
+    assert sorted(sql(tmp_path / "results.db", "SELECT status FROM runs")) == [
+        ("diverged",),
+        ("done",),
+    ]
+    again = run_cli(*grid, cwd=tmp_path)
+    assert "0 to run, 2 already finished" in again.stdout
+    retry = run_cli(*grid, "hydra.launcher.retry_failed=true", cwd=tmp_path)
+    assert retry.returncode == 0
+    assert "1 to run, 1 already finished" in retry.stdout  # only the diverged point
+    assert sql(tmp_path / "results.db", "SELECT count(*) FROM runs") == [(2,)]
