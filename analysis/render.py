@@ -1,0 +1,197 @@
+"""Render tables as Markdown, CSV (raw numbers) and LaTeX (booktabs).
+
+Markdown / LaTeX cells: ``mean ± std (n)`` (std "—" for n = 1), differences as
+``+d [lo, hi]`` with the CI method marked ``p`` (paired by seed) or ``w`` (Welch); a
+difference without CI (n = 1) has no bracket; a missing cell is "—".
+CSV: one line per (row, metric) with ``mean, std, n, diff, ci_low, ci_high, ci_method``
+at full precision; empty fields where there is no value.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Sequence
+
+from analysis.stats import Comparison, Summary
+from analysis.tables import Excluded, Row, Table
+
+DASH = "—"
+LABELS = {
+    "data": "data",
+    "model": "model",
+    "epochs": "epochs",
+    "batch_size": "batch",
+    "schedule": "schedule",
+    "label_smoothing": "LS",
+    "method": "method",
+    "alpha": "α",
+    "train_acc": "train top-1",
+    "test_acc": "test top-1",
+    "gap": "gap",
+}
+EXCLUDED_COLUMNS = ["id", "model", "method", "alpha", "seed", "status", "error"]
+
+
+def fmt_key(v: object) -> str:
+    """A key value for display; None (e.g. no alpha) is "—"."""
+    if v is None:
+        return DASH
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v)
+
+
+def fmt_summary(s: Summary | None) -> str:
+    """``mean ± std (n)``; "—" for a missing cell."""
+    if s is None or s.n == 0 or s.mean is None:
+        return DASH
+    std = DASH if s.std is None else f"{s.std:.2f}"
+    return f"{s.mean:.2f} ± {std} ({s.n})"
+
+
+def fmt_diff(c: Comparison | None) -> str:
+    """``+d [lo, hi] p|w``; ``+d`` without CI; "—" when nothing to compare."""
+    if c is None:
+        return DASH
+    if c.ci_low is None or c.ci_high is None:
+        return f"{c.diff:+.2f}"
+    return f"{c.diff:+.2f} [{c.ci_low:+.2f}, {c.ci_high:+.2f}] {c.kind[0]}"
+
+
+def _header(table: Table) -> list[str]:
+    cols = [LABELS.get(c, c) for c in table.key_columns]
+    cols += [LABELS.get(m, m) for m in table.metrics]
+    if table.compared:
+        cols += [f"Δ {LABELS.get(m, m)} (95% CI)" for m in table.metrics]
+    return cols
+
+
+def _cells(table: Table, row: Row) -> list[str]:
+    out = [fmt_key(row.keys[c]) for c in table.key_columns]
+    out += [fmt_summary(row.stats.get(m)) if row.present else DASH for m in table.metrics]
+    if table.compared:
+        out += [DASH if row.is_baseline else fmt_diff(row.diffs.get(m)) for m in table.metrics]
+    return out
+
+
+def _md_grid(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    def esc(s: str) -> str:
+        return s.replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(esc(h) for h in header) + " |"]
+    lines.append("|" + "|".join("---" for _ in header) + "|")
+    lines += ["| " + " | ".join(esc(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _excluded_rows(ex: Excluded) -> list[list[str]]:
+    return [
+        [
+            str(r.id),
+            r.model,
+            r.method,
+            fmt_key(r.alpha),
+            str(r.seed),
+            r.status,
+            (r.error or "").strip().splitlines()[0] if (r.error or "").strip() else DASH,
+        ]
+        for r in ex.runs
+    ]
+
+
+def markdown(tables: Sequence[Table], ex: Excluded) -> str:
+    """The whole report as Markdown."""
+    parts = ["# gradsweep report", ""]
+    parts.append(
+        "Cells: mean ± sample std (n seeds) over `done` runs, accuracies in %. "
+        "Δ: vs the baseline cell, 95% CI, p = paired by seed, w = Welch; no CI when n = 1."
+    )
+    for t in tables:
+        parts += ["", f"## {t.title}", ""]
+        if t.rows:
+            parts.append(_md_grid(_header(t), [_cells(t, r) for r in t.rows]))
+        else:
+            parts.append("(no runs)")
+    parts += ["", f"## Excluded runs ({len(ex.runs)} failed or diverged)", ""]
+    if ex.runs:
+        parts.append(_md_grid(EXCLUDED_COLUMNS, _excluded_rows(ex)))
+    else:
+        parts.append("(none)")
+    if ex.not_finished:
+        parts += ["", f"{ex.not_finished} run(s) queued or running, not shown."]
+    return "\n".join(parts) + "\n"
+
+
+def _num(v: float | int | None) -> str:
+    return "" if v is None else repr(v)
+
+
+def csv_table(table: Table) -> str:
+    """One line per (row, metric), raw numbers."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow([*table.key_columns, "metric", "mean", "std", "n", "diff", "ci_low", "ci_high",
+                "ci_method"])  # fmt: skip
+    for row in table.rows:
+        keys = ["" if row.keys[c] is None else row.keys[c] for c in table.key_columns]
+        for m in table.metrics:
+            s = row.stats.get(m) or Summary(0, None, None)
+            c = row.diffs.get(m)
+            diff = [c.diff, c.ci_low, c.ci_high] if c else [None, None, None]
+            w.writerow(
+                [*keys, m, _num(s.mean), _num(s.std), s.n, *map(_num, diff), c.kind if c else ""]
+            )
+    return buf.getvalue()
+
+
+def csv_excluded(ex: Excluded) -> str:
+    """The excluded runs, one line each."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(EXCLUDED_COLUMNS)
+    for r in ex.runs:
+        err = (r.error or "").strip().splitlines()[0] if (r.error or "").strip() else ""
+        w.writerow([r.id, r.model, r.method, _num(r.alpha), r.seed, r.status, err])
+    return buf.getvalue()
+
+
+_TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
+        "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\^{}"}  # fmt: skip
+
+
+def tex_escape(s: str) -> str:
+    """Escape LaTeX specials; ±, α, Δ and — become math / dashes."""
+    out = "".join(_TEX.get(ch, ch) for ch in s)
+    return (
+        out.replace("±", r"$\pm$")
+        .replace("α", r"$\alpha$")
+        .replace("Δ", r"$\Delta$")
+        .replace(DASH, "---")
+    )
+
+
+def _tex_grid(caption: str, header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = [
+        "% requires \\usepackage{booktabs}",
+        "\\begin{table}[t]",
+        "\\centering",
+        f"\\caption{{{tex_escape(caption)}}}",
+        "\\begin{tabular}{" + "l" * len(header) + "}",
+        "\\toprule",
+        " & ".join(tex_escape(h) for h in header) + " \\\\",
+        "\\midrule",
+    ]
+    lines += [" & ".join(tex_escape(c) for c in r) + " \\\\" for r in rows]
+    lines += ["\\bottomrule", "\\end{tabular}", "\\end{table}"]
+    return "\n".join(lines) + "\n"
+
+
+def tex_table(table: Table) -> str:
+    """A booktabs ``table`` environment."""
+    return _tex_grid(table.title, _header(table), [_cells(table, r) for r in table.rows])
+
+
+def tex_excluded(ex: Excluded) -> str:
+    """The excluded runs as a booktabs table."""
+    return _tex_grid("Excluded runs (failed or diverged)", EXCLUDED_COLUMNS, _excluded_rows(ex))

@@ -1,0 +1,81 @@
+"""Orchestration: open the store, check the request, build the tables, write the files."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from analysis import render
+from analysis.errors import AnalysisError
+from analysis.queries import RunFilter, count_runs, known_sweep_ids, load_runs, open_engine
+from analysis.tables import build_tables
+
+FORMATS = ("md", "csv", "tex")
+
+
+@dataclass(frozen=True)
+class ReportRequest:
+    """What ``python -m analysis`` was asked to do."""
+
+    store_url: str
+    out: Path
+    formats: Sequence[str]
+    flt: RunFilter
+    alpha: str = "best"
+
+
+def prepare_out(out: Path) -> None:
+    """Create ``out`` and prove it is writable, or raise AnalysisError."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise AnalysisError(f"output directory {out} is not writable: {e.strerror or e}") from e
+
+
+def make_report(req: ReportRequest) -> list[Path]:
+    """Build and write the report; returns the files written. Prints the Markdown."""
+    engine = open_engine(req.store_url)
+    try:
+        if count_runs(engine) == 0:
+            raise AnalysisError(f"the store {req.store_url} has no runs")
+        if req.flt.sweeps:
+            known = known_sweep_ids(engine)
+            unknown = sorted(set(req.flt.sweeps) - set(known))
+            if unknown:
+                listed = ", ".join(map(str, known)) or "none"
+                raise AnalysisError(
+                    f"unknown sweep id(s) {', '.join(map(str, unknown))}; known: {listed}"
+                )
+        runs = load_runs(engine, req.flt)
+    finally:
+        engine.dispose()
+    if not runs:
+        raise AnalysisError("no runs match the filters")
+    prepare_out(req.out)
+    tables, ex = build_tables(runs, req.alpha)
+    md = render.markdown(tables, ex)
+    files: dict[str, str] = {}
+    if "md" in req.formats:
+        files["report.md"] = md
+    if "csv" in req.formats:
+        files.update({f"{t.name}.csv": render.csv_table(t) for t in tables})
+        files["excluded_runs.csv"] = render.csv_excluded(ex)
+    if "tex" in req.formats:
+        files.update({f"{t.name}.tex": render.tex_table(t) for t in tables})
+        files["excluded_runs.tex"] = render.tex_excluded(ex)
+    written = []
+    try:
+        for name, text in files.items():
+            path = req.out / name
+            path.write_text(text, encoding="utf-8")
+            written.append(path)
+    except OSError as e:
+        raise AnalysisError(f"cannot write {req.out}: {e.strerror or e}") from e
+    sys.stdout.write(md)
+    sys.stdout.write(f"\nwrote {len(written)} file(s) to {req.out}\n")
+    return written

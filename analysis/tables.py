@@ -1,0 +1,208 @@
+"""The three paper-style tables (and the excluded-runs list) built from ``done`` runs.
+
+A *cell* is the set of runs that share every grid key except the seed, restricted to the
+keys below (``lr`` is left out: it is resolved from the batch size). Every table row is one
+cell, or a missing cell (``present=False``) where the table expects one, e.g. a PGT arm
+without runs; missing cells render as "—".
+
+* Table 1: per (data, model, epochs, batch_size, schedule), label smoothing 0: baseline
+  and PGT (the best alpha by mean test accuracy, a given alpha, or all alphas); PGT rows
+  carry the difference vs the baseline.
+* Table 2: per (data, model, epochs, schedule, batch_size), label smoothing 0: every
+  method (alpha selected as for Table 1 per method) vs the same batch size's baseline.
+* Table 3 (ablation): baseline / pgt / ls / ls_pgt per (data, model, epochs, batch_size,
+  schedule, label_smoothing, alpha): train, test and gap (train - test, per run).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from analysis.queries import RunRecord
+from analysis.stats import Comparison, Summary, compare, summarize
+
+METRICS = ("train_acc", "test_acc")
+ABLATION_METHODS = ("baseline", "pgt", "ls", "ls_pgt")
+EXCLUDED_STATUSES = ("failed", "diverged")
+
+Key = tuple[object, ...]
+
+
+@dataclass
+class Row:
+    """One cell of a table: its key columns, its stats per metric and diffs vs baseline."""
+
+    keys: dict[str, object]
+    present: bool
+    stats: dict[str, Summary] = field(default_factory=dict)
+    diffs: dict[str, Comparison | None] = field(default_factory=dict)
+    is_baseline: bool = False
+
+
+@dataclass
+class Table:
+    """A built table: ``key_columns`` name the entries of each row's ``keys``."""
+
+    name: str
+    title: str
+    key_columns: list[str]
+    metrics: list[str]
+    compared: bool
+    rows: list[Row]
+
+
+@dataclass
+class Excluded:
+    """Failed and diverged runs: never averaged, listed instead."""
+
+    runs: list[RunRecord]
+    not_finished: int  # queued or running: neither averaged nor listed
+
+
+def metric_values(runs: Sequence[RunRecord], metric: str) -> list[tuple[int, float]]:
+    """(seed, value) of ``metric`` over ``runs`` with a value; ``gap`` = train - test."""
+    out: list[tuple[int, float]] = []
+    for r in runs:
+        if metric == "gap":
+            if r.train_acc is not None and r.test_acc is not None:
+                out.append((r.seed, r.train_acc - r.test_acc))
+        else:
+            v = getattr(r, metric)
+            if v is not None:
+                out.append((r.seed, float(v)))
+    return out
+
+
+def _sort_key(key: Key) -> tuple[object, ...]:
+    out: list[object] = []
+    for k in key:
+        if k == "baseline":
+            out.append((0, 0, ""))
+        elif k is None:
+            out.append((1, 0, ""))
+        elif isinstance(k, (int, float)):
+            out.append((1, 1, k))
+        else:
+            out.append((1, 2, str(k)))
+    return tuple(out)
+
+
+def _group(runs: Sequence[RunRecord], key: Callable[[RunRecord], Key]) -> dict[Key, list]:
+    groups: dict[Key, list[RunRecord]] = defaultdict(list)
+    for r in runs:
+        groups[key(r)].append(r)
+    return dict(groups)
+
+
+def _mean_test(runs: Sequence[RunRecord]) -> float:
+    s = summarize([v for _, v in metric_values(runs, "test_acc")])
+    return -math.inf if s.mean is None else s.mean
+
+
+def _pick_alphas(alphas: dict[float | None, list[RunRecord]], alpha: str) -> list:
+    """The alphas to show for one (setting, method): best, all, or one value."""
+    if None in alphas or alpha == "all":
+        return sorted(alphas, key=lambda a: (a is None, a))
+    if alpha == "best":
+        return [max(sorted(alphas), key=lambda a: _mean_test(alphas[a]))]
+    want = float(alpha)
+    return [a for a in alphas if math.isclose(a, want, rel_tol=1e-9, abs_tol=1e-12)] or [want]
+
+
+def _row(
+    keys: dict[str, object],
+    runs: Sequence[RunRecord] | None,
+    base: Sequence[RunRecord] | None,
+    metrics: Sequence[str],
+    is_baseline: bool,
+) -> Row:
+    row = Row(keys=keys, present=bool(runs), is_baseline=is_baseline)
+    for m in metrics:
+        vals = metric_values(runs or [], m)
+        row.stats[m] = summarize([v for _, v in vals])
+        if not is_baseline:
+            row.diffs[m] = compare(vals, metric_values(base or [], m))
+    return row
+
+
+def _compared_table(
+    done: Sequence[RunRecord],
+    name: str,
+    title: str,
+    setting_cols: list[str],
+    methods: Callable[[list[str]], list[str]],
+    alpha: str,
+) -> Table:
+    """Rows per setting × method × alpha, each compared with the setting's baseline."""
+    runs = [r for r in done if r.label_smoothing == 0]
+    by_setting = _group(runs, lambda r: tuple(getattr(r, c) for c in setting_cols))
+    rows: list[Row] = []
+    for setting in sorted(by_setting, key=_sort_key):
+        cells = _group(by_setting[setting], lambda r: (r.method, r.alpha))
+        present = sorted({m for m, _ in cells})
+        base = cells.get(("baseline", None))
+        keys = dict(zip(setting_cols, setting, strict=True))
+        for method in ["baseline", *[m for m in methods(present) if m != "baseline"]]:
+            alphas = {a: rs for (m, a), rs in cells.items() if m == method}
+            if method == "baseline":
+                alphas = {None: base or []}
+            elif not alphas:
+                alphas = {None: []}
+            for a in _pick_alphas(alphas, alpha):
+                k = {**keys, "method": method, "alpha": a}
+                rows.append(_row(k, alphas.get(a), base, METRICS, method == "baseline"))
+    cols = [*setting_cols, "method", "alpha"]
+    return Table(name, title, cols, list(METRICS), True, rows)
+
+
+def table1(done: Sequence[RunRecord], alpha: str = "best") -> Table:
+    """Baseline vs PGT per (data, model, epochs, batch_size, schedule)."""
+    return _compared_table(
+        done,
+        "table1_baseline_vs_pgt",
+        "Table 1: baseline vs PGT",
+        ["data", "model", "epochs", "batch_size", "schedule"],
+        lambda present: ["pgt"],
+        alpha,
+    )
+
+
+def table2(done: Sequence[RunRecord], alpha: str = "best") -> Table:
+    """Every method vs the same batch size's baseline, per model."""
+    return _compared_table(
+        done,
+        "table2_batch_size",
+        "Table 2: methods vs baseline per batch size",
+        ["data", "model", "epochs", "schedule", "batch_size"],
+        lambda present: present,
+        alpha,
+    )
+
+
+def table3(done: Sequence[RunRecord]) -> Table:
+    """Ablation: schedule × label smoothing × alpha, with the train - test gap."""
+    runs = [r for r in done if r.method in ABLATION_METHODS]
+    cols = ["data", "model", "epochs", "batch_size", "schedule", "label_smoothing", "alpha"]
+    cells = _group(runs, lambda r: tuple(getattr(r, c) for c in cols))
+    metrics = [*METRICS, "gap"]
+    rows = [
+        _row(dict(zip(cols, k, strict=True)), cells[k], None, metrics, True)
+        for k in sorted(cells, key=_sort_key)
+    ]
+    return Table("table3_ablation", "Table 3: ablation", cols, metrics, False, rows)
+
+
+def excluded(runs: Sequence[RunRecord]) -> Excluded:
+    """Failed / diverged runs, and how many are still queued or running."""
+    bad = [r for r in runs if r.status in EXCLUDED_STATUSES]
+    waiting = sum(1 for r in runs if r.status in ("queued", "running"))
+    return Excluded(bad, waiting)
+
+
+def build_tables(runs: Sequence[RunRecord], alpha: str = "best") -> tuple[list[Table], Excluded]:
+    """All three tables over the ``done`` runs, and the excluded runs."""
+    done = [r for r in runs if r.status == "done"]
+    return [table1(done, alpha), table2(done, alpha), table3(done)], excluded(runs)
