@@ -38,6 +38,10 @@ class RunRecord:
     error: str | None
     train_acc: float | None
     test_acc: float | None
+    # for the figures: locating a run's artifacts, Fig. 8's logit norm vs loss
+    config_hash: str = ""
+    test_loss: float | None = None
+    logit_norm: float | None = None
 
 
 @dataclass(frozen=True)
@@ -149,4 +153,7 @@ def _record(r: Run, last: tuple[float, float] | None) -> RunRecord:
         error=r.error,
         train_acc=train,
         test_acc=test,
+        config_hash=r.config_hash,
+        test_loss=r.test_loss,
+        logit_norm=r.logit_norm,
     )

@@ -1,0 +1,603 @@
+"""Paper-style figures from ``done`` runs: PNGs written with matplotlib's Agg backend.
+
+Figures (numbers refer to "Altering Backward Pass Gradients improves Convergence"):
+
+* **α grid** (Figs. 10-13): per (data, model, epochs, batch_size, schedule) group with PGT
+  runs at >= 2 distinct α: test and train top-1 (%) vs α, mean over seeds with the sample
+  std as error bars (n >= 2), the baseline's mean as a horizontal line, the best α (highest
+  mean test top-1) marked.
+* **Fig. 8**: final logit norm and final test loss vs α (same groups), and test loss
+  against logit norm with the least-squares line (:func:`logit_norm_regression`).
+* **Norm profiles** (Figs. 5-7, 14-17), from the per-run artifacts under
+  ``<results_dir>/runs/<config_hash[:16]>/``: per-filter L2 norm vs optimiser step of one
+  layer, a grid of every layer, and the sorted per-channel pooled-feature norms.
+
+:func:`zeroed_filters_table` lists zeroed filters (norm < 1e-8) per layer at each run's
+last snapshot, from the store's ``filter_stats`` table.
+
+``RunRecord`` carries neither the config hash nor the final loss / logit norm; those are
+read (read-only) from ``<results_dir>/results.db`` by run id, unless a record already has
+attributes of those names. Missing data never raises: the figure is skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from sqlalchemy import func, select  # noqa: E402
+from sqlalchemy.exc import SQLAlchemyError  # noqa: E402
+from sqlalchemy.orm import Session  # noqa: E402
+
+from analysis.errors import AnalysisError  # noqa: E402
+from analysis.queries import RunRecord, open_engine  # noqa: E402
+from analysis.stats import summarize  # noqa: E402
+from sweeper.store import FilterStat, Run  # noqa: E402
+
+DPI = 110
+ZERO_NORM = 1e-8  # same threshold as trainers.train.ZERO_NORM
+MAX_PROFILE_RUNS = 6
+PAPER_FIT = (0.01074, 0.25816)  # Fig. 8: loss = 0.01074 * logit_norm + 0.25816
+GROUP_KEYS = ("data", "model", "epochs", "batch_size", "schedule")
+
+GroupKey = tuple[str, str, int, int, str]
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One PNG written by :func:`make_figures`."""
+
+    path: Path  # the PNG written
+    title: str
+    caption: str  # one or two sentences: what it shows, units
+
+
+@dataclass(frozen=True)
+class Regression:
+    """Least-squares line ``y = slope * x + intercept`` and Pearson's r over n points."""
+
+    slope: float
+    intercept: float
+    r: float  # Pearson correlation
+    n: int
+
+
+@dataclass(frozen=True)
+class AlphaSeries:
+    """One group's PGT accuracies per α (the plotted series of the α-grid figure).
+
+    Lists are aligned with ``alphas`` (ascending); std is None where n < 2; accuracies in
+    percent. ``baseline_*`` are None when the group has no done baseline run.
+    """
+
+    group: GroupKey
+    alphas: list[float]
+    n: list[int]
+    test_mean: list[float]
+    test_std: list[float | None]
+    train_mean: list[float | None]
+    train_std: list[float | None]
+    baseline_test: float | None
+    baseline_train: float | None
+    baseline_n: int
+    best_alpha: float
+
+
+@dataclass(frozen=True)
+class _Extra:
+    config_hash: str | None
+    test_loss: float | None
+    logit_norm: float | None
+
+
+# ----------------------------------------------------------------------------- helpers
+def logit_norm_regression(x: Sequence[float], y: Sequence[float]) -> Regression:
+    """Fit ``y = slope * x + intercept`` (``numpy.polyfit`` degree 1), r = Pearson (Fig. 8).
+
+    Needs >= 2 points with distinct x; r is NaN when y is constant.
+    """
+    xa, ya = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if xa.shape != ya.shape or xa.ndim != 1:
+        raise ValueError("x and y must be 1-d sequences of the same length")
+    if xa.size < 2 or np.ptp(xa) == 0:
+        raise ValueError("need at least 2 points with distinct x")
+    slope, intercept = np.polyfit(xa, ya, 1)
+    r = float(np.corrcoef(xa, ya)[0, 1]) if np.ptp(ya) > 0 else math.nan
+    return Regression(float(slope), float(intercept), r, int(xa.size))
+
+
+def _finite(v: float | None) -> bool:
+    return v is not None and math.isfinite(v)
+
+
+def _done(records: Sequence[RunRecord]) -> list[RunRecord]:
+    return [r for r in records if r.status == "done"]
+
+
+def _group(r: RunRecord) -> GroupKey:
+    return (r.data, r.model, r.epochs, r.batch_size, r.schedule)
+
+
+def _group_label(g: GroupKey) -> str:
+    data, model, epochs, bs, sched = g
+    return f"{data} / {model}, {epochs} epochs, batch {bs}, {sched}"
+
+
+def _slug(*parts: object) -> str:
+    s = "_".join(str(p) for p in parts)
+    return re.sub(r"[^A-Za-z0-9.]+", "-", s).strip("-")
+
+
+def _fmt(v: float) -> str:
+    return f"{v:g}"
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    try:
+        fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    return path
+
+
+def _run_label(r: RunRecord) -> str:
+    a = f" α={_fmt(r.alpha)}" if r.alpha is not None else ""
+    return f"{r.method}{a} seed {r.seed}"
+
+
+# ----------------------------------------------------------------------------- store
+def _db(results_dir: Path | None) -> Path | None:
+    if results_dir is None:
+        return None
+    db = Path(results_dir) / "results.db"
+    return db if db.is_file() else None
+
+
+def _extras(records: Sequence[RunRecord], results_dir: Path | None) -> dict[int, _Extra]:
+    """Config hash, final test loss and logit norm per run id (record attributes first,
+    then the store under ``results_dir``)."""
+    out: dict[int, _Extra] = {}
+    missing: list[int] = []
+    for r in records:
+        ch = getattr(r, "config_hash", None)
+        tl = getattr(r, "test_loss", None)
+        ln = getattr(r, "logit_norm", None)
+        out[r.id] = _Extra(ch, tl, ln)
+        if ch is None or tl is None or ln is None:
+            missing.append(r.id)
+    db = _db(results_dir)
+    if not missing or db is None:
+        return out
+    try:
+        engine = open_engine(f"sqlite:///{db}")
+    except AnalysisError:
+        return out
+    try:
+        with Session(engine) as s:
+            q = select(Run.id, Run.config_hash, Run.test_loss, Run.logit_norm).where(
+                Run.id.in_(missing)
+            )
+            for rid, ch, tl, ln in s.execute(q).all():
+                old = out[rid]
+                out[rid] = _Extra(
+                    old.config_hash or ch,
+                    old.test_loss if old.test_loss is not None else tl,
+                    old.logit_norm if old.logit_norm is not None else ln,
+                )
+    except SQLAlchemyError:
+        pass
+    finally:
+        engine.dispose()
+    return out
+
+
+def zeroed_filters_table(records: Sequence[RunRecord], results_dir: Path | None) -> list[dict]:
+    """Zeroed filters (L2 norm < 1e-8) per layer at the LAST snapshot of each done run.
+
+    Rows ``{method, model, layer_index, layer_name, n_filters, n_zero}`` plus ``run_id``,
+    ``alpha`` and ``seed`` (one row per run and layer), ordered by method, model, alpha,
+    seed, run id, layer index. Read from ``<results_dir>/results.db`` (``filter_stats``);
+    [] when there is no store or no snapshot (the paper's zeroed-filter counts, Figs. 5-7).
+    """
+    done = {r.id: r for r in _done(records)}
+    db = _db(results_dir)
+    if not done or db is None:
+        return []
+    try:
+        engine = open_engine(f"sqlite:///{db}")
+    except AnalysisError:
+        return []
+    rows: list[dict] = []
+    try:
+        with Session(engine) as s:
+            last = (
+                select(FilterStat.run_id, func.max(FilterStat.step).label("last_step"))
+                .where(FilterStat.run_id.in_(list(done)))
+                .group_by(FilterStat.run_id)
+                .subquery()
+            )
+            q = select(FilterStat).join(
+                last,
+                (FilterStat.run_id == last.c.run_id) & (FilterStat.step == last.c.last_step),
+            )
+            for fs in s.scalars(q):
+                r = done[fs.run_id]
+                rows.append(
+                    {
+                        "method": r.method,
+                        "model": r.model,
+                        "layer_index": fs.layer_index,
+                        "layer_name": fs.layer_name,
+                        "n_filters": fs.n_filters,
+                        "n_zero": fs.n_zero,
+                        "run_id": r.id,
+                        "alpha": r.alpha,
+                        "seed": r.seed,
+                    }
+                )
+    except SQLAlchemyError:
+        return []
+    finally:
+        engine.dispose()
+    rows.sort(
+        key=lambda d: (
+            d["method"],
+            d["model"],
+            -1.0 if d["alpha"] is None else d["alpha"],
+            d["seed"],
+            d["run_id"],
+            d["layer_index"],
+        )
+    )
+    return rows
+
+
+# ----------------------------------------------------------------------------- α grid
+def alpha_series(records: Sequence[RunRecord]) -> list[AlphaSeries]:
+    """Per group, PGT mean / std test and train top-1 per α over done runs (Figs. 10-13).
+
+    Only groups with done ``pgt`` runs (finite test accuracy) at >= 2 distinct α; the
+    baseline is the group's done ``baseline`` runs. Ordered by group key.
+    """
+    pgt: dict[GroupKey, dict[float, list[RunRecord]]] = defaultdict(lambda: defaultdict(list))
+    base: dict[GroupKey, list[RunRecord]] = defaultdict(list)
+    for r in _done(records):
+        if r.method == "pgt" and r.alpha is not None and _finite(r.test_acc):
+            pgt[_group(r)][float(r.alpha)].append(r)
+        elif r.method == "baseline" and _finite(r.test_acc):
+            base[_group(r)].append(r)
+    out: list[AlphaSeries] = []
+    for g in sorted(pgt):
+        by_alpha = pgt[g]
+        if len(by_alpha) < 2:
+            continue
+        alphas = sorted(by_alpha)
+        test = [summarize([float(r.test_acc) for r in by_alpha[a]]) for a in alphas]  # type: ignore[arg-type]
+        train = [
+            summarize([float(r.train_acc) for r in by_alpha[a] if _finite(r.train_acc)])  # type: ignore[arg-type]
+            for a in alphas
+        ]
+        b_test = summarize([float(r.test_acc) for r in base[g]])  # type: ignore[arg-type]
+        b_train = summarize([float(r.train_acc) for r in base[g] if _finite(r.train_acc)])  # type: ignore[arg-type]
+        means = [float(t.mean) for t in test]  # type: ignore[arg-type]
+        out.append(
+            AlphaSeries(
+                group=g,
+                alphas=alphas,
+                n=[t.n for t in test],
+                test_mean=means,
+                test_std=[t.std for t in test],
+                train_mean=[t.mean for t in train],
+                train_std=[t.std for t in train],
+                baseline_test=b_test.mean,
+                baseline_train=b_train.mean,
+                baseline_n=b_test.n,
+                best_alpha=alphas[int(np.argmax(means))],
+            )
+        )
+    return out
+
+
+def _errbar(
+    ax: plt.Axes, x: list[float], mean: list[float | None], std: list[float | None], **kw: object
+) -> None:
+    pts = [(a, m, s) for a, m, s in zip(x, mean, std, strict=True) if m is not None]
+    if not pts:
+        return
+    xs, ms, ss = zip(*pts, strict=True)
+    err = [0.0 if s is None else s for s in ss]
+    ax.errorbar(xs, ms, yerr=err if any(s is not None for s in ss) else None, capsize=3, **kw)  # type: ignore[arg-type]
+
+
+def _alpha_figure(s: AlphaSeries, out_dir: Path) -> Figure:
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    _errbar(ax, s.alphas, list(s.test_mean), s.test_std, marker="o", color="C0", label="PGT test")
+    _errbar(ax, s.alphas, s.train_mean, s.train_std, marker="s", color="C1", label="PGT train")
+    if s.baseline_test is not None:
+        ax.axhline(s.baseline_test, color="C0", ls="--", lw=1, label="baseline test")
+    if s.baseline_train is not None:
+        ax.axhline(s.baseline_train, color="C1", ls="--", lw=1, label="baseline train")
+    i = s.alphas.index(s.best_alpha)
+    ax.plot([s.best_alpha], [s.test_mean[i]], marker="*", ms=16, color="C3", ls="none",
+            label=f"best α = {_fmt(s.best_alpha)}")  # fmt: skip
+    ax.set_xlabel("PGT α")
+    ax.set_ylabel("top-1 accuracy (%)")
+    title = f"Top-1 vs α: {_group_label(s.group)}"
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    path = _save(fig, out_dir / f"alpha_grid_{_slug(*s.group)}.png")
+    base = (
+        f"dashed: baseline mean (n={s.baseline_n})" if s.baseline_test is not None
+        else "no baseline run"
+    )  # fmt: skip
+    caption = (
+        f"PGT test and train top-1 accuracy (%) vs α, mean over seeds (n per α: "
+        f"{', '.join(map(str, s.n))}; error bars: sample std where n ≥ 2); {base}. "
+        f"Best α = {_fmt(s.best_alpha)} with mean test top-1 {s.test_mean[i]:.2f} % "
+        "(cf. the paper's Figs. 10-13)."
+    )
+    return Figure(path, title, caption)
+
+
+# ----------------------------------------------------------------------------- Fig. 8
+def _fig8(records: Sequence[RunRecord], extras: dict[int, _Extra], out_dir: Path) -> list[Figure]:
+    figs: list[Figure] = []
+    groups: dict[GroupKey, list[tuple[RunRecord, float, float]]] = defaultdict(list)
+    for r in _done(records):
+        e = extras.get(r.id)
+        if e is None or not (_finite(e.logit_norm) and _finite(e.test_loss)):
+            continue
+        if r.method in ("pgt", "baseline"):
+            groups[_group(r)].append((r, float(e.logit_norm), float(e.test_loss)))  # type: ignore[arg-type]
+    for g in sorted(groups):
+        pts = groups[g]
+        slug = _slug(*g)
+        by_alpha: dict[float, list[tuple[float, float]]] = defaultdict(list)
+        for r, ln, tl in pts:
+            if r.method == "pgt" and r.alpha is not None:
+                by_alpha[float(r.alpha)].append((ln, tl))
+        if len(by_alpha) >= 2:
+            alphas = sorted(by_alpha)
+            fig, axes = plt.subplots(1, 2, figsize=(9.6, 3.8))
+            for ax, col, name in ((axes[0], 0, "logit norm"), (axes[1], 1, "test loss")):
+                sums = [summarize([p[col] for p in by_alpha[a]]) for a in alphas]
+                _errbar(ax, alphas, [s.mean for s in sums], [s.std for s in sums],
+                        marker="o", color="C0", label="PGT")  # fmt: skip
+                base = [(ln, tl) for r, ln, tl in pts if r.method == "baseline"]
+                if base:
+                    ax.axhline(float(np.mean([b[col] for b in base])), color="k", ls="--",
+                               lw=1, label="baseline")  # fmt: skip
+                ax.set_xlabel("PGT α")
+                ax.set_ylabel(name)
+                ax.grid(alpha=0.3)
+                ax.legend(fontsize=8)
+            title = f"Logit norm and test loss vs α: {_group_label(g)}"
+            fig.suptitle(title, fontsize=9)
+            path = _save(fig, out_dir / f"fig8_alpha_{slug}.png")
+            caption = (
+                "Final logit norm (mean L2 norm of the logit vector over the test set) and final "
+                "test cross-entropy loss vs PGT α, mean over seeds with sample std "
+                "(the paper's Fig. 8)."
+            )
+            figs.append(Figure(path, title, caption))
+        x = [ln for _, ln, _ in pts]
+        y = [tl for _, _, tl in pts]
+        if len(pts) < 3 or np.ptp(x) == 0:
+            continue
+        reg = logit_norm_regression(x, y)
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        for method, color in (("baseline", "k"), ("pgt", "C0")):
+            xs = [ln for r, ln, _ in pts if r.method == method]
+            ys = [tl for r, _, tl in pts if r.method == method]
+            if xs:
+                ax.scatter(xs, ys, color=color, s=22, label=method)
+        xx = np.linspace(min(x), max(x), 50)
+        ax.plot(xx, reg.slope * xx + reg.intercept, color="C3",
+                label=f"fit: {reg.slope:.4g} x + {reg.intercept:.4g}")  # fmt: skip
+        ax.set_xlabel("logit norm")
+        ax.set_ylabel("test loss")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        title = f"Test loss vs logit norm: {_group_label(g)}"
+        ax.set_title(title, fontsize=9)
+        path = _save(fig, out_dir / f"fig8_regression_{slug}.png")
+        caption = (
+            f"Final test loss against final logit norm of done baseline and PGT runs "
+            f"(n {reg.n}) with the least-squares line: slope {reg.slope:.4g}, intercept "
+            f"{reg.intercept:.4g}, r {reg.r:.3g} (paper's Fig. 8: "
+            f"{PAPER_FIT[0]} x + {PAPER_FIT[1]})."
+        )
+        figs.append(Figure(path, title, caption))
+    return figs
+
+
+# ----------------------------------------------------------------------------- norms
+def _load_filter_norms(run_dir: Path) -> tuple[np.ndarray, list[str], list[np.ndarray]] | None:
+    """All snapshots of a run: steps (S,), layer names, per-layer (S, n_filters) arrays."""
+    files = sorted((run_dir / "filter_norms").glob("epoch_*.npz"))
+    steps: list[np.ndarray] = []
+    layers: list[list[np.ndarray]] = []
+    names: list[str] = []
+    try:
+        for f in files:
+            with np.load(f, allow_pickle=False) as z:
+                keys = sorted(k for k in z.files if re.fullmatch(r"L\d+", k))
+                if not keys:
+                    continue
+                if not layers:
+                    layers = [[] for _ in keys]
+                    names = [str(n) for n in z["names"]] if "names" in z.files else keys
+                if len(keys) != len(layers):
+                    return None
+                steps.append(np.asarray(z["steps"]).reshape(-1))
+                for i, k in enumerate(keys):
+                    layers[i].append(np.asarray(z[k], dtype=float).reshape(len(steps[-1]), -1))
+    except (OSError, ValueError, KeyError):
+        return None
+    if not steps:
+        return None
+    try:
+        arrays = [np.concatenate(parts, axis=0) for parts in layers]
+    except ValueError:
+        return None
+    if len(names) != len(arrays):
+        names = [f"L{i:03d}" for i in range(1, len(arrays) + 1)]
+    return np.concatenate(steps), names, arrays
+
+
+def _pick_layer(names: list[str], arrays: list[np.ndarray]) -> int:
+    zeros = [int((a[-1] < ZERO_NORM).sum()) for a in arrays]
+    if max(zeros) > 0:
+        return int(np.argmax(zeros))
+    for i, n in enumerate(names):
+        if "conv" in n.lower():
+            return i
+    return 0
+
+
+def _profile_runs(
+    records: Sequence[RunRecord], extras: dict[int, _Extra], results_dir: Path
+) -> list[tuple[RunRecord, Path]]:
+    """At most MAX_PROFILE_RUNS done runs with an artifact folder, one per method."""
+    chosen: dict[str, tuple[RunRecord, Path]] = {}
+    order = sorted(
+        _done(records),
+        key=lambda r: (r.method, -1.0 if r.alpha is None else r.alpha, r.seed, r.id),
+    )
+    for r in order:
+        ch = extras.get(r.id, _Extra(None, None, None)).config_hash
+        if r.method in chosen or not ch:
+            continue
+        d = Path(results_dir) / "runs" / ch[:16]
+        if d.is_dir():
+            chosen[r.method] = (r, d)
+        if len(chosen) >= MAX_PROFILE_RUNS:
+            break
+    return list(chosen.values())
+
+
+def _norm_figures(r: RunRecord, run_dir: Path, out_dir: Path) -> list[Figure]:
+    loaded = _load_filter_norms(run_dir)
+    if loaded is None:
+        return []
+    steps, names, arrays = loaded
+    label = _run_label(r)
+    slug = _slug("run", r.id, r.method)
+    figs: list[Figure] = []
+    li = _pick_layer(names, arrays)
+    a = arrays[li]
+    nz = int((a[-1] < ZERO_NORM).sum())
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ax.plot(steps, a, lw=0.6, alpha=0.7)
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel("filter L2 norm")
+    ax.grid(alpha=0.3)
+    title = f"Filter norms, layer {li + 1} ({names[li]}): {r.model} {label}"
+    ax.set_title(title, fontsize=9)
+    path = _save(fig, out_dir / f"filter_norms_{slug}_L{li + 1:03d}.png")
+    figs.append(
+        Figure(
+            path,
+            title,
+            f"L2 norm of each of the {a.shape[1]} filters of layer {li + 1} ({names[li]}) vs "
+            f"optimiser step, one line per filter; {nz} filter(s) below 1e-8 at the last "
+            "snapshot (cf. the paper's Figs. 5-7).",
+        )
+    )
+    n = len(arrays)
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols, 1.5 * rows), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        if i >= n:
+            ax.axis("off")
+            continue
+        ax.plot(steps, arrays[i], lw=0.4, alpha=0.7)
+        z = int((arrays[i][-1] < ZERO_NORM).sum())
+        ax.set_title(f"{i + 1}" + (f" ({z} zero)" if z else ""), fontsize=7)
+        ax.tick_params(labelsize=5)
+    title = f"Filter norms of all layers: {r.model} {label}"
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path = _save(fig, out_dir / f"filter_norms_grid_{slug}.png")
+    total_zero = sum(int((x[-1] < ZERO_NORM).sum()) for x in arrays)
+    figs.append(
+        Figure(
+            path,
+            title,
+            f"Per-filter L2 norm vs optimiser step for each of the {n} conv/linear layers "
+            f"(layer index in each title); {total_zero} filter(s) below 1e-8 at the last "
+            "snapshot (cf. the paper's Figs. 14-17).",
+        )
+    )
+    return figs
+
+
+def _feature_figure(runs: list[tuple[RunRecord, Path]], out_dir: Path) -> Figure | None:
+    curves: list[tuple[str, np.ndarray, int]] = []
+    for r, d in runs:
+        f = d / "feature_norms.json"
+        try:
+            v = np.asarray(json.loads(f.read_text(encoding="utf-8")), dtype=float).reshape(-1)
+        except (OSError, ValueError, TypeError):
+            continue
+        if v.size == 0:
+            continue
+        curves.append((_run_label(r), np.sort(v)[::-1], int((v < ZERO_NORM).sum())))
+    if not curves:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for label, v, z in curves:
+        ax.plot(np.arange(1, v.size + 1), v, lw=1.2, label=f"{label}: {z}/{v.size} zeroed")
+    ax.set_xlabel("channel (sorted by norm)")
+    ax.set_ylabel("L2 norm over the test set")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    title = "Pooled-feature norms per channel"
+    ax.set_title(title, fontsize=9)
+    path = _save(fig, out_dir / "feature_norms.png")
+    caption = (
+        "Per-channel L2 norm over the test set of the pooled feature vector before the "
+        "classifier, sorted in descending order; the legend counts channels below 1e-8 "
+        "(cf. the paper's Figs. 5-7)."
+    )
+    return Figure(path, title, caption)
+
+
+# ----------------------------------------------------------------------------- entry
+def make_figures(records: list[RunRecord], results_dir: Path | None, out_dir: Path) -> list[Figure]:
+    """Write every figure the data allows into ``out_dir`` (created) and return them.
+
+    Only ``done`` runs are plotted. α grids (Figs. 10-13) need PGT at >= 2 α; Fig. 8 needs
+    final logit norm and test loss (from the store under ``results_dir``); norm profiles
+    (Figs. 5-7, 14-17) need the run artifacts under ``results_dir``. Figures whose data
+    is absent are skipped; [] when nothing can be drawn.
+    """
+    done = _done(records)
+    if not done:
+        return []
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    figs = [_alpha_figure(s, out_dir) for s in alpha_series(done)]
+    extras = _extras(done, results_dir)
+    figs += _fig8(done, extras, out_dir)
+    if results_dir is not None:
+        runs = _profile_runs(done, extras, Path(results_dir))
+        for r, d in runs:
+            figs += _norm_figures(r, d, out_dir)
+        feat = _feature_figure(runs, out_dir)
+        if feat is not None:
+            figs.append(feat)
+    return figs
