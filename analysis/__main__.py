@@ -1,4 +1,4 @@
-"""``python -m analysis``: rebuild the paper's tables from the results store.
+"""``python -m analysis``: rebuild the paper's tables (and the HTML report) from the store.
 
 Thin argparse entry; the work is in :mod:`analysis.report`. Failures print one line
 ``error: ...`` on stderr and exit with status 2.
@@ -37,7 +37,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", default="best",
                    help="PGT alpha in Tables 1-2: best (by mean test top-1), all, or a value")  # fmt: skip
     p.add_argument("--out", type=Path, help="output directory (default <results-dir>/report)")
-    p.add_argument("--formats", default="md,csv,tex", help="comma list of md, csv, tex")
+    p.add_argument("--formats", default="md,csv,tex,html",
+                   help="comma list of md, csv, tex, html (default all)")  # fmt: skip
     return p
 
 
@@ -51,7 +52,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         formats = _split([args.formats])
         bad = [f for f in formats if f not in FORMATS]
         if bad or not formats:
-            raise AnalysisError(f"unknown format(s) {bad or formats}; choose from md, csv, tex")
+            raise AnalysisError(
+                f"unknown format(s) {bad or formats}; choose from md, csv, tex, html"
+            )
         if args.alpha not in ("best", "all"):
             try:
                 float(args.alpha)
@@ -70,6 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             formats=formats,
             flt=RunFilter(sweeps, _split(args.model), _split(args.method), _split(args.data)),
             alpha=args.alpha,
+            results_dir=None if args.store_url else results_dir,
         )
         make_report(req)
     except AnalysisError as e:

@@ -25,9 +25,9 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import matplotlib
@@ -48,6 +48,7 @@ from sweeper.store import FilterStat, Run  # noqa: E402
 DPI = 110
 ZERO_NORM = 1e-8  # same threshold as trainers.train.ZERO_NORM
 MAX_PROFILE_RUNS = 6
+MAX_GROUPS = 12  # settings (data, model, epochs, batch, schedule) drawn per figure kind
 PAPER_FIT = (0.01074, 0.25816)  # Fig. 8: loss = 0.01074 * logit_norm + 0.25816
 GROUP_KEYS = ("data", "model", "epochs", "batch_size", "schedule")
 
@@ -590,9 +591,18 @@ def make_figures(records: list[RunRecord], results_dir: Path | None, out_dir: Pa
         return []
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    figs = [_alpha_figure(s, out_dir) for s in alpha_series(done)]
+    # A big store has hundreds of settings; a figure costs ~0.1 s of matplotlib and a
+    # page of hundreds is unreadable: draw the settings with the most runs, say so.
+    sizes = Counter(_group(r) for r in done)
+    shown = {g for g, _ in sizes.most_common(MAX_GROUPS)}
+    capped = [r for r in done if _group(r) in shown]
+    figs = [_alpha_figure(s, out_dir) for s in alpha_series(capped)]
     extras = _extras(done, results_dir)
-    figs += _fig8(done, extras, out_dir)
+    figs += _fig8(capped, extras, out_dir)
+    if len(sizes) > MAX_GROUPS and figs:
+        figs[0] = replace(figs[0], caption=figs[0].caption + (
+            f" Figures show the {MAX_GROUPS} of {len(sizes)} settings with the most runs; "
+            "narrow the report with --model, --data, --method or --sweep for the others."))
     if results_dir is not None:
         runs = _profile_runs(done, extras, Path(results_dir))
         for r, d in runs:

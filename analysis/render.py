@@ -5,6 +5,10 @@ Markdown / LaTeX cells: ``mean ± std (n)`` (std "—" for n = 1), differences a
 difference without CI (n = 1) has no bracket; a missing cell is "—".
 CSV: one line per (row, metric) with ``mean, std, n, diff, ci_low, ci_high, ci_method``
 at full precision; empty fields where there is no value.
+
+Tables annotated by :func:`analysis.paper.annotate` with at least one matching paper row
+also get "paper train", "paper test" and "Δ test vs paper" (our mean test - the paper's);
+in CSV, ``paper`` (the paper's value of that line's metric) and ``diff_vs_paper``.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import csv
 import io
 from collections.abc import Sequence
 
+from analysis.paper import PaperRow, paper_of
 from analysis.stats import Comparison, Summary
 from analysis.tables import Excluded, Row, Table
 
@@ -64,15 +69,49 @@ def _header(table: Table) -> list[str]:
     cols += [LABELS.get(m, m) for m in table.metrics]
     if table.compared:
         cols += [f"Δ {LABELS.get(m, m)} (95% CI)" for m in table.metrics]
+    if paper_of(table) is not None:
+        cols += PAPER_COLUMNS
     return cols
 
 
-def _cells(table: Table, row: Row) -> list[str]:
+PAPER_COLUMNS = ["paper train", "paper test", "Δ test vs paper"]
+
+
+def _vs_paper(row: Row, p: PaperRow | None, metric: str) -> float | None:
+    """Our mean of ``metric`` minus the paper's value; None when either is missing."""
+    s = row.stats.get(metric)
+    theirs = p.value(metric) if p is not None else None
+    if not row.present or s is None or s.mean is None or theirs is None:
+        return None
+    return s.mean - theirs
+
+
+def _paper_cells(row: Row, p: PaperRow | None) -> list[str]:
+    if p is None:
+        return [DASH, DASH, DASH]
+    d = _vs_paper(row, p, "test_acc")
+    return [f"{p.train_acc:g}", f"{p.test_acc:g}", DASH if d is None else f"{d:+.2f}"]
+
+
+def _cells(table: Table, row: Row, i: int = 0) -> list[str]:
     out = [fmt_key(row.keys[c]) for c in table.key_columns]
     out += [fmt_summary(row.stats.get(m)) if row.present else DASH for m in table.metrics]
     if table.compared:
         out += [DASH if row.is_baseline else fmt_diff(row.diffs.get(m)) for m in table.metrics]
+    paper = paper_of(table)
+    if paper is not None:
+        out += _paper_cells(row, paper[i])
     return out
+
+
+def grid(table: Table) -> tuple[list[str], list[list[str]]]:
+    """A table's display header and cells (as in Markdown / LaTeX)."""
+    return _header(table), [_cells(table, r, i) for i, r in enumerate(table.rows)]
+
+
+def excluded_grid(ex: Excluded) -> tuple[list[str], list[list[str]]]:
+    """The excluded runs' display header and cells."""
+    return list(EXCLUDED_COLUMNS), _excluded_rows(ex)
 
 
 def _md_grid(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -107,10 +146,15 @@ def markdown(tables: Sequence[Table], ex: Excluded) -> str:
         "Cells: mean ± sample std (n seeds) over `done` runs, accuracies in %. "
         "Δ: vs the baseline cell, 95% CI, p = paired by seed, w = Welch; no CI when n = 1."
     )
+    if any(paper_of(t) is not None for t in tables):
+        parts.append(
+            "Paper columns: the paper's train / test top-1 for the same ImageNet setting; "
+            "Δ test vs paper = our mean test top-1 - the paper's."
+        )
     for t in tables:
         parts += ["", f"## {t.title}", ""]
         if t.rows:
-            parts.append(_md_grid(_header(t), [_cells(t, r) for r in t.rows]))
+            parts.append(_md_grid(*grid(t)))
         else:
             parts.append("(no runs)")
     parts += ["", f"## Excluded runs ({len(ex.runs)} failed or diverged)", ""]
@@ -131,17 +175,20 @@ def csv_table(table: Table) -> str:
     """One line per (row, metric), raw numbers."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
+    paper = paper_of(table)
     w.writerow([*table.key_columns, "metric", "mean", "std", "n", "diff", "ci_low", "ci_high",
-                "ci_method"])  # fmt: skip
-    for row in table.rows:
+                "ci_method", *(["paper", "diff_vs_paper"] if paper is not None else [])])  # fmt: skip
+    for i, row in enumerate(table.rows):
         keys = ["" if row.keys[c] is None else row.keys[c] for c in table.key_columns]
         for m in table.metrics:
             s = row.stats.get(m) or Summary(0, None, None)
             c = row.diffs.get(m)
             diff = [c.diff, c.ci_low, c.ci_high] if c else [None, None, None]
-            w.writerow(
-                [*keys, m, _num(s.mean), _num(s.std), s.n, *map(_num, diff), c.kind if c else ""]
-            )
+            line = [*keys, m, _num(s.mean), _num(s.std), s.n, *map(_num, diff), c.kind if c else ""]
+            if paper is not None:
+                p = paper[i]
+                line += [_num(p.value(m) if p else None), _num(_vs_paper(row, p, m))]
+            w.writerow(line)
     return buf.getvalue()
 
 
@@ -189,7 +236,7 @@ def _tex_grid(caption: str, header: Sequence[str], rows: Sequence[Sequence[str]]
 
 def tex_table(table: Table) -> str:
     """A booktabs ``table`` environment."""
-    return _tex_grid(table.title, _header(table), [_cells(table, r) for r in table.rows])
+    return _tex_grid(table.title, *grid(table))
 
 
 def tex_excluded(ex: Excluded) -> str:

@@ -7,12 +7,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from analysis import render
+from analysis import html, render
 from analysis.errors import AnalysisError
+from analysis.paper import annotate
 from analysis.queries import RunFilter, count_runs, known_sweep_ids, load_runs, open_engine
 from analysis.tables import build_tables
 
-FORMATS = ("md", "csv", "tex")
+FORMATS = ("md", "csv", "tex", "html")
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,7 @@ class ReportRequest:
     formats: Sequence[str]
     flt: RunFilter
     alpha: str = "best"
+    results_dir: Path | None = None  # None when only a store URL was given
 
 
 def prepare_out(out: Path) -> None:
@@ -35,6 +37,16 @@ def prepare_out(out: Path) -> None:
         probe.unlink()
     except OSError as e:
         raise AnalysisError(f"output directory {out} is not writable: {e.strerror or e}") from e
+
+
+def _source(req: ReportRequest) -> str:
+    """Where the runs came from, for the HTML header (no password)."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return f"store {make_url(req.store_url).render_as_string(hide_password=True)}"
+    except Exception:  # noqa: BLE001 - only a label
+        return ""
 
 
 def make_report(req: ReportRequest) -> list[Path]:
@@ -57,7 +69,8 @@ def make_report(req: ReportRequest) -> list[Path]:
     if not runs:
         raise AnalysisError("no runs match the filters")
     prepare_out(req.out)
-    tables, ex = build_tables(runs, req.alpha)
+    built, ex = build_tables(runs, req.alpha)
+    tables = annotate(built)
     md = render.markdown(tables, ex)
     files: dict[str, str] = {}
     if "md" in req.formats:
@@ -68,6 +81,9 @@ def make_report(req: ReportRequest) -> list[Path]:
     if "tex" in req.formats:
         files.update({f"{t.name}.tex": render.tex_table(t) for t in tables})
         files["excluded_runs.tex"] = render.tex_excluded(ex)
+    if "html" in req.formats:
+        figures, note = html.make_figures(runs, req.results_dir, req.out / "figures")
+        files["report.html"] = html.report_html(tables, ex, figures, note, _source(req))
     written = []
     try:
         for name, text in files.items():
