@@ -600,9 +600,14 @@ def make_figures(records: list[RunRecord], results_dir: Path | None, out_dir: Pa
     extras = _extras(done, results_dir)
     figs += _fig8(capped, extras, out_dir)
     if len(sizes) > MAX_GROUPS and figs:
-        figs[0] = replace(figs[0], caption=figs[0].caption + (
-            f" Figures show the {MAX_GROUPS} of {len(sizes)} settings with the most runs; "
-            "narrow the report with --model, --data, --method or --sweep for the others."))
+        figs[0] = replace(
+            figs[0],
+            caption=figs[0].caption
+            + (
+                f" Figures show the {MAX_GROUPS} of {len(sizes)} settings with the most runs; "
+                "narrow the report with --model, --data, --method or --sweep for the others."
+            ),
+        )
     if results_dir is not None:
         runs = _profile_runs(done, extras, Path(results_dir))
         for r, d in runs:
