@@ -110,6 +110,7 @@ def report_html(
     figures: Sequence[Any] | None,
     figures_note: str | None = None,
     source: str = "",
+    extra: Sequence[tuple[str, Sequence[str], Sequence[Sequence[str]]]] = (),
 ) -> str:
     """The whole report as one HTML document."""
     now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -146,6 +147,9 @@ def report_html(
         parts.append('<p class="note">(none)</p>')
     if ex.not_finished:
         parts.append(f'<p class="note">{ex.not_finished} run(s) queued or running, not shown.</p>')
+    for j, (title, header, rows) in enumerate(extra, 1):
+        parts.append(f'<h2 id="x{j}">{_esc(title)}</h2>')
+        parts.append(_table(header, rows))
     parts.append('<h2 id="figures">Figures</h2>')
     if figures is None:
         parts.append(f'<p class="unavailable">{_esc(figures_note or "figures unavailable")}</p>')

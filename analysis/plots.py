@@ -616,3 +616,39 @@ def make_figures(records: list[RunRecord], results_dir: Path | None, out_dir: Pa
         if feat is not None:
             figs.append(feat)
     return figs
+
+
+ZEROED_HEADER = [
+    "model",
+    "method",
+    "layer",
+    "layer name",
+    "filters",
+    "zeroed (mean)",
+    "zeroed (max)",
+    "runs",
+]
+
+
+def zeroed_by_layer(rows: Sequence[dict]) -> list[list[str]]:
+    """The report's "zeroed filters per layer x method" table (paper Sec. 5.2): the rows of
+    :func:`zeroed_filters_table` pooled over runs (seeds, alpha) per model, method, layer."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[(r["model"], r["method"], r["layer_index"], r["layer_name"])].append(r)
+    out = []
+    for (model, method, idx, name), rs in sorted(groups.items()):
+        zs = [int(r["n_zero"]) for r in rs]
+        out.append(
+            [
+                model,
+                method,
+                str(idx),
+                name,
+                str(rs[0]["n_filters"]),
+                f"{float(np.mean(zs)):.2f}",
+                str(max(zs)),
+                str(len(rs)),
+            ]
+        )
+    return out

@@ -114,6 +114,18 @@ def excluded_grid(ex: Excluded) -> tuple[list[str], list[list[str]]]:
     return list(EXCLUDED_COLUMNS), _excluded_rows(ex)
 
 
+def md_grid(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    return _md_grid(header, rows)
+
+
+def csv_grid(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    w.writerows(rows)
+    return buf.getvalue()
+
+
 def _md_grid(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     def esc(s: str) -> str:
         return s.replace("|", "\\|").replace("\n", " ")

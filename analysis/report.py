@@ -49,6 +49,15 @@ def _source(req: ReportRequest) -> str:
         return ""
 
 
+def _zeroed(runs: list, results_dir: Path | None) -> tuple[list[str], list[list[str]]]:
+    """Last-snapshot zeroed filters per layer x method (needs the store's filter_stats)."""
+    if results_dir is None:
+        return [], []
+    from analysis.plots import ZEROED_HEADER, zeroed_by_layer, zeroed_filters_table
+
+    return ZEROED_HEADER, zeroed_by_layer(zeroed_filters_table(runs, results_dir))
+
+
 def make_report(req: ReportRequest) -> list[Path]:
     """Build and write the report; returns the files written. Prints the Markdown."""
     engine = open_engine(req.store_url)
@@ -72,18 +81,28 @@ def make_report(req: ReportRequest) -> list[Path]:
     built, ex = build_tables(runs, req.alpha)
     tables = annotate(built)
     md = render.markdown(tables, ex)
+    zeroed_header, zeroed = _zeroed(runs, req.results_dir)
+    if zeroed:
+        md += (
+            "\n## Zeroed filters per layer x method\n\n"
+            + render.md_grid(zeroed_header, zeroed)
+            + "\n"
+        )
     files: dict[str, str] = {}
     if "md" in req.formats:
         files["report.md"] = md
     if "csv" in req.formats:
         files.update({f"{t.name}.csv": render.csv_table(t) for t in tables})
         files["excluded_runs.csv"] = render.csv_excluded(ex)
+        if zeroed:
+            files["zeroed_filters.csv"] = render.csv_grid(zeroed_header, zeroed)
     if "tex" in req.formats:
         files.update({f"{t.name}.tex": render.tex_table(t) for t in tables})
         files["excluded_runs.tex"] = render.tex_excluded(ex)
     if "html" in req.formats:
         figures, note = html.make_figures(runs, req.results_dir, req.out / "figures")
-        files["report.html"] = html.report_html(tables, ex, figures, note, _source(req))
+        extra = [("Zeroed filters per layer x method", zeroed_header, zeroed)] if zeroed else []
+        files["report.html"] = html.report_html(tables, ex, figures, note, _source(req), extra)
     written = []
     try:
         for name, text in files.items():

@@ -230,3 +230,54 @@ def test_failed_or_diverged_points_are_retried_only_when_asked(tmp_path: Path) -
     assert retry.returncode == 0
     assert "1 to run, 1 already finished" in retry.stdout  # only the diverged point
     assert sql(tmp_path / "results.db", "SELECT count(*) FROM runs") == [(2,)]
+
+
+def test_analysis_report_after_the_smoke_sweep(
+    smoke: tuple[Path, subprocess.CompletedProcess],
+) -> None:
+    """Issue 4, acceptance 1: after the smoke sweep one command writes all four formats."""
+    import csv
+
+    d, first = smoke
+    assert first.returncode == 0
+    res = subprocess.run(
+        [sys.executable, "-m", "analysis", "--results-dir", str(d), "--out", str(d / "rep")],
+        cwd=d,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    rep = d / "rep"
+    for name in (
+        "report.md",
+        "report.html",
+        "table3_ablation.csv",
+        "table3_ablation.tex",
+        "zeroed_filters.csv",
+    ):
+        assert (rep / name).stat().st_size > 0, name
+    assert "Table 3" in res.stdout  # the Markdown is printed too
+    with open(rep / "table3_ablation.csv") as f:
+        got = {
+            float(r["alpha"]): float(r["mean"])
+            for r in csv.DictReader(f)
+            if r["metric"] == "test_acc" and r["alpha"]
+        }
+    want = dict(
+        sql(
+            d / "results.db",
+            "SELECT alpha, AVG(test_acc) FROM runs WHERE status = 'done' GROUP BY alpha",
+        )
+    )
+    assert got == pytest.approx(want, abs=1e-9)
+    with open(rep / "zeroed_filters.csv") as f:
+        zeroed = {(r["method"], int(r["layer"])): int(r["zeroed (max)"]) for r in csv.DictReader(f)}
+    last = sql(
+        d / "results.db",
+        "SELECT r.method, f.layer_index, MAX(f.n_zero) FROM filter_stats f "
+        "JOIN runs r ON r.id = f.run_id WHERE f.step = (SELECT MAX(step) FROM filter_stats "
+        "g WHERE g.run_id = f.run_id) GROUP BY r.method, f.layer_index",
+    )
+    assert zeroed == {(m, i): z for m, i, z in last}
