@@ -88,6 +88,13 @@ def make_report(req: ReportRequest) -> list[Path]:
             + render.md_grid(zeroed_header, zeroed)
             + "\n"
         )
+    figures, note = None, None
+    if "html" in req.formats:
+        figures, note = html.make_figures(runs, req.results_dir, req.out / "figures")
+        if figures:  # captions carry the numbers (e.g. Fig. 8's slope, intercept and r)
+            md += "\n## Figures (in report.html and figures/)\n\n" + "".join(
+                f"- **{f.title}** ({f.path.name}): {f.caption}\n" for f in figures
+            )
     files: dict[str, str] = {}
     if "md" in req.formats:
         files["report.md"] = md
@@ -100,7 +107,6 @@ def make_report(req: ReportRequest) -> list[Path]:
         files.update({f"{t.name}.tex": render.tex_table(t) for t in tables})
         files["excluded_runs.tex"] = render.tex_excluded(ex)
     if "html" in req.formats:
-        figures, note = html.make_figures(runs, req.results_dir, req.out / "figures")
         extra = [("Zeroed filters per layer x method", zeroed_header, zeroed)] if zeroed else []
         files["report.html"] = html.report_html(tables, ex, figures, note, _source(req), extra)
     written = []

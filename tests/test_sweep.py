@@ -259,6 +259,7 @@ def test_analysis_report_after_the_smoke_sweep(
     ):
         assert (rep / name).stat().st_size > 0, name
     assert "Table 3" in res.stdout  # the Markdown is printed too
+    assert "slope" in res.stdout and "intercept" in res.stdout  # Fig. 8's fit, printed
     with open(rep / "table3_ablation.csv") as f:
         got = {
             float(r["alpha"]): float(r["mean"])
