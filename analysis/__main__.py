@@ -36,6 +36,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data", action="append", help="only these data sets")
     p.add_argument("--alpha", default="best",
                    help="PGT alpha in Tables 1-2: best (by mean test top-1), all, or a value")  # fmt: skip
+    p.add_argument("--study-storage", metavar="URL",
+                   help="Optuna storage of the searches (default: the results store)")  # fmt: skip
     p.add_argument("--out", type=Path, help="output directory (default <results-dir>/report)")
     p.add_argument("--formats", default="md,csv,tex,html",
                    help="comma list of md, csv, tex, html (default all)")  # fmt: skip
@@ -74,6 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             flt=RunFilter(sweeps, _split(args.model), _split(args.method), _split(args.data)),
             alpha=args.alpha,
             results_dir=None if args.store_url else results_dir,
+            study_storage=args.study_storage,
         )
         make_report(req)
     except AnalysisError as e:

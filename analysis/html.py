@@ -140,7 +140,9 @@ def report_html(
             parts.append(_table(header, rows, n_paper))
         else:
             parts.append('<p class="note">(no runs)</p>')
-    parts.append(f'<h2 id="excluded">Excluded runs ({len(ex.runs)} failed or diverged)</h2>')
+    parts.append(
+        f'<h2 id="excluded">Excluded runs ({len(ex.runs)} failed, diverged or pruned)</h2>'
+    )
     if ex.runs:
         parts.append(_table(*render.excluded_grid(ex)))
     else:

@@ -93,6 +93,15 @@ def known_sweep_ids(engine: Engine) -> list[int]:
         raise _fail(e) from e
 
 
+def sweep_names(engine: Engine, ids: Sequence[int]) -> list[str]:
+    """Names of these sweeps (a search's sweep is named after its Optuna study)."""
+    try:
+        with Session(engine) as s:
+            return list(s.scalars(select(Sweep.name).where(Sweep.id.in_(list(ids)))))
+    except SQLAlchemyError as e:
+        raise _fail(e) from e
+
+
 def load_runs(engine: Engine, flt: RunFilter) -> list[RunRecord]:
     """Runs matching ``flt`` (any status), ordered by id.
 

@@ -169,7 +169,7 @@ def markdown(tables: Sequence[Table], ex: Excluded) -> str:
             parts.append(_md_grid(*grid(t)))
         else:
             parts.append("(no runs)")
-    parts += ["", f"## Excluded runs ({len(ex.runs)} failed or diverged)", ""]
+    parts += ["", f"## Excluded runs ({len(ex.runs)} failed, diverged or pruned)", ""]
     if ex.runs:
         parts.append(_md_grid(EXCLUDED_COLUMNS, _excluded_rows(ex)))
     else:
@@ -253,4 +253,6 @@ def tex_table(table: Table) -> str:
 
 def tex_excluded(ex: Excluded) -> str:
     """The excluded runs as a booktabs table."""
-    return _tex_grid("Excluded runs (failed or diverged)", EXCLUDED_COLUMNS, _excluded_rows(ex))
+    return _tex_grid(
+        "Excluded runs (failed, diverged or pruned)", EXCLUDED_COLUMNS, _excluded_rows(ex)
+    )

@@ -10,7 +10,25 @@ from pathlib import Path
 from analysis import html, render
 from analysis.errors import AnalysisError
 from analysis.paper import annotate
-from analysis.queries import RunFilter, count_runs, known_sweep_ids, load_runs, open_engine
+from analysis.queries import (
+    RunFilter,
+    count_runs,
+    known_sweep_ids,
+    load_runs,
+    open_engine,
+    sweep_names,
+)
+from analysis.studies import (
+    IMPORTANCE_HEADER,
+    STUDIES_HEADER,
+    TRIALS_HEADER,
+    StudySummary,
+    importance_grid,
+    load_studies,
+    studies_grid,
+    study_figures,
+    trials_grid,
+)
 from analysis.tables import build_tables
 
 FORMATS = ("md", "csv", "tex", "html")
@@ -26,6 +44,7 @@ class ReportRequest:
     flt: RunFilter
     alpha: str = "best"
     results_dir: Path | None = None  # None when only a store URL was given
+    study_storage: str | None = None  # Optuna storage; None -> the store's database
 
 
 def prepare_out(out: Path) -> None:
@@ -58,6 +77,16 @@ def _zeroed(runs: list, results_dir: Path | None) -> tuple[list[str], list[list[
     return ZEROED_HEADER, zeroed_by_layer(zeroed_filters_table(runs, results_dir))
 
 
+def _study_tables(studies: list[StudySummary]) -> list[tuple[str, list[str], list[list[str]]]]:
+    """The searches' best trials and parameter importances (Markdown and HTML)."""
+    if not studies:
+        return []
+    return [
+        ("Optuna studies: best trials", STUDIES_HEADER, studies_grid(studies)),
+        ("Optuna studies: parameter importances", IMPORTANCE_HEADER, importance_grid(studies)),
+    ]
+
+
 def make_report(req: ReportRequest) -> list[Path]:
     """Build and write the report; returns the files written. Prints the Markdown."""
     engine = open_engine(req.store_url)
@@ -73,6 +102,7 @@ def make_report(req: ReportRequest) -> list[Path]:
                     f"unknown sweep id(s) {', '.join(map(str, unknown))}; known: {listed}"
                 )
         runs = load_runs(engine, req.flt)
+        names = set(sweep_names(engine, req.flt.sweeps)) if req.flt.sweeps else None
     finally:
         engine.dispose()
     if not runs:
@@ -88,9 +118,15 @@ def make_report(req: ReportRequest) -> list[Path]:
             + render.md_grid(zeroed_header, zeroed)
             + "\n"
         )
+    studies = load_studies(req.study_storage or req.store_url, names)
+    study_tables = _study_tables(studies)
+    for title, header, rows in study_tables:
+        md += f"\n## {title}\n\n" + render.md_grid(header, rows) + "\n"
     figures, note = None, None
     if "html" in req.formats:
         figures, note = html.make_figures(runs, req.results_dir, req.out / "figures")
+        if studies:
+            figures = [*(figures or []), *study_figures(studies, req.out / "figures")]
         if figures:  # captions carry the numbers (e.g. Fig. 8's slope, intercept and r)
             md += "\n## Figures (in report.html and figures/)\n\n" + "".join(
                 f"- **{f.title}** ({f.path.name}): {f.caption}\n" for f in figures
@@ -103,11 +139,22 @@ def make_report(req: ReportRequest) -> list[Path]:
         files["excluded_runs.csv"] = render.csv_excluded(ex)
         if zeroed:
             files["zeroed_filters.csv"] = render.csv_grid(zeroed_header, zeroed)
+        if studies:
+            files["optuna_studies.csv"] = render.csv_grid(STUDIES_HEADER, studies_grid(studies))
+            files["optuna_trials.csv"] = render.csv_grid(TRIALS_HEADER, trials_grid(studies))
+            files["optuna_importances.csv"] = render.csv_grid(
+                IMPORTANCE_HEADER, importance_grid(studies)
+            )
     if "tex" in req.formats:
         files.update({f"{t.name}.tex": render.tex_table(t) for t in tables})
         files["excluded_runs.tex"] = render.tex_excluded(ex)
     if "html" in req.formats:
         extra = [("Zeroed filters per layer x method", zeroed_header, zeroed)] if zeroed else []
+        if studies:
+            extra += [
+                *study_tables,
+                ("Optuna trials", TRIALS_HEADER, trials_grid(studies)),
+            ]
         files["report.html"] = html.report_html(tables, ex, figures, note, _source(req), extra)
     written = []
     try:

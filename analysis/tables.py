@@ -26,7 +26,7 @@ from analysis.stats import Comparison, Summary, compare, summarize
 
 METRICS = ("train_acc", "test_acc")
 ABLATION_METHODS = ("baseline", "pgt", "ls", "ls_pgt")
-EXCLUDED_STATUSES = ("failed", "diverged")
+EXCLUDED_STATUSES = ("failed", "diverged", "pruned")  # pruned: stopped early by a search
 
 Key = tuple[object, ...]
 
@@ -196,7 +196,7 @@ def table3(done: Sequence[RunRecord]) -> Table:
 
 
 def excluded(runs: Sequence[RunRecord]) -> Excluded:
-    """Failed / diverged runs, and how many are still queued or running."""
+    """Failed / diverged / pruned runs, and how many are still queued or running."""
     bad = [r for r in runs if r.status in EXCLUDED_STATUSES]
     waiting = sum(1 for r in runs if r.status in ("queued", "running"))
     return Excluded(bad, waiting)

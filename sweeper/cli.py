@@ -21,7 +21,7 @@ from trainers.registry import ConfigError
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ("model", "method", "data", "schedule", "experiment")
 # hydra's own groups that we replace: Hydra's basic launcher/sweeper bypass the store
-HYDRA_GROUPS = {"hydra/launcher": ["local", "slurm"], "hydra/sweeper": ["gradsweep"]}
+HYDRA_GROUPS = {"hydra/launcher": ["local", "slurm"], "hydra/sweeper": ["gradsweep", "optuna"]}
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
 
@@ -109,6 +109,10 @@ def _check_group_choices(overrides: list[str]) -> None:
         group = ov.key_or_group.lstrip("+~")
         if (group not in GROUPS and group not in HYDRA_GROUPS) or ov.is_delete():
             continue
+        if ov.is_sweep_override() and type(ov.value()).__name__ != "ChoiceSweep":
+            raise ConfigError(
+                f"{ov.input_line}: {group} is a config group; list its options or use choice(...)"
+            )
         values = (
             list(ov.sweep_string_iterator())
             if ov.is_sweep_override()
@@ -120,6 +124,30 @@ def _check_group_choices(overrides: list[str]) -> None:
         for v in values:
             if v not in known:
                 raise ConfigError(f"unknown {group} {v!r}; known: {', '.join(known)}")
+
+
+def _check_sweeper_settings(overrides: list[str]) -> None:
+    """``hydra.sweeper.*`` of a search (sampler, pruner, metric, a wrong type), checked
+    before Hydra starts: one line, no sweep directory, no study."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    fixed = [ov.input_line for ov in parsed if not ov.is_sweep_override() and ov.input_line]
+    try:
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            dcfg = compose("config", overrides=fixed, return_hydra_config=True)
+        node = OmegaConf.to_container(dcfg.hydra.sweeper)
+    except Exception as e:
+        msg = _one_line(e)
+        if "not in 'SweeperConf'" in str(e) + str(e.__cause__ or ""):
+            msg += " (search settings need hydra/sweeper=optuna on the command line)"
+        raise ConfigError(msg) from None
+    assert isinstance(node, dict)
+    if str(node.get("_target_", "")).endswith("OptunaSweeper"):
+        from sweeper.search import SearchParams
+
+        SearchParams(**{k: v for k, v in node.items() if k != "_target_"}).validate()
 
 
 def preflight_argv(argv: list[str]) -> Config | None:
@@ -135,9 +163,10 @@ def preflight_argv(argv: list[str]) -> Config | None:
     multirun = any(a in ("-m", "--multirun") for a in argv)
     overrides = [a for a in argv if not a.startswith("-")]
     _check_group_choices(overrides)
-    overrides = [a for a in overrides if not a.startswith(("hydra.", "hydra/", "+hydra"))]
     if multirun:
+        _check_sweeper_settings(overrides)
         return None
+    overrides = [a for a in overrides if not a.startswith(("hydra.", "hydra/", "+hydra"))]
     try:
         with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
             dcfg = compose("config", overrides=overrides)

@@ -20,6 +20,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from sweeper import provenance
 from sweeper.schema import Config
+from sweeper.search import TrialLink, TrialReporter
 from sweeper.store import Run, RunStatus, Store
 from sweeper.tracking import MlflowMirror
 from trainers.config import RunConfig
@@ -35,13 +36,18 @@ from trainers.train import (
 
 log = logging.getLogger("gradsweep")
 
-STATUS_FOR_MLFLOW = {"done": "FINISHED", "diverged": "FAILED", "failed": "FAILED"}
+STATUS_FOR_MLFLOW = {
+    "done": "FINISHED",
+    "diverged": "FAILED",
+    "failed": "FAILED",
+    "pruned": "KILLED",  # stopped by the search's pruner; the status tag says "pruned"
+}
 
 
 @dataclass
 class JobOutcome:
     config_hash: str
-    status: str  # done | diverged | failed | skipped (already done)
+    status: str  # done | diverged | pruned | failed | skipped (already done)
     run_id: int
     test_acc: float | None = None
 
@@ -107,10 +113,20 @@ def grid_columns(cfg: RunConfig) -> dict:
 
 
 class StoreSink:
-    """Trainer -> results store (source of truth) and MLflow mirror (best effort)."""
+    """Trainer -> results store (source of truth), MLflow mirror (best effort) and, for a
+    search trial, the Optuna study (its intermediate values and pruning decisions)."""
 
-    def __init__(self, store: Store, run: Run, mirror: MlflowMirror | None) -> None:
-        self.store, self.run, self.mirror = store, run, mirror
+    def __init__(
+        self,
+        store: Store,
+        run: Run,
+        mirror: MlflowMirror | None,
+        reporter: TrialReporter | None = None,
+    ) -> None:
+        self.store, self.run, self.mirror, self.reporter = store, run, mirror, reporter
+
+    def should_stop(self, m: EpochMetrics) -> bool:
+        return self.reporter.report(m) if self.reporter is not None else False
 
     def on_start(self, resume_epoch: int, device: str, precision: str) -> None:
         self.store.start_run(
@@ -136,10 +152,14 @@ class StoreSink:
                 self.mirror.log_artifact(filter_file, "filter_norms")
 
 
-def run_job(cfg: Config, mlflow_tags: dict[str, str] | None = None) -> JobOutcome:
+def run_job(
+    cfg: Config, mlflow_tags: dict[str, str] | None = None, trial: TrialLink | None = None
+) -> JobOutcome:
     """Train one configuration to completion (or resume it); record everything.
 
     ``mlflow_tags`` are added to the MLflow run (a sweep passes its id and parent run).
+    ``trial``: the Optuna trial this run serves; each epoch's metric is reported to it and
+    its pruner may stop the run early (status ``pruned``).
     """
     preflight(cfg)
     ident, chash = identity_of(cfg)
@@ -162,13 +182,20 @@ def run_job(cfg: Config, mlflow_tags: dict[str, str] | None = None) -> JobOutcom
                 f"(test_acc {run.test_acc:.2f}%); not training it again"
             )
             return JobOutcome(chash, "skipped", run.id, run.test_acc)
-        return _train(cfg, store, run, trainer, ident, mlflow_tags or {})
+        reporter = TrialReporter(trial, warn=log.warning) if trial is not None else None
+        return _train(cfg, store, run, trainer, ident, mlflow_tags or {}, reporter)
     finally:
         store.dispose()
 
 
 def _train(
-    cfg: Config, store: Store, run: Run, trainer: Trainer, ident: dict, mlflow_tags: dict[str, str]
+    cfg: Config,
+    store: Store,
+    run: Run,
+    trainer: Trainer,
+    ident: dict,
+    mlflow_tags: dict[str, str],
+    reporter: TrialReporter | None = None,
 ) -> JobOutcome:
     chash, run_dir = trainer.config_hash, trainer.run_dir
     mirror: MlflowMirror | None = None
@@ -197,7 +224,7 @@ def _train(
         )
         if mirror.run_id and mirror.run_id != run.mlflow_run_id:
             store.set_fields(run.id, mlflow_run_id=mirror.run_id)
-    trainer.sink = StoreSink(store, run, mirror)
+    trainer.sink = StoreSink(store, run, mirror, reporter)
     log.info(
         f"run {run.id} ({chash[:12]}): {cfg.model.name} / {cfg.method.name}"
         + (f" alpha={cfg.alpha:g}" if cfg.uses_pgt() else "")
@@ -261,7 +288,13 @@ class TrainJob(submitit.helpers.Checkpointable):
     """What a worker process runs. Checkpointable: on Slurm pre-emption or time-out,
     submitit requeues the same call, and :func:`run_job` resumes from the run's checkpoint."""
 
-    def __call__(self, cfg: Config, mlflow_tags: dict[str, str], threads: int | None) -> JobOutcome:
+    def __call__(
+        self,
+        cfg: Config,
+        mlflow_tags: dict[str, str],
+        threads: int | None,
+        trial: TrialLink | None = None,
+    ) -> JobOutcome:
         env = submitit.JobEnvironment()
         if env.num_tasks > 1:
             # a multi-GPU job: one task per GPU; RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* for
@@ -282,4 +315,4 @@ class TrainJob(submitit.helpers.Checkpointable):
         )
         for name in ("mlflow", "alembic"):
             logging.getLogger(name).setLevel(logging.WARNING)
-        return run_job(cfg, mlflow_tags)
+        return run_job(cfg, mlflow_tags, trial)

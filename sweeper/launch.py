@@ -46,6 +46,9 @@ from sweeper.store import Run, RunStatus, Store
 from trainers.registry import ConfigError
 
 TERMINAL = {RunStatus.done, RunStatus.failed, RunStatus.diverged}
+# what a job may record as its outcome; a pruned run is not terminal for a grid (asked
+# for again, it resumes from its checkpoint to the last epoch)
+OUTCOMES = TERMINAL | {RunStatus.pruned}
 
 SLURM_GONE_GRACE_S = 15.0
 
@@ -131,6 +134,27 @@ def _gpu_count() -> int:
         return torch.cuda.device_count()
     except Exception:
         return 0
+
+
+def local_slots(p: LauncherParams, gpus: int) -> list[tuple[int, ...]]:
+    """Local slots, each the GPUs one job gets (CUDA_VISIBLE_DEVICES).
+
+    One GPU per job, ``jobs_per_gpu`` jobs sharing each GPU (small jobs leave most of a
+    big GPU idle, design.md §5); or ``gpus_per_job`` GPUs per job for DDP; none on a
+    CPU-only machine, where ``max_parallel`` jobs (default 1) share the cores.
+    """
+    if not gpus:
+        return [()] * (p.max_parallel or 1)
+    k = max(1, p.gpus_per_job)
+    if k > gpus:
+        raise ConfigError(
+            f"hydra.launcher.gpus_per_job={k} is not allowed; this machine has {gpus} GPU(s)"
+        )
+    if k == 1:
+        slots = [(g,) for g in range(gpus) for _ in range(p.jobs_per_gpu)]
+    else:
+        slots = [tuple(range(i, i + k)) for i in range(0, gpus - k + 1, k)]
+    return slots[: p.max_parallel] if p.max_parallel else slots
 
 
 def validate_points(points: list[tuple[str, Config]]) -> list[Point]:
@@ -269,25 +293,7 @@ class SweepRunner:
         return ex
 
     def _slots(self) -> list[tuple[int, ...]]:
-        """Local slots, each the GPUs one job gets (CUDA_VISIBLE_DEVICES).
-
-        One GPU per job, ``jobs_per_gpu`` jobs sharing each GPU (small jobs leave most of a
-        big GPU idle, design.md §5); or ``gpus_per_job`` GPUs per job for DDP; none on a
-        CPU-only machine, where ``max_parallel`` jobs (default 1) share the cores.
-        """
-        p, gpus = self.params, _gpu_count()
-        if not gpus:
-            return [()] * (p.max_parallel or 1)
-        k = max(1, p.gpus_per_job)
-        if k > gpus:
-            raise ConfigError(
-                f"hydra.launcher.gpus_per_job={k} is not allowed; this machine has {gpus} GPU(s)"
-            )
-        if k == 1:
-            slots = [(g,) for g in range(gpus) for _ in range(p.jobs_per_gpu)]
-        else:
-            slots = [tuple(range(i, i + k)) for i in range(0, gpus - k + 1, k)]
-        return slots[: p.max_parallel] if p.max_parallel else slots
+        return local_slots(self.params, _gpu_count())
 
     # ------------------------------------------------------------------------ run
     def run(self) -> list[Point]:
@@ -427,7 +433,7 @@ class SweepRunner:
             p.gone_since = None
             return False
         run = store.get_run_by_id(p.run.id)
-        if run is not None and run.status in TERMINAL:
+        if run is not None and run.status in OUTCOMES:
             return True
         now = time.monotonic()
         if p.gone_since is None:
@@ -443,7 +449,7 @@ class SweepRunner:
         run = store.get_run_by_id(p.run.id)
         assert run is not None
         p.run = run
-        if run.status in TERMINAL:
+        if run.status in OUTCOMES:
             p.status = run.status.value
         else:  # the process died without recording an outcome (killed, OOM, node lost)
             err = job_error(p.job, self.params.kind, p.slurm_state)

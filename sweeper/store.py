@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict
 from typing import Any
@@ -42,7 +42,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 
 from trainers.train import EpochMetrics, LayerFilterStats
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: RunStatus.pruned, sweep_runs.trial (Optuna searches)
 
 
 class RunStatus(str, enum.Enum):
@@ -51,6 +51,9 @@ class RunStatus(str, enum.Enum):
     done = "done"
     failed = "failed"
     diverged = "diverged"
+    # stopped early by an Optuna pruner; its checkpoint is kept, so a grid that later asks
+    # for the same configuration resumes it to the end instead of starting over
+    pruned = "pruned"
 
 
 def utcnow() -> dt.datetime:
@@ -165,6 +168,7 @@ class SweepRun(Base):
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
     point: Mapped[str] = mapped_column(Text)  # the point's overrides, e.g. "method=pgt alpha=0.3"
     job_id: Mapped[str | None] = mapped_column(String(64))  # submitit / Slurm job id
+    trial: Mapped[int | None] = mapped_column(Integer)  # Optuna trial number (searches)
 
 
 class StoreInfo(Base):
@@ -186,6 +190,26 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
+def _migrate_to_2(engine: Engine) -> None:
+    """v2: ``sweep_runs.trial`` and the ``pruned`` run status."""
+    from sqlalchemy import inspect, text
+    from sqlalchemy.exc import DBAPIError
+
+    if "trial" not in {c["name"] for c in inspect(engine).get_columns("sweep_runs")}:
+        try:
+            with engine.begin() as c:
+                c.execute(text("ALTER TABLE sweep_runs ADD COLUMN trial INTEGER"))
+        except DBAPIError:  # another process added it a moment ago
+            if "trial" not in {c["name"] for c in inspect(engine).get_columns("sweep_runs")}:
+                raise
+    if engine.dialect.name == "postgresql":  # a native ENUM there; SQLite stores plain text
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
+            c.execute(text("ALTER TYPE run_status ADD VALUE IF NOT EXISTS 'pruned'"))
+
+
+MIGRATIONS: dict[int, Callable[[Engine], None]] = {2: _migrate_to_2}
+
+
 class Store:
     """A results store at any SQLAlchemy URL (default: SQLite file under results_dir)."""
 
@@ -199,9 +223,30 @@ class Store:
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         Base.metadata.create_all(self.engine)
+        self._upgrade()
+
+    def _upgrade(self) -> None:
+        """Bring a store created by an older gradsweep up to :data:`SCHEMA_VERSION`.
+
+        Migrations are numbered and idempotent (each checks before it alters), so jobs that
+        open an old store at the same moment cannot break it: one alters, the others see
+        the change and only record the version.
+        """
         with self.session() as s:
-            if s.get(StoreInfo, 1) is None:
+            info = s.get(StoreInfo, 1)
+            if info is None:  # a new store: create_all made the current schema
                 s.add(StoreInfo(id=1, schema_version=SCHEMA_VERSION))
+                return
+            version = info.schema_version
+        if version > SCHEMA_VERSION:
+            raise RuntimeError(
+                f"the results store {self.url} has schema version {version}, newer than this "
+                f"gradsweep's {SCHEMA_VERSION}; upgrade gradsweep"
+            )
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            MIGRATIONS[target](self.engine)
+            with self.session() as s:
+                s.get_one(StoreInfo, 1).schema_version = target
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -298,13 +343,13 @@ class Store:
             s.add(sweep)
         return sweep
 
-    def link_run(self, sweep_id: int, run_id: int, point: str) -> None:
+    def link_run(self, sweep_id: int, run_id: int, point: str, trial: int | None = None) -> None:
         with self.session() as s:
             exists = s.scalar(
                 select(SweepRun).where(SweepRun.sweep_id == sweep_id, SweepRun.run_id == run_id)
             )
             if exists is None:
-                s.add(SweepRun(sweep_id=sweep_id, run_id=run_id, point=point))
+                s.add(SweepRun(sweep_id=sweep_id, run_id=run_id, point=point, trial=trial))
 
     def set_job_id(self, sweep_id: int, run_id: int, job_id: str) -> None:
         with self.session() as s:

@@ -271,7 +271,7 @@ def test_failed_and_diverged_are_excluded(store_dir: Path, report) -> None:
         for r in _csv(out / f"{name}.csv"):
             if r["mean"] and r["metric"] != "gap":
                 assert float(r["mean"]) > 60
-    assert "Excluded runs (2 failed or diverged)" in report[0].stdout
+    assert "Excluded runs (2 failed, diverged or pruned)" in report[0].stdout
     assert "1 run(s) queued or running" in report[0].stdout
 
 

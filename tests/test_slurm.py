@@ -75,6 +75,40 @@ def test_small_sweep_through_slurm(slurm_cluster: SlurmCluster, tmp_path: Path) 
     assert sql(db, "SELECT count(*) FROM runs WHERE mlflow_mirrored = 1") == [(2,)]
 
 
+def test_optuna_search_through_slurm(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+    """Trials go out as single Slurm jobs (no array: each is asked for when one ends) and
+    report to the study in the store from the compute node."""
+    res = run_cli(
+        "-m",
+        "hydra/sweeper=optuna",
+        "alpha=interval(0.05,1)",
+        "method=pgt",
+        "+experiment=smoke",
+        "epochs=2",
+        "hydra.sweeper.n_trials=3",
+        "hydra.sweeper.n_jobs=2",
+        "hydra.sweeper.sampler=random",
+        "hydra.sweeper.seed=0",
+        *slurm_args(slurm_cluster, tmp_path),
+        cwd=tmp_path,
+        timeout=300,
+    )
+    out = res.stdout
+    assert res.returncode == 0, out[-3000:] + res.stderr[-3000:] + slurm_cluster.logs()
+    db = tmp_path / "results.db"
+    assert sql(db, "SELECT number, state FROM trials ORDER BY number") == [
+        (0, "COMPLETE"),
+        (1, "COMPLETE"),
+        (2, "COMPLETE"),
+    ]
+    assert sql(db, "SELECT COUNT(*) FROM trial_intermediate_values") == [(6,)]  # 3 x 2 epochs
+    assert sql(db, "SELECT launcher FROM sweeps") == [("optuna/slurm",)]
+    jobs = [r[0] for r in sql(db, "SELECT job_id FROM sweep_runs ORDER BY trial")]
+    assert len(jobs) == 3 and all(j.isdigit() for j in jobs)  # plain jobs, not array tasks
+    assert sql(db, "SELECT status, epoch FROM runs") == [("done", 2)] * 3
+    assert "best trial" in out
+
+
 def test_requeued_job_resumes_from_checkpoint(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
     """``scontrol requeue`` mid-run: Slurm kills the job and runs it again; it resumes from
     its checkpoint and ends with exactly the metrics of an uninterrupted run."""

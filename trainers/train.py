@@ -78,7 +78,7 @@ class LayerFilterStats:
 
 @dataclass
 class TrainResult:
-    status: str  # done | diverged
+    status: str  # done | diverged | pruned
     history: list[EpochMetrics]
     diverged_step: int | None = None
     feature_norms: list[float] = field(default_factory=list)  # per pooled-feature channel
@@ -114,6 +114,10 @@ class Sink(Protocol):
         self, metrics: EpochMetrics, filter_stats: list[LayerFilterStats], filter_file: Path | None
     ) -> None: ...
 
+    def should_stop(self, metrics: EpochMetrics) -> bool:
+        """Asked after each epoch's checkpoint (rank 0): True stops the run ``pruned``."""
+        ...
+
 
 class NullSink:
     def on_start(self, resume_epoch: int, device: str, precision: str) -> None:
@@ -123,6 +127,9 @@ class NullSink:
         self, metrics: EpochMetrics, filter_stats: list[LayerFilterStats], filter_file: Path | None
     ) -> None:
         pass
+
+    def should_stop(self, metrics: EpochMetrics) -> bool:
+        return False
 
 
 def resolve_device(name: str) -> torch.device:
@@ -482,17 +489,26 @@ class Trainer:
             if last:
                 result.feature_norms = feats
                 result.zero_features = sum(1 for f in feats if f < ZERO_NORM)
-            if not main:
-                continue
-            filter_file = self._write_filter_file(epoch, flog)
-            self.sink.on_epoch(m, flog.stats, filter_file)
-            self._save(epoch + 1, step, history)
-            self.log(
-                f"epoch {epoch + 1:>3}/{cfg.epochs}  train loss {m.train_loss:.4f} "
-                f"acc {m.train_acc:6.2f}%  test loss {m.test_loss:.4f} acc {m.test_acc:6.2f}% "
-                f"top5 {m.test_top5:6.2f}%  |z| {m.logit_norm:7.3f}  lr {m.lr:.4g}  "
-                f"{m.epoch_time:5.1f}s {m.images_per_s:7.0f} img/s"
-            )
+            stop = False
+            if main:
+                filter_file = self._write_filter_file(epoch, flog)
+                self.sink.on_epoch(m, flog.stats, filter_file)
+                self._save(epoch + 1, step, history)
+                self.log(
+                    f"epoch {epoch + 1:>3}/{cfg.epochs}  train loss {m.train_loss:.4f} "
+                    f"acc {m.train_acc:6.2f}%  test loss {m.test_loss:.4f} "
+                    f"acc {m.test_acc:6.2f}% top5 {m.test_top5:6.2f}%  |z| {m.logit_norm:7.3f}  "
+                    f"lr {m.lr:.4g}  {m.epoch_time:5.1f}s {m.images_per_s:7.0f} img/s"
+                )
+                # asked on the last epoch too: a search records every epoch's value
+                stop = self.sink.should_stop(m) and not last
+            if self.dist.enabled:  # rank 0 decides; every rank must leave the loop together
+                flag = torch.tensor([float(stop)], device=self.device)
+                stop = bool(distributed.broadcast(flag, self.dist).item())
+            if stop:
+                result.status = "pruned"
+                self.log(f"epoch {epoch + 1}/{cfg.epochs}: pruned by the search; stopping")
+                return result
         if start_epoch >= cfg.epochs and history and main:
             # finished before (e.g. killed after the last checkpoint): measure features again
             *_, feats = self._evaluate(want_features=True)

@@ -5,7 +5,8 @@ discovery without registering it in sys.modules, and dataclasses then cannot res
 string annotations.
 
 Hydra finds plugins in the ``hydra_plugins`` namespace package. Registered here:
-``hydra/sweeper=gradsweep`` (the default for ``-m``) and ``hydra/launcher=local|slurm``.
+``hydra/sweeper=gradsweep`` (the default for ``-m``: grids), ``hydra/sweeper=optuna``
+(searches) and ``hydra/launcher=local|slurm``.
 """
 
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from hydra.core.config_store import ConfigStore
 
 from sweeper.launch import LauncherParams
+from sweeper.search import SearchParams
 
 
 @dataclass
@@ -34,7 +36,13 @@ class SweeperConf:
     params: dict | None = None  # grid given in a preset: {key: "v1,v2,..."}
 
 
+@dataclass
+class OptunaSweeperConf(SearchParams):
+    _target_: str = "hydra_plugins.gradsweep_plugins.optuna_sweeper.OptunaSweeper"
+
+
 _cs = ConfigStore.instance()
 _cs.store(group="hydra/launcher", name="local", node=LocalLauncherConf, provider="gradsweep")
 _cs.store(group="hydra/launcher", name="slurm", node=SlurmLauncherConf, provider="gradsweep")
 _cs.store(group="hydra/sweeper", name="gradsweep", node=SweeperConf, provider="gradsweep")
+_cs.store(group="hydra/sweeper", name="optuna", node=OptunaSweeperConf, provider="gradsweep")

@@ -11,7 +11,7 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from sweeper.cli import to_config
+from sweeper.cli import _one_line, to_config
 from sweeper.launch import (
     LauncherParams,
     SweepRunner,
@@ -19,6 +19,7 @@ from sweeper.launch import (
     summary_table,
     validate_points,
 )
+from sweeper.schema import Config
 from trainers.registry import ConfigError
 
 
@@ -34,6 +35,18 @@ class GradsweepLauncher(Launcher):
     ) -> None:
         self.hydra_context, self.config = hydra_context, config
 
+    def compose(self, overrides: list[str]) -> Config:
+        """One point's typed config: the sweep's config with these overrides applied."""
+        try:
+            sc = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
+            with open_dict(sc):
+                del sc["hydra"]
+            return to_config(sc)
+        except ConfigError:
+            raise
+        except Exception as e:
+            raise ConfigError(_one_line(e)) from None
+
     def launch(
         self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
     ) -> Sequence[JobReturn]:
@@ -42,16 +55,9 @@ class GradsweepLauncher(Launcher):
         points = []
         for label, ov in zip(labels, job_overrides, strict=True):
             try:
-                sc = self.hydra_context.config_loader.load_sweep_config(self.config, list(ov))
-                with open_dict(sc):
-                    del sc["hydra"]
-                points.append((label, to_config(sc)))
+                points.append((label, self.compose(list(ov))))
             except ConfigError as e:
                 raise ConfigError(f"point [{label}]: {e}") from None
-            except Exception as e:
-                from sweeper.cli import _one_line
-
-                raise ConfigError(f"point [{label}]: {_one_line(e)}") from None
         validated = validate_points(points)
         name = validated[0].cfg.sweep_name
         runner = SweepRunner(validated, self.params, format_command(sys.argv[1:]), name)
