@@ -29,6 +29,7 @@ SEARCH = [
     "alpha=interval(0.01,1)",
     "method=pgt",
     "+experiment=smoke",
+    "epochs=2",  # the pruner decides after epoch 1 of 2 (n_warmup_steps=0)
     "hydra.sweeper.n_jobs=2",
     f"hydra.sweeper.seed={SEED}",
     "hydra.sweeper.pruner=median",
@@ -203,7 +204,7 @@ def test_eight_trials_end_complete_or_pruned_with_a_run_each(search: tuple[Path,
     for (number, state, alpha), (_, run_alpha, status, epochs) in zip(trials, links, strict=False):
         assert run_alpha == pytest.approx(alpha, rel=1e-12)
         assert status == {"COMPLETE": "done", "PRUNED": "pruned"}[state], number
-        assert (epochs == 3) == (state == "COMPLETE")
+        assert (epochs == 2) == (state == "COMPLETE")
     # the best trial is printed with its metric, and it is the store's best run
     m = re.search(r"best trial (\d+): alpha=(\S+)  test_acc (\S+)  \(run (\d+)\)", res.stdout)
     assert m, res.stdout[-2000:]
@@ -230,9 +231,9 @@ def test_jobs_report_every_epoch_and_the_pruner_stops_some(search: tuple[Path, l
     pruned = [n for n in range(8) if states[n] == "PRUNED"]
     assert pruned, "the median pruner stopped no trial"
     for n in range(8):
-        assert steps[n] == list(range(3 if states[n] == "COMPLETE" else len(steps[n])))
+        assert steps[n] == list(range(2 if states[n] == "COMPLETE" else len(steps[n])))
         if states[n] == "PRUNED":
-            assert len(steps[n]) < 3
+            assert len(steps[n]) < 2
     # the reported values are the runs' per-epoch test accuracy, from the jobs themselves
     for number, _state, step, value in rows:
         (acc,) = sql(
