@@ -49,7 +49,9 @@ figcaption strong { display: block; color: #1d2733; }
 NOTE = (
     "Cells: mean ± sample std (n seeds) over done runs, accuracies in %. Δ: vs the baseline "
     "cell, 95% CI, p = paired by seed, w = Welch; no CI when n = 1. Paper columns: the "
-    "paper's value for the same ImageNet setting, and our mean test top-1 minus the paper's."
+    "paper's value for the same ImageNet setting, and our mean test top-1 minus the paper's. "
+    "cost: GPU-hours of the cell's runs (all seeds; wall time of their epochs x GPUs), "
+    "CPU-hours for runs without a GPU; img/s: mean training throughput per run."
 )
 
 
@@ -111,8 +113,9 @@ def report_html(
     figures_note: str | None = None,
     source: str = "",
     extra: Sequence[tuple[str, Sequence[str], Sequence[Sequence[str]]]] = (),
+    cost_line: str = "",
 ) -> str:
-    """The whole report as one HTML document."""
+    """The whole report as one HTML document; ``cost_line``: the total cost sentence."""
     now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     sections = [(f"t{i}", t.title) for i, t in enumerate(tables, 1)]
     sections += [("excluded", "Excluded runs"), ("figures", "Figures")]
@@ -131,6 +134,7 @@ def report_html(
         f'<p class="note">{_esc(source)}{" · " if source else ""}generated {now}</p>',
         f"<nav>{nav}</nav>",
         f'<p class="note">{_esc(NOTE)}</p>',
+        *([f'<p class="cost">{_esc(cost_line)}</p>'] if cost_line else []),
     ]
     for i, t in enumerate(tables, 1):
         parts.append(f'<h2 id="t{i}">{_esc(t.title)}</h2>')

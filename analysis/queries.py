@@ -42,6 +42,12 @@ class RunRecord:
     config_hash: str = ""
     test_loss: float | None = None
     logit_norm: float | None = None
+    # cost (store v3): GPU-hours (0 on CPU), wall seconds, throughput, peak GPU memory
+    gpus: int | None = None
+    gpu_hours: float | None = None
+    train_seconds: float | None = None
+    images_per_s: float | None = None
+    peak_gpu_mem_mb: float | None = None
 
 
 @dataclass(frozen=True)
@@ -65,9 +71,33 @@ def open_engine(url: str) -> Engine:
         if db and db != ":memory:" and not db.startswith("file:") and not Path(db).is_file():
             raise AnalysisError(f"store file not found: {db}")
     try:
-        return create_engine(url)
+        engine = create_engine(url)
     except (SQLAlchemyError, ImportError) as e:
         raise AnalysisError(f"cannot open store {url!r}: {e}") from e
+    _upgrade_if_old(engine, url)
+    return engine
+
+
+def _upgrade_if_old(engine: Engine, url: str) -> None:
+    """A store written by an older gradsweep lacks newer columns (e.g. the v3 cost columns)
+    that the queries select: bring it up to date first, with the store's own numbered
+    migrations (the only write analysis ever makes; the data is untouched)."""
+    from sqlalchemy import inspect
+
+    from sweeper.store import SCHEMA_VERSION, StoreInfo
+
+    try:
+        if not inspect(engine).has_table(StoreInfo.__tablename__):
+            return  # not a gradsweep store (or empty): the queries will say so
+        with Session(engine) as s:
+            info = s.get(StoreInfo, 1)
+        if info is None or info.schema_version >= SCHEMA_VERSION:
+            return
+        from sweeper.store import Store
+
+        Store(url).dispose()
+    except SQLAlchemyError as e:
+        raise _fail(e) from e
 
 
 def _fail(e: SQLAlchemyError) -> AnalysisError:
@@ -165,4 +195,9 @@ def _record(r: Run, last: tuple[float, float] | None) -> RunRecord:
         config_hash=r.config_hash,
         test_loss=r.test_loss,
         logit_norm=r.logit_norm,
+        gpus=r.gpus,
+        gpu_hours=r.gpu_hours,
+        train_seconds=r.train_seconds,
+        images_per_s=r.images_per_s,
+        peak_gpu_mem_mb=r.peak_gpu_mem_mb,
     )

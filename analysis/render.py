@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 from analysis.paper import PaperRow, paper_of
 from analysis.stats import Comparison, Summary
-from analysis.tables import Excluded, Row, Table
+from analysis.tables import Cost, Excluded, Row, Table
 
 DASH = "—"
 LABELS = {
@@ -64,11 +64,34 @@ def fmt_diff(c: Comparison | None) -> str:
     return f"{c.diff:+.2f} [{c.ci_low:+.2f}, {c.ci_high:+.2f}] {c.kind[0]}"
 
 
+COST_COLUMNS = ["cost", "img/s"]
+
+
+def fmt_cost(c: Cost | None) -> str:
+    """GPU-hours of the runs (all seeds), or CPU-hours for runs without a GPU; "—" if
+    unrecorded."""
+    if c is None:
+        return DASH
+    parts = []
+    if c.gpu_hours is not None:
+        parts.append(f"{c.gpu_hours:.3g} GPU-h")
+    if c.cpu_hours is not None:
+        parts.append(f"{c.cpu_hours:.3g} CPU-h")
+    return " + ".join(parts) or DASH
+
+
+def fmt_speed(c: Cost | None) -> str:
+    if c is None or c.images_per_s is None:
+        return DASH
+    return f"{c.images_per_s:,.0f}"
+
+
 def _header(table: Table) -> list[str]:
     cols = [LABELS.get(c, c) for c in table.key_columns]
     cols += [LABELS.get(m, m) for m in table.metrics]
     if table.compared:
         cols += [f"Δ {LABELS.get(m, m)} (95% CI)" for m in table.metrics]
+    cols += COST_COLUMNS
     if paper_of(table) is not None:
         cols += PAPER_COLUMNS
     return cols
@@ -98,6 +121,7 @@ def _cells(table: Table, row: Row, i: int = 0) -> list[str]:
     out += [fmt_summary(row.stats.get(m)) if row.present else DASH for m in table.metrics]
     if table.compared:
         out += [DASH if row.is_baseline else fmt_diff(row.diffs.get(m)) for m in table.metrics]
+    out += [fmt_cost(row.cost), fmt_speed(row.cost)] if row.present else [DASH, DASH]
     paper = paper_of(table)
     if paper is not None:
         out += _paper_cells(row, paper[i])
@@ -151,13 +175,28 @@ def _excluded_rows(ex: Excluded) -> list[list[str]]:
     ]
 
 
-def markdown(tables: Sequence[Table], ex: Excluded) -> str:
-    """The whole report as Markdown."""
+def total_cost_line(total: Cost, wasted: Cost) -> str:
+    """One sentence: what every run in the report cost, and how much of it was excluded."""
+    line = f"Cost of the {total.n} run(s) in this report: {fmt_cost(total)}"
+    if wasted.n:
+        line += f", of which {fmt_cost(wasted)} in failed, diverged or pruned runs"
+    if total.peak_gpu_mem_mb is not None:
+        line += f"; peak GPU memory {total.peak_gpu_mem_mb:,.0f} MiB"
+    return line + "."
+
+
+def markdown(tables: Sequence[Table], ex: Excluded, total: tuple[Cost, Cost] | None = None) -> str:
+    """The whole report as Markdown; ``total``: (all runs, excluded runs) cost."""
     parts = ["# gradsweep report", ""]
     parts.append(
         "Cells: mean ± sample std (n seeds) over `done` runs, accuracies in %. "
-        "Δ: vs the baseline cell, 95% CI, p = paired by seed, w = Welch; no CI when n = 1."
+        "Δ: vs the baseline cell, 95% CI, p = paired by seed, w = Welch; no CI when n = 1. "
+        "cost: GPU-hours of the cell's runs (all seeds; wall time of their epochs x GPUs), "
+        "CPU-hours for runs without a GPU; img/s: mean training throughput per run."
     )
+    if total is not None:
+        parts.append("")
+        parts.append(total_cost_line(*total))
     if any(paper_of(t) is not None for t in tables):
         parts.append(
             "Paper columns: the paper's train / test top-1 for the same ImageNet setting; "
@@ -189,7 +228,8 @@ def csv_table(table: Table) -> str:
     w = csv.writer(buf, lineterminator="\n")
     paper = paper_of(table)
     w.writerow([*table.key_columns, "metric", "mean", "std", "n", "diff", "ci_low", "ci_high",
-                "ci_method", *(["paper", "diff_vs_paper"] if paper is not None else [])])  # fmt: skip
+                "ci_method", "gpu_hours", "cpu_hours", "images_per_s", "peak_gpu_mem_mb",
+                *(["paper", "diff_vs_paper"] if paper is not None else [])])  # fmt: skip
     for i, row in enumerate(table.rows):
         keys = ["" if row.keys[c] is None else row.keys[c] for c in table.key_columns]
         for m in table.metrics:
@@ -197,6 +237,9 @@ def csv_table(table: Table) -> str:
             c = row.diffs.get(m)
             diff = [c.diff, c.ci_low, c.ci_high] if c else [None, None, None]
             line = [*keys, m, _num(s.mean), _num(s.std), s.n, *map(_num, diff), c.kind if c else ""]
+            k = row.cost if row.present else None
+            line += [_num(getattr(k, f, None)) for f in
+                     ("gpu_hours", "cpu_hours", "images_per_s", "peak_gpu_mem_mb")]  # fmt: skip
             if paper is not None:
                 p = paper[i]
                 line += [_num(p.value(m) if p else None), _num(_vs_paper(row, p, m))]

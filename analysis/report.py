@@ -29,7 +29,7 @@ from analysis.studies import (
     study_figures,
     trials_grid,
 )
-from analysis.tables import build_tables
+from analysis.tables import build_tables, cost_of
 
 FORMATS = ("md", "csv", "tex", "html")
 
@@ -110,7 +110,8 @@ def make_report(req: ReportRequest) -> list[Path]:
     prepare_out(req.out)
     built, ex = build_tables(runs, req.alpha)
     tables = annotate(built)
-    md = render.markdown(tables, ex)
+    total = (cost_of(runs), cost_of(ex.runs))
+    md = render.markdown(tables, ex, total)
     zeroed_header, zeroed = _zeroed(runs, req.results_dir)
     if zeroed:
         md += (
@@ -155,7 +156,9 @@ def make_report(req: ReportRequest) -> list[Path]:
                 *study_tables,
                 ("Optuna trials", TRIALS_HEADER, trials_grid(studies)),
             ]
-        files["report.html"] = html.report_html(tables, ex, figures, note, _source(req), extra)
+        files["report.html"] = html.report_html(
+            tables, ex, figures, note, _source(req), extra, render.total_cost_line(*total)
+        )
     written = []
     try:
         for name, text in files.items():

@@ -31,6 +31,34 @@ EXCLUDED_STATUSES = ("failed", "diverged", "pruned")  # pruned: stopped early by
 Key = tuple[object, ...]
 
 
+@dataclass(frozen=True)
+class Cost:
+    """What a set of runs cost: GPU-hours (sum), CPU-hours (sum, runs without a GPU),
+    mean training images/s, peak GPU memory (max, MiB). None where no run recorded it
+    (runs from a store older than v3)."""
+
+    gpu_hours: float | None
+    cpu_hours: float | None
+    images_per_s: float | None
+    peak_gpu_mem_mb: float | None
+    n: int  # runs counted
+
+
+def cost_of(runs: Sequence[RunRecord]) -> Cost:
+    timed = [r for r in runs if r.train_seconds is not None]
+    gpu = [r.gpu_hours or 0.0 for r in timed if (r.gpus or 0) > 0]
+    cpu = [(r.train_seconds or 0.0) / 3600 for r in timed if not r.gpus]
+    ips = [r.images_per_s for r in runs if r.images_per_s is not None]
+    mem = [r.peak_gpu_mem_mb for r in runs if r.peak_gpu_mem_mb is not None]
+    return Cost(
+        gpu_hours=sum(gpu) if gpu else None,
+        cpu_hours=sum(cpu) if cpu else None,
+        images_per_s=sum(ips) / len(ips) if ips else None,
+        peak_gpu_mem_mb=max(mem) if mem else None,
+        n=len(timed),
+    )
+
+
 @dataclass
 class Row:
     """One cell of a table: its key columns, its stats per metric and diffs vs baseline."""
@@ -40,6 +68,7 @@ class Row:
     stats: dict[str, Summary] = field(default_factory=dict)
     diffs: dict[str, Comparison | None] = field(default_factory=dict)
     is_baseline: bool = False
+    cost: Cost | None = None  # of the cell's runs (all seeds)
 
 
 @dataclass
@@ -119,7 +148,7 @@ def _row(
     metrics: Sequence[str],
     is_baseline: bool,
 ) -> Row:
-    row = Row(keys=keys, present=bool(runs), is_baseline=is_baseline)
+    row = Row(keys=keys, present=bool(runs), is_baseline=is_baseline, cost=cost_of(runs or []))
     for m in metrics:
         vals = metric_values(runs or [], m)
         row.stats[m] = summarize([v for _, v in vals])

@@ -122,8 +122,10 @@ class StoreSink:
         run: Run,
         mirror: MlflowMirror | None,
         reporter: TrialReporter | None = None,
+        gpus: int = 0,
     ) -> None:
         self.store, self.run, self.mirror, self.reporter = store, run, mirror, reporter
+        self.gpus = gpus  # for the run's GPU-hours
 
     def should_stop(self, m: EpochMetrics) -> bool:
         return self.reporter.report(m) if self.reporter is not None else False
@@ -137,6 +139,7 @@ class StoreSink:
                 "precision": precision,
                 "versions": provenance.versions(),
                 "git_sha": provenance.git_sha(),
+                "gpus": self.gpus,
             },
             resume_epoch,
         )
@@ -146,7 +149,9 @@ class StoreSink:
     ) -> None:
         self.store.record_epoch(self.run.id, m, stats)
         if self.mirror is not None:
-            metrics = {k: v for k, v in asdict(m).items() if k not in ("epoch", "step")}
+            metrics = {
+                k: v for k, v in asdict(m).items() if k not in ("epoch", "step") and v is not None
+            }
             self.mirror.log_metrics(metrics, step=m.epoch)
             if filter_file is not None:
                 self.mirror.log_artifact(filter_file, "filter_norms")
@@ -224,7 +229,8 @@ def _train(
         )
         if mirror.run_id and mirror.run_id != run.mlflow_run_id:
             store.set_fields(run.id, mlflow_run_id=mirror.run_id)
-    trainer.sink = StoreSink(store, run, mirror, reporter)
+    gpus = trainer.dist.world if trainer.device.type == "cuda" else 0
+    trainer.sink = StoreSink(store, run, mirror, reporter, gpus)
     log.info(
         f"run {run.id} ({chash[:12]}): {cfg.model.name} / {cfg.method.name}"
         + (f" alpha={cfg.alpha:g}" if cfg.uses_pgt() else "")

@@ -5,6 +5,10 @@ Schema (accuracies in percent, like the paper; times in UTC):
 * ``runs``: one row per configuration, unique ``config_hash``; the grid keys as columns;
   the resolved config as JSON; status; provenance (host, device, versions, git SHA);
   final metrics.
+  Cost: ``train_seconds`` (wall seconds of the recorded epochs, training + evaluation),
+  ``gpus`` (0 on CPU), ``gpu_hours`` (= train_seconds x gpus / 3600), ``images_per_s``
+  (training throughput over all epochs), ``peak_gpu_mem_mb``; kept current after every
+  epoch, so a running or failed run shows what it has cost so far.
 * ``epoch_metrics``: one row per (run, epoch).
 * ``filter_stats``: one row per (run, step, layer): per-layer summary of filter L2 norms.
 
@@ -42,7 +46,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 
 from trainers.train import EpochMetrics, LayerFilterStats
 
-SCHEMA_VERSION = 2  # 2: RunStatus.pruned, sweep_runs.trial (Optuna searches)
+# 2: RunStatus.pruned, sweep_runs.trial (Optuna searches); 3: cost columns
+SCHEMA_VERSION = 3
 
 
 class RunStatus(str, enum.Enum):
@@ -102,6 +107,12 @@ class Run(Base):
     zero_features: Mapped[int | None] = mapped_column(Integer)
     mlflow_run_id: Mapped[str | None] = mapped_column(String(64))
     mlflow_mirrored: Mapped[bool] = mapped_column(default=False)
+    # cost (v3), updated after every epoch from the run's epoch_metrics rows
+    gpus: Mapped[int | None] = mapped_column(Integer)  # GPUs the run holds; 0 on CPU
+    train_seconds: Mapped[float | None] = mapped_column(Float)
+    gpu_hours: Mapped[float | None] = mapped_column(Float)
+    images_per_s: Mapped[float | None] = mapped_column(Float)
+    peak_gpu_mem_mb: Mapped[float | None] = mapped_column(Float)
 
 
 class EpochMetric(Base):
@@ -124,6 +135,7 @@ class EpochMetric(Base):
     images_per_s: Mapped[float] = mapped_column(Float)
     grad_norm_before: Mapped[float] = mapped_column(Float)
     grad_norm_after: Mapped[float] = mapped_column(Float)
+    peak_mem_mb: Mapped[float | None] = mapped_column(Float)  # v3; NULL on CPU
 
 
 class FilterStat(Base):
@@ -207,7 +219,53 @@ def _migrate_to_2(engine: Engine) -> None:
             c.execute(text("ALTER TYPE run_status ADD VALUE IF NOT EXISTS 'pruned'"))
 
 
-MIGRATIONS: dict[int, Callable[[Engine], None]] = {2: _migrate_to_2}
+def _add_columns(engine: Engine, table: str, columns: dict[str, str]) -> None:
+    """ALTER TABLE ... ADD COLUMN for each column not there yet (idempotent, race-safe)."""
+    from sqlalchemy import inspect, text
+    from sqlalchemy.exc import DBAPIError
+
+    for name, sql_type in columns.items():
+        if name in {c["name"] for c in inspect(engine).get_columns(table)}:
+            continue
+        try:
+            with engine.begin() as c:
+                c.execute(text(f"ALTER TABLE {table} ADD COLUMN {name} {sql_type}"))
+        except DBAPIError:  # another process added it a moment ago
+            if name not in {c["name"] for c in inspect(engine).get_columns(table)}:
+                raise
+
+
+def _migrate_to_3(engine: Engine) -> None:
+    """v3: the cost of a run (GPU-hours, throughput, peak GPU memory)."""
+    real = "DOUBLE PRECISION" if engine.dialect.name == "postgresql" else "FLOAT"
+    _add_columns(
+        engine,
+        "runs",
+        {"gpus": "INTEGER", "train_seconds": real, "gpu_hours": real, "images_per_s": real,
+         "peak_gpu_mem_mb": real},
+    )  # fmt: skip
+    _add_columns(engine, "epoch_metrics", {"peak_mem_mb": real})
+
+
+MIGRATIONS: dict[int, Callable[[Engine], None]] = {2: _migrate_to_2, 3: _migrate_to_3}
+
+
+def _update_cost(s: Session, run: Run) -> None:
+    """The run's cost columns from all its recorded epochs (re-done epochs replace theirs).
+
+    Every epoch trains the same number of images, so the run's throughput is the harmonic
+    mean of the epochs' (total images / total training seconds)."""
+    rows = s.execute(
+        select(EpochMetric.epoch_time, EpochMetric.images_per_s, EpochMetric.peak_mem_mb).where(
+            EpochMetric.run_id == run.id
+        )
+    ).all()
+    run.train_seconds = sum(r.epoch_time for r in rows)
+    run.gpu_hours = run.train_seconds * (run.gpus or 0) / 3600
+    ips = [r.images_per_s for r in rows if r.images_per_s and r.images_per_s > 0]
+    run.images_per_s = len(ips) / sum(1 / v for v in ips) if ips else None
+    mems = [r.peak_mem_mb for r in rows if r.peak_mem_mb is not None]
+    run.peak_gpu_mem_mb = max(mems) if mems else None
 
 
 class Store:
@@ -322,6 +380,8 @@ class Store:
             s.add_all(FilterStat(run_id=run_id, **asdict(st)) for st in stats)
             run = s.get_one(Run, run_id)
             run.epoch = m.epoch + 1
+            s.flush()
+            _update_cost(s, run)
 
     def finish_run(self, run_id: int, status: RunStatus, **fields: Any) -> None:
         with self.session() as s:

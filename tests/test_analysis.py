@@ -74,8 +74,18 @@ def store_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         for seed in seeds:
             test = 70.0 + bump + rng.normal(0, 0.4)
             train = test + 3.0 + rng.normal(0, 0.3)
+            # cost: batch 256 ran on 2 GPUs, the rest on CPU (a cell mixes both at seed 2)
+            gpus = 2 if bs == 256 or seed == 2 else 0
+            secs = float(rng.uniform(100, 5000))
+            cost = {
+                "gpus": gpus,
+                "train_seconds": secs,
+                "gpu_hours": secs * gpus / 3600,
+                "images_per_s": float(rng.uniform(500, 9000)),
+                "peak_gpu_mem_mb": float(rng.uniform(1e3, 4e4)) if gpus else None,
+            }
             runs.append(_run(len(runs), model, method, alpha, bs, schedule, ls, seed,
-                             RunStatus.done, train_acc=train, test_acc=test))  # fmt: skip
+                             RunStatus.done, train_acc=train, test_acc=test, **cost))  # fmt: skip
     for model, method, alpha, bs, seed, status, error in BAD:
         runs.append(_run(len(runs), model, method, alpha, bs, "cosine", 0.0, seed, status,
                          train_acc=1.0, test_acc=1.0, error=error))  # fmt: skip
@@ -247,6 +257,41 @@ def test_table2_cells_and_cis(store_dir: Path, report) -> None:
                   "WHERE status='done' AND label_smoothing = 0")  # fmt: skip
     shown = {(r["model"], r["schedule"], int(r["batch_size"]), r["method"]) for r in rows}
     assert set(groups) <= shown
+
+
+def test_cost_columns_are_sums_over_the_cells_runs(store_dir: Path, report) -> None:
+    """gpu_hours / cpu_hours / img/s / peak memory per cell against SQL aggregates."""
+    db, out = store_dir / "results.db", report[1]
+    rows = _csv(out / "table2_batch_size.csv")
+    cols = ["schedule", "batch_size", "method", "alpha"]
+    seen_gpu = seen_cpu = 0
+    for row in rows:
+        where, params = _where(row, cols)
+        where += " AND label_smoothing = 0"
+        gpu_h, cpu_s, ips, mem, n_gpu, n_cpu = _sql(
+            db, "SELECT SUM(CASE WHEN gpus > 0 THEN gpu_hours END), "
+            "SUM(CASE WHEN gpus = 0 THEN train_seconds END), AVG(images_per_s), "
+            "MAX(peak_gpu_mem_mb), SUM(gpus > 0), SUM(gpus = 0) FROM runs WHERE " + where,
+            *params)[0]  # fmt: skip
+        for field, want in (("gpu_hours", gpu_h), ("cpu_hours", cpu_s and cpu_s / 3600),
+                            ("images_per_s", ips), ("peak_gpu_mem_mb", mem)):  # fmt: skip
+            got = _num(row[field])
+            assert (got is None) == (want is None), (field, row)
+            if want is not None:
+                assert got == pytest.approx(want, rel=1e-9), (field, row)
+        seen_gpu += bool(n_gpu)
+        seen_cpu += bool(n_cpu)
+    assert seen_gpu and seen_cpu
+    md = (out / "report.md").read_text()
+    total_gpu = _sql(db, "SELECT SUM(gpu_hours) FROM runs WHERE gpus > 0")[0][0]
+    total_cpu = _sql(db, "SELECT SUM(train_seconds) / 3600 FROM runs WHERE gpus = 0")[0][0]
+    n = _sql(db, "SELECT COUNT(*) FROM runs WHERE train_seconds IS NOT NULL")[0][0]
+    assert (
+        f"Cost of the {n} run(s) in this report: {total_gpu:.3g} GPU-h + {total_cpu:.3g} CPU-h"
+        in md
+    )
+    line = next(x for x in md.splitlines() if "| resnet18 |" in x and "| 256 |" in x)
+    assert "GPU-h" in line and "CPU-h" not in line
 
 
 def test_table3_cells(store_dir: Path, report) -> None:

@@ -181,12 +181,13 @@ def agc_formula(w: np.ndarray, g: np.ndarray, lam: float, eps: float) -> np.ndar
     return out
 
 
+@pytest.mark.parametrize("impl", ["auto", "per_tensor", "segmented"])
 @pytest.mark.parametrize("lam", [0.01, 0.3, 1.0])
-def test_agc_matches_formula(lam: float) -> None:
+def test_agc_matches_formula(lam: float, impl: str) -> None:
     ps = _params(SHAPES, seed=6, grad_scale=0.2)
     ps[0].data[2].zero_()  # a zeroed filter exercises the eps floor
     want = [agc_formula(p.detach().numpy(), p.grad.numpy(), lam, 1e-3) for p in ps]
-    adaptive_clip_grad_(ps, clip_factor=lam, eps=1e-3)
+    adaptive_clip_grad_(ps, clip_factor=lam, eps=1e-3, impl=impl)  # type: ignore[arg-type]
     clipped = 0
     for p, w, g0 in zip(ps, want, _params(SHAPES, 6, 0.2), strict=True):
         np.testing.assert_allclose(p.grad.numpy(), w, rtol=1e-12, atol=1e-15)

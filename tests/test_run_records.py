@@ -102,6 +102,21 @@ def test_epoch_metrics_and_final_metrics_agree(finished: Path) -> None:
         assert row[10] <= row[9] * (1 + 1e-6)
 
 
+def test_run_cost_is_recorded(finished: Path) -> None:
+    """train_seconds = sum of epoch times, CPU: 0 GPUs, 0 GPU-hours, no GPU memory; the
+    run's img/s = total images / total training seconds (harmonic mean of the epochs')."""
+    db = finished / "results.db"
+    ep = sql(db, "SELECT epoch_time, images_per_s, peak_mem_mb FROM epoch_metrics")
+    gpus, secs, gpu_h, ips, mem = sql(
+        db, "SELECT gpus, train_seconds, gpu_hours, images_per_s, peak_gpu_mem_mb FROM runs"
+    )[0]
+    assert gpus == 0 and gpu_h == 0.0 and mem is None
+    assert all(r[2] is None for r in ep)
+    assert secs == pytest.approx(sum(r[0] for r in ep)) and secs > 0
+    images = STEPS_PER_EPOCH * 64
+    assert ips == pytest.approx(len(ep) * images / sum(images / r[1] for r in ep))
+
+
 def _final_model(finished: Path) -> torch.nn.Module:
     ckpt = next(finished.glob("runs/*/checkpoint.pt"))
     state = torch.load(ckpt, weights_only=True)

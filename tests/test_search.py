@@ -151,12 +151,27 @@ def test_continued_study_does_not_replay_the_seed() -> None:
 
 
 # --------------------------------------------------------------- the store's schema
+V3_COLUMNS = {"runs": ["gpus", "train_seconds", "gpu_hours", "images_per_s", "peak_gpu_mem_mb"],
+              "epoch_metrics": ["peak_mem_mb"]}  # fmt: skip
+
+
+def _make_version_1(db: Path) -> None:
+    """Turn a fresh store into what gradsweep 0.1 (schema 1) created."""
+    Store(f"sqlite:///{db}").dispose()
+    con = sqlite3.connect(db)
+    con.execute("ALTER TABLE sweep_runs DROP COLUMN trial")
+    for table, cols in V3_COLUMNS.items():
+        for c in cols:
+            con.execute(f"ALTER TABLE {table} DROP COLUMN {c}")
+    con.execute("UPDATE store_info SET schema_version = 1")
+    con.commit()
+    con.close()
+
+
 def test_a_version_1_store_is_upgraded(tmp_path: Path) -> None:
     db = tmp_path / "results.db"
-    Store(f"sqlite:///{db}").dispose()
-    con = sqlite3.connect(db)  # make it what gradsweep 0.1 (schema 1) created
-    con.execute("ALTER TABLE sweep_runs DROP COLUMN trial")
-    con.execute("UPDATE store_info SET schema_version = 1")
+    _make_version_1(db)
+    con = sqlite3.connect(db)
     con.execute("INSERT INTO sweeps (name, created_at, command, launcher, n_points) "
                 "VALUES ('old', '2026-01-01', 'x', 'local', 1)")  # fmt: skip
     con.commit()
@@ -165,8 +180,23 @@ def test_a_version_1_store_is_upgraded(tmp_path: Path) -> None:
     store.dispose()
     cols = [r[1] for r in sql(db, "PRAGMA table_info(sweep_runs)")]
     assert "trial" in cols
-    assert sql(db, "SELECT schema_version FROM store_info") == [(2,)]
+    for table, want in V3_COLUMNS.items():
+        have = [r[1] for r in sql(db, f"PRAGMA table_info({table})")]
+        assert set(want) <= set(have), (table, have)
+    assert sql(db, "SELECT schema_version FROM store_info") == [(3,)]
     assert sql(db, "SELECT name FROM sweeps") == [("old",)]
+
+
+def test_analysis_upgrades_an_old_store_before_reading(tmp_path: Path) -> None:
+    """The report selects the v3 cost columns: an old store is migrated, not an error."""
+    from analysis.queries import RunFilter, load_runs, open_engine
+
+    db = tmp_path / "results.db"
+    _make_version_1(db)
+    engine = open_engine(f"sqlite:///{db}")
+    assert load_runs(engine, RunFilter()) == []
+    engine.dispose()
+    assert sql(db, "SELECT schema_version FROM store_info") == [(3,)]
 
 
 # ------------------------------------------------------- a real search, end to end

@@ -16,7 +16,6 @@ backward -> AMP unscale -> gradient transform (GC/AGC/ZNorm act here) -> optimis
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
@@ -158,22 +157,79 @@ def clip_grad_norm_(parameters: Iterable[Tensor], max_norm: float) -> Tensor:
     return torch.nn.utils.clip_grad_norm_(list(parameters), max_norm, foreach=None)
 
 
-def _unit_norm(x: Tensor) -> Tensor:
-    """Per-unit L2 norm: rows/filters (dim 0) for ndim > 1, the whole tensor otherwise.
+def _unit_lengths(params: list[Tensor], device: torch.device) -> Tensor:
+    """Length of every unit, in parameter order: the rows of dim 0 for ndim > 1, the whole
+    tensor otherwise. Cached per (shapes, device): the parameter list is the same each step."""
+    key = (tuple(tuple(p.shape) for p in params), device)
+    lengths = _LENGTHS.get(key)
+    if lengths is None:
+        sizes = [
+            n for p in params for n in ([p[0].numel()] * p.shape[0] if p.dim() > 1 else [p.numel()])
+        ]
+        lengths = _LENGTHS[key] = torch.tensor(sizes, dtype=torch.long).to(device)
+    return lengths
 
-    x has shape (G, *unit_shape) -- a stack of G same-shaped tensors -- and the result
-    keeps dims for broadcasting: (G, U, 1, ...) for matrices/filters, (G, 1...) for vectors.
+
+_LENGTHS: dict[tuple, Tensor] = {}
+
+
+def _agc_scale(w_norm: Tensor, g_norm: Tensor, clip_factor: float, eps: float) -> Tensor:
+    """max_norm / ||G_i|| where ||G_i|| > max_norm = clip_factor * max(||W_i||, eps), else 1."""
+    max_norm = w_norm.clamp(min=eps).mul_(clip_factor)
+    return torch.where(g_norm > max_norm, max_norm / g_norm.clamp(min=1e-12), 1.0)
+
+
+def _agc_per_tensor(params: list[Tensor], clip_factor: float, eps: float) -> None:
+    """One tensor at a time, in place: two norm reductions and one multiply per tensor.
+
+    timm's loop also materialises the clipped gradient and a ``where`` of it, then copies
+    back: three full-size passes more. On a CPU (memory-bound, no launch cost) this minimal
+    per-tensor form is the fastest (benchmarks/agc.py)."""
+    for p in params:
+        g = p.grad
+        assert g is not None
+        dims = tuple(range(1, p.dim())) if p.dim() > 1 else None
+        w_norm = torch.linalg.vector_norm(p.detach(), dim=dims, keepdim=p.dim() > 1)
+        g_norm = torch.linalg.vector_norm(g, dim=dims, keepdim=p.dim() > 1)
+        g.mul_(_agc_scale(w_norm, g_norm, clip_factor, eps).to(g.dtype))
+
+
+def _agc_segmented(params: list[Tensor], clip_factor: float, eps: float) -> None:
+    """All tensors at once with a constant number of kernels (about 15, whatever the model).
+
+    On a GPU the per-tensor loop is launch-bound: timm's takes ~10 launches per tensor,
+    ~1,600 for a ResNet-50, 21 ms on an H200 (design.md §5). Here every weight and gradient
+    is flattened into one vector, every unit's sum of squares is one segmented reduction
+    (CUB), and the per-unit scales are expanded back and applied by one multi-tensor
+    ``_foreach_mul_``. Squares are summed in float64 so that the different summation order
+    does not move the norms by more than float32 rounding (results equal timm's to 1e-6).
     """
-    if x.dim() == 1:  # stack of 0-d tensors
-        return x.abs()
-    if x.dim() == 2:  # stack of vectors: one unit per tensor
-        return torch.linalg.vector_norm(x, dim=tuple(range(1, x.dim())), keepdim=True)
-    return torch.linalg.vector_norm(x, dim=tuple(range(2, x.dim())), keepdim=True)
+    grads = [p.grad for p in params]
+    lengths = _unit_lengths(params, grads[0].device)  # type: ignore[union-attr]
+    w = torch.cat([p.detach().reshape(-1) for p in params]).double()
+    g = torch.cat([x.reshape(-1) for x in grads]).double()  # type: ignore[union-attr]
+    w_norm = torch.segment_reduce(w.square_(), "sum", lengths=lengths, unsafe=True).sqrt_()
+    g_norm = torch.segment_reduce(g.square_(), "sum", lengths=lengths, unsafe=True).sqrt_()
+    dtypes = {x.dtype for x in grads}  # type: ignore[union-attr]
+    # one dtype (the usual case): expand the scales once in it, so .to() below is a no-op
+    scale = _agc_scale(w_norm, g_norm, clip_factor, eps).to(
+        dtypes.pop() if len(dtypes) == 1 else torch.float64
+    )
+    full = torch.repeat_interleave(scale, lengths, output_size=w.numel())
+    sizes = [x.numel() for x in grads]  # type: ignore[union-attr]
+    views = [v.view_as(x).to(x.dtype) for v, x in zip(full.split(sizes), grads, strict=True)]  # type: ignore[arg-type]
+    torch._foreach_mul_(grads, views)  # type: ignore[arg-type]
+
+
+AGCImpl = Literal["auto", "per_tensor", "segmented"]
 
 
 @torch.no_grad()
 def adaptive_clip_grad_(
-    parameters: Iterable[Tensor], clip_factor: float = 0.01, eps: float = 1e-3
+    parameters: Iterable[Tensor],
+    clip_factor: float = 0.01,
+    eps: float = 1e-3,
+    impl: AGCImpl = "auto",
 ) -> None:
     """AGC in place (paper Eq. 6; Brock et al. 2021, NFNets).
 
@@ -181,23 +237,25 @@ def adaptive_clip_grad_(
     a conv; the whole tensor when ndim <= 1): if ||G_i|| / max(||W_i||, eps) > clip_factor,
     G_i <- clip_factor * max(||W_i||, eps) / ||G_i|| * G_i.
 
-    The reference (timm's ``adaptive_clip_grad``) loops over parameters: 4-6 kernel launches
-    each, ~160 tensors for a ResNet-50, launch-bound on a GPU (design.md §5). Here tensors
-    of the same shape, dtype and device are stacked and handled by one set of kernels.
+    ``impl``: ``segmented`` (a constant number of kernels for all tensors: for GPUs, where
+    timm's per-parameter loop is launch-bound), ``per_tensor`` (in place, tensor by tensor:
+    for CPUs), ``auto`` (segmented on CUDA, per_tensor elsewhere). Both equal timm's
+    ``adaptive_clip_grad`` to float32 rounding (benchmarks/agc.py, tests/test_methods.py).
     The caller excludes the final classifier layer (NFNets' rule).
     """
-    groups: dict[tuple, list[Tensor]] = defaultdict(list)
-    for p in _grads(parameters):
-        groups[(p.shape, p.dtype, p.device)].append(p)
-    for params in groups.values():
-        w = torch.stack([p.detach() for p in params])  # (G, *shape)
-        g = torch.stack([p.grad for p in params])
-        max_norm = _unit_norm(w).clamp_(min=eps).mul_(clip_factor)
-        g_norm = _unit_norm(g)
-        # scale = max_norm / ||G_i|| where the ratio exceeds the factor, else 1.
-        scale = torch.where(g_norm > max_norm, max_norm / g_norm.clamp(min=1e-12), 1.0)
-        g.mul_(scale.to(g.dtype))
-        torch._foreach_copy_([p.grad for p in params], list(g.unbind(0)))
+    params = _grads(parameters)
+    if not params:
+        return
+    if impl == "auto":
+        impl = "segmented" if params[0].grad.is_cuda else "per_tensor"  # type: ignore[union-attr]
+    if impl == "segmented":
+        _agc_segmented(params, clip_factor, eps)
+    elif impl == "per_tensor":
+        _agc_per_tensor(params, clip_factor, eps)
+    else:
+        raise ValueError(
+            f"impl={impl!r} is not an AGC implementation; expected auto, per_tensor or segmented"
+        )
 
 
 @torch.no_grad()

@@ -59,6 +59,9 @@ class EpochMetrics:
     images_per_s: float  # training images / training seconds
     grad_norm_before: float  # mean over steps of the global gradient norm before the transform
     grad_norm_after: float  # ... and after it (equal when the method has none)
+    # peak GPU memory allocated by PyTorch during the epoch, MiB (this process's GPU; in DDP
+    # rank 0's); None on CPU. Defaulted so checkpoints written before it still load.
+    peak_mem_mb: float | None = None
 
 
 @dataclass
@@ -447,7 +450,10 @@ class Trainer:
         if start_epoch and main:
             self.log(f"resuming after epoch {start_epoch}/{cfg.epochs} (step {step})")
         every = cfg.filter_stats_every
+        cuda = self.device.type == "cuda"
         for epoch in range(start_epoch, cfg.epochs):
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(self.device)
             t0 = time.perf_counter()
             flog = _FilterLog()
             if every and step == 0 and main:
@@ -480,6 +486,7 @@ class Trainer:
                 images_per_s=self.steps_per_epoch * cfg.batch_size / max(train_time, 1e-9),
                 grad_norm_before=gn_before,
                 grad_norm_after=gn_after,
+                peak_mem_mb=torch.cuda.max_memory_allocated(self.device) / 2**20 if cuda else None,
             )
             if not all(math.isfinite(v) for v in (test_loss, logit_norm)):  # same on all ranks
                 result.status, result.diverged_step = "diverged", step
@@ -499,6 +506,7 @@ class Trainer:
                     f"acc {m.train_acc:6.2f}%  test loss {m.test_loss:.4f} "
                     f"acc {m.test_acc:6.2f}% top5 {m.test_top5:6.2f}%  |z| {m.logit_norm:7.3f}  "
                     f"lr {m.lr:.4g}  {m.epoch_time:5.1f}s {m.images_per_s:7.0f} img/s"
+                    + (f"  {m.peak_mem_mb:,.0f} MiB" if m.peak_mem_mb is not None else "")
                 )
                 # asked on the last epoch too: a search records every epoch's value
                 stop = self.sink.should_stop(m) and not last
