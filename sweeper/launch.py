@@ -136,6 +136,15 @@ def _gpu_count() -> int:
         return 0
 
 
+def threads_per_job(n_slots: int, tasks: int) -> int:
+    """torch intra-op threads for each of ``n_slots`` local jobs of ``tasks`` processes.
+
+    The cores are shared out evenly, on GPU machines too: each process would otherwise
+    start one thread per core, and four packed jobs on a 16-core box would run 64 spinning
+    threads for their CPU-side work (loss bookkeeping, checkpoints, evaluation sync)."""
+    return max(1, (os.cpu_count() or 1) // (n_slots * tasks))
+
+
 def local_slots(p: LauncherParams, gpus: int) -> list[tuple[int, ...]]:
     """Local slots, each the GPUs one job gets (CUDA_VISIBLE_DEVICES).
 
@@ -342,7 +351,7 @@ class SweepRunner:
         slots = self._slots()
         free = list(range(len(slots)))
         tasks = self.params.tasks
-        threads = None if _gpu_count() else max(1, (os.cpu_count() or 1) // (len(slots) * tasks))
+        threads = threads_per_job(len(slots), tasks)
         pending: list[Point] = list(todo)
         running: list[Point] = []
         try:

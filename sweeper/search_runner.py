@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -37,6 +36,7 @@ from sweeper.launch import (
     _gpu_count,
     format_command,
     local_slots,
+    threads_per_job,
 )
 from sweeper.schema import Config
 from sweeper.search import (
@@ -233,12 +233,7 @@ class SearchRunner(SweepRunner):
             slots = [()] * n_jobs
         free = list(range(len(slots)))
         tasks = self.params.tasks
-        if local:
-            threads = (
-                None if _gpu_count() else max(1, (os.cpu_count() or 1) // (len(slots) * tasks))
-            )
-        else:
-            threads = self.params.cpus_per_task
+        threads = threads_per_job(len(slots), tasks) if local else self.params.cpus_per_task
         started = 0
         running: list[TrialPoint] = []
         self._started_at = time.monotonic()

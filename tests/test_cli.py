@@ -51,6 +51,7 @@ BAD = [
     (["+colour=blue"], "colour", "known top-level keys"),
     (["method.gc_max=2"], "method.gc_max", "gc_max_norm"),
     (["method=ls", "method.label_smoothing=1.5"], "1.5", "(0, 1)"),
+    (["compile=true", "compile_mode=fast"], "compile_mode=fast", "reduce-overhead"),
 ]
 
 

@@ -50,11 +50,38 @@ def test_training_on_cuda(precision: str, method: str, tmp_path: Path) -> None:
     assert next(t.model.parameters()).device.type == "cuda"
 
 
-def test_compiled_step_matches_eager_closely(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["auto", "default"])  # auto on one GPU: CUDA graphs
+def test_compiled_step_matches_eager_closely(mode: str, tmp_path: Path) -> None:
     eager = Trainer(_cfg(precision="fp32", epochs=3), tmp_path / "e").fit()
-    comp = Trainer(_cfg(precision="fp32", epochs=3, compile=True), tmp_path / "c").fit()
+    t = Trainer(_cfg(precision="fp32", epochs=3, compile=True, compile_mode=mode), tmp_path / "c")
+    comp = t.fit()
+    assert t.compile_mode == ("reduce-overhead" if mode == "auto" else "default")
     assert comp.status == "done"
     assert comp.final.test_acc == pytest.approx(eager.final.test_acc, abs=1.0)
+    for a, b in zip(comp.history, eager.history, strict=True):
+        assert a.train_loss == pytest.approx(b.train_loss, rel=1e-3)
+
+
+def test_peak_memory_is_recorded_per_epoch(tmp_path: Path) -> None:
+    r = Trainer(_cfg(epochs=2), tmp_path).fit()
+    peaks = [m.peak_mem_mb for m in r.history]
+    assert all(p is not None and 0 < p < torch.cuda.get_device_properties(0).total_memory / 2**20
+               for p in peaks), peaks  # fmt: skip
+
+
+def test_segmented_agc_in_training_equals_per_tensor(tmp_path: Path, monkeypatch) -> None:
+    """AGC's CUDA implementation (auto) and the per-tensor one give the same run."""
+    import trainers.train as train_mod
+    from trainers.methods import adaptive_clip_grad_ as agc
+
+    cfg = dict(precision="fp32", epochs=2, method=MethodConf("agc"))
+    seg = Trainer(_cfg(**cfg), tmp_path / "s").fit()
+    monkeypatch.setattr(train_mod, "adaptive_clip_grad_",
+                        lambda ps, c, e: agc(ps, c, e, impl="per_tensor"))  # fmt: skip
+    per = Trainer(_cfg(**cfg), tmp_path / "p").fit()
+    for a, b in zip(seg.history, per.history, strict=True):
+        assert a.train_loss == pytest.approx(b.train_loss, rel=1e-4)
+        assert a.test_loss == pytest.approx(b.test_loss, rel=1e-4)
 
 
 def test_resnet50_channels_last_bf16_step(tmp_path: Path) -> None:

@@ -18,6 +18,10 @@ from trainers.models import known_models
 from trainers.registry import ConfigError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# torch.compile modes; auto: reduce-overhead (CUDA graphs) for a single-process CUDA run,
+# where small models are launch-bound, default elsewhere (CPU; DDP, whose gradient
+# all-reduce hooks CUDA graphs do not capture)
+COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 DEVICES_HELP = "auto, cpu, cuda or cuda:N"
 
 
@@ -79,6 +83,7 @@ class RunConfig:
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     channels_last: bool = True  # CUDA only
     compile: bool = False
+    compile_mode: str = "auto"  # COMPILE_MODES; only read when compile=true
     filter_stats_every: int = 50  # steps between per-filter norm snapshots; 0 = off
     check_every: int = 50  # steps between host syncs (divergence check)
 
@@ -106,7 +111,7 @@ class RunConfig:
         """The values that define the run's result: the config hash is taken over these.
 
         Left out on purpose: where results go (results_dir, store, MLflow), speed-only
-        switches (compile, channels_last, check_every, num_workers, download), and knobs the
+        switches (compile, compile_mode, channels_last, check_every, num_workers, download), and knobs the
         method does not use, including alpha for methods without PGT -- so a grid over
         alpha does not run the baseline once per alpha.
         """
@@ -167,6 +172,12 @@ class RunConfig:
         _check(0.0 <= self.momentum < 1.0, "momentum", self.momentum, "a number in [0, 1)")
         _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0")
         _check(self.precision in PRECISIONS, "precision", self.precision, ", ".join(PRECISIONS))
+        _check(
+            self.compile_mode in COMPILE_MODES,
+            "compile_mode",
+            self.compile_mode,
+            ", ".join(COMPILE_MODES),
+        )
         dev = self.device
         _check(
             dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit()),
