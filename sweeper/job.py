@@ -277,6 +277,8 @@ def _train(
         fields["diverged_step"] = result.diverged_step
     mirrored = False
     if mirror is not None:
+        secs = sum(h.epoch_time for h in result.history)  # as the store's train_seconds
+        mirror.log_metrics({"train_seconds": secs, "gpu_hours": secs * gpus / 3600}, step=0)
         mirror.set_tags({"status": result.status})
         mirrored = mirror.end(STATUS_FOR_MLFLOW[result.status])
     fields["mlflow_mirrored"] = mirrored

@@ -199,3 +199,38 @@ def test_compile_mode_resolution(cifar: Path) -> None:
     assert resolve_compile_mode(on, cpu, False) == "default"
     pinned = _cfg(cifar, compile=True, compile_mode="max-autotune-no-cudagraphs")
     assert resolve_compile_mode(pinned, cuda, False) == "max-autotune-no-cudagraphs"
+
+
+@pytest.mark.parametrize("method", ["gc", "gc_pgt", "baseline"])
+def test_step_gradient_clipping_matches_torch(method: str, tmp_path: Path) -> None:
+    """The Trainer's GC reuses the norm it measures for the metrics instead of a second
+    pass: the gradients it leaves equal ``torch.nn.utils.clip_grad_norm_`` on the raw ones,
+    and the step's before / after norms are the raw and clipped global norms."""
+    cfg = RunConfig(
+        model=ModelConf(name="digits_cnn"),
+        method=MethodConf(name=method, gc_max_norm=0.05),  # small: clipping engages
+        data=DataConfig(name="digits"),
+        device="cpu",
+        filter_stats_every=0,
+    )
+    cfg.validate()
+    t = Trainer(cfg, tmp_path, log=lambda _: None)
+    t.setup()
+    x, y = next(iter(t.data.train.batches(0)))
+    # reference: the same model state, plain backward, torch's clip
+    torch.manual_seed(0)
+    t.opt.zero_grad(set_to_none=True)
+    t._loss(t.model(x), y).backward()
+    raw = [p.grad.clone() for p in t.params]
+    raw_norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in raw])).item()
+    ref = [g.clone() for g in raw]
+    for p, g in zip(t.params, ref, strict=True):
+        p.grad = g
+    if method != "baseline":
+        torch.nn.utils.clip_grad_norm_(t.params, 0.05)
+    _, _, before, after = t._train_step(x, y)  # recomputes the same raw gradients
+    assert before.item() == pytest.approx(raw_norm, rel=1e-5)
+    for p, want in zip(t.params, ref, strict=True):
+        torch.testing.assert_close(p.grad, want, rtol=1e-5, atol=1e-8)
+    want_after = min(raw_norm, 0.05) if method != "baseline" else raw_norm
+    assert after.item() == pytest.approx(want_after, rel=1e-4)

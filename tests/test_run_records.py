@@ -216,6 +216,9 @@ def test_mlflow_has_the_run(finished: Path) -> None:
     assert [m.value for m in sorted(hist, key=lambda m: m.step)] == pytest.approx(
         [v for _, v in store]
     )
+    secs, gpu_h = sql(finished / "results.db", "SELECT train_seconds, gpu_hours FROM runs")[0]
+    assert run.data.metrics["train_seconds"] == pytest.approx(secs)
+    assert run.data.metrics["gpu_hours"] == gpu_h == 0.0
     arts = {a.path for a in client.list_artifacts(run.info.run_id)}
     arts |= {a.path for a in client.list_artifacts(run.info.run_id, "filter_norms")}
     assert {

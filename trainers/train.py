@@ -27,7 +27,6 @@ from trainers.config import RunConfig
 from trainers.data import DataBundle, build_data
 from trainers.methods import (
     adaptive_clip_grad_,
-    clip_grad_norm_,
     cross_entropy,
     global_grad_norm,
     pgt_cross_entropy,
@@ -295,14 +294,21 @@ class Trainer:
             return pgt_cross_entropy(logits, y, cfg.alpha, ls)
         return cross_entropy(logits, y, ls)
 
-    def _transform(self) -> Tensor | None:
-        """GC / AGC / ZNorm on the (unscaled) gradients; returns the norm after, if changed."""
+    def _transform(self, before: Tensor) -> Tensor | None:
+        """GC / AGC / ZNorm on the (unscaled) gradients; returns the norm after, if changed.
+
+        ``before`` is the global norm already measured for the metrics: GC's clip factor is
+        computed from it (PyTorch's rule: min(1, max_norm / (norm + 1e-6))) and GC's norm
+        after is then known without another pass over every gradient."""
         m, kind = self.cfg.method, self.cfg.method.spec.grad_transform
         if kind == "none":
             return None
         if kind == "gc":
-            clip_grad_norm_(self.params, m.gc_max_norm)
-        elif kind == "agc":
+            factor = (m.gc_max_norm / (before + 1e-6)).clamp(max=1.0)
+            grads = [p.grad for p in self.params if p.grad is not None]
+            torch._foreach_mul_(grads, factor.to(grads[0].dtype))
+            return before * factor
+        if kind == "agc":
             adaptive_clip_grad_(self.agc_params, m.agc_clip_factor, m.agc_eps)
         elif kind == "znorm":
             znorm_(self.params, m.znorm_eps)
@@ -318,7 +324,7 @@ class Trainer:
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.opt)  # no-op unless fp16: transforms see true gradients
         before = global_grad_norm(self.params)
-        after = self._transform()
+        after = self._transform(before)
         self.scaler.step(self.opt)
         self.scaler.update()
         correct = (logits.detach().argmax(1) == y).sum()
