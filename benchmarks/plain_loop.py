@@ -14,10 +14,12 @@ the first epoch of each is a warm-up (cuDNN autotune, allocator; compilation wit
 - CPU:  ResNet-50, 64x64 (32x32 with --quick), batch 32, fp32.
 
 ``--compile`` adds a second round with ``compile=true`` for the Trainer and
-``torch.compile(model)`` for the plain loop. Usage:
+``torch.compile(model)`` for the plain loop (the Trainer's ``compile_mode=auto``: CUDA
+graphs on one GPU). ``--model resnet20`` measures the CIFAR ResNet-20 instead (32x32, 10
+classes, batch 128). Usage:
 
     .venv/bin/python benchmarks/plain_loop.py [--device auto|cpu|cuda] [--quick] [--compile]
-        [--image-size S --batch B --steps K --epochs E]
+        [--model resnet50|resnet20] [--image-size S --batch B --steps K --epochs E]
 """
 
 from __future__ import annotations
@@ -54,12 +56,17 @@ CLASSES = 1000
 
 @dataclass
 class Setup:
+    model: str
     device: torch.device
     image_size: int
     batch: int
     steps: int  # per epoch
     epochs: int  # including the warm-up epoch
     compile: bool
+
+    @property
+    def classes(self) -> int:
+        return 10 if self.model == "resnet20" else CLASSES
 
     @property
     def precision(self) -> str:
@@ -72,7 +79,7 @@ class PlainLoop:
     def __init__(self, s: Setup) -> None:
         dev = s.device
         torch.manual_seed(0)
-        model = build_model("resnet50", CLASSES, 3).to(dev)  # the Trainer's exact network
+        model = build_model(s.model, s.classes, 3).to(dev)  # the Trainer's exact network
         self.channels_last = dev.type == "cuda"
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -84,7 +91,7 @@ class PlainLoop:
         )  # fmt: skip
         x = torch.randn(s.batch, 3, s.image_size, s.image_size, device=dev)
         self.x = x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
-        self.y = torch.randint(0, CLASSES, (s.batch,), device=dev)
+        self.y = torch.randint(0, s.classes, (s.batch,), device=dev)
         self.autocast: contextlib.AbstractContextManager = (
             torch.autocast(dev.type, dtype=torch.bfloat16)
             if s.precision == "bf16"
@@ -133,11 +140,11 @@ class InterleavingSink:
 def run_round(s: Setup) -> tuple[list[float], list[float], str]:
     """(trainer img/s per epoch, plain img/s per epoch, trainer device) for one setup."""
     cfg = RunConfig(
-        model=ModelConf(name="resnet50"),
+        model=ModelConf(name=s.model),
         data=DataConfig(
             name="synthetic",
             image_size=s.image_size,
-            num_classes=CLASSES,
+            num_classes=s.classes,
             num_train=s.batch * s.steps,
             num_test=s.batch,
         ),
@@ -161,6 +168,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_device_args(ap)
     ap.add_argument("--compile", action="store_true", help="also measure with torch.compile")
+    ap.add_argument("--model", choices=("resnet50", "resnet20"), default="resnet50")
     ap.add_argument("--image-size", type=int, default=None)
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--steps", type=int, default=None, help="steps per epoch")
@@ -168,21 +176,22 @@ def main() -> None:
     args = ap.parse_args()
     dev = pick_device(args.device)
     gpu = dev.type == "cuda"
-    size = args.image_size or (224 if gpu else (32 if args.quick else 64))
-    batch = args.batch or (256 if gpu else 32)
+    small = args.model == "resnet20"
+    size = args.image_size or (32 if small else (224 if gpu else (32 if args.quick else 64)))
+    batch = args.batch or (128 if small else (256 if gpu else 32))
     steps = args.steps or ((10 if args.quick else 25) if gpu else (6 if args.quick else 8))
     epochs = args.epochs or (4 if args.quick else (5 if gpu else 11))
 
     print(machine_line(dev))
     print(
-        f"resnet50, {size}x{size}, batch {batch}, {'bf16' if gpu else 'fp32'}, "
+        f"{args.model}, {size}x{size}, batch {batch}, {'bf16' if gpu else 'fp32'}, "
         f"channels_last={gpu}, {steps} steps/epoch, {epochs} epochs (first is warm-up)"
     )
     rows, ok = [], True
     per_epoch: list[str] = []
     spreads: list[float] = []
     for compiled in [False, True] if args.compile else [False]:
-        s = Setup(dev, size, batch, steps, epochs, compiled)
+        s = Setup(args.model, dev, size, batch, steps, epochs, compiled)
         trainer_ips, plain_ips, _ = run_round(s)
         t, p = median(trainer_ips[1:]), median(plain_ips[1:])  # drop the warm-up epochs
         # each Trainer epoch against the plain epoch right after it: a shared VM's speed
@@ -192,7 +201,7 @@ def main() -> None:
         spreads.append((q[2] - q[0]) / 2 / p)
         ok &= ratio >= GOAL
         mode = "compiled" if compiled else "eager"
-        anchor = f"{ANCHOR[compiled]:,}" if gpu else "-"
+        anchor = f"{ANCHOR[compiled]:,}" if gpu and not small else "-"
         rows.append([mode, f"{t:.1f}", f"{p:.1f}", f"{ratio:.3f}", anchor])
         # per-epoch values, warm-up first: shows how noisy the machine was
         per_epoch.append(

@@ -303,21 +303,21 @@ def test_trials_are_runs_in_mlflow_tagged_with_their_number(search: tuple[Path, 
 
 def test_rerun_with_more_trials_adds_exactly_the_difference(search: tuple[Path, list]) -> None:
     d, results = search
-    again = run_cli(*SEARCH, "hydra.sweeper.n_trials=12", cwd=d, timeout=600)
+    again = run_cli(*SEARCH, "hydra.sweeper.n_trials=10", cwd=d, timeout=600)
     results.append(again)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert "8 finished trials, 0 to resume, 4 to start (n_trials=12)" in again.stdout
+    assert "8 finished trials, 0 to resume, 2 to start (n_trials=10)" in again.stdout
     db = d / "results" / "results.db"
     trials = _trials(db)
-    assert [t[0] for t in trials] == list(range(12))
-    assert sql(db, "SELECT COUNT(*) FROM runs") == [(12,)]
+    assert [t[0] for t in trials] == list(range(10))
+    assert sql(db, "SELECT COUNT(*) FROM runs") == [(10,)]
     alphas = [a for _, _, a in trials]
-    assert len(set(alphas)) == 12  # a continued study does not repeat finished trials
+    assert len(set(alphas)) == 10  # a continued study does not repeat finished trials
     # and once the study holds n_trials, the same command starts nothing
-    same = run_cli(*SEARCH, "hydra.sweeper.n_trials=12", cwd=d, timeout=300)
+    same = run_cli(*SEARCH, "hydra.sweeper.n_trials=10", cwd=d, timeout=300)
     assert same.returncode == 0, same.stderr[-2000:]
     assert "nothing to start" in same.stdout
-    assert sql(db, "SELECT COUNT(*) FROM trials") == [(12,)]
+    assert sql(db, "SELECT COUNT(*) FROM trials") == [(10,)]
 
 
 def test_report_has_history_importances_and_best_trial(search: tuple[Path, list]) -> None:
