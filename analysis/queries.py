@@ -17,7 +17,7 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from analysis.errors import AnalysisError
-from sweeper.store import EpochMetric, Run, RunStatus, Sweep, SweepRun
+from sweeper.store import EpochMetric, Run, RunStatus, Sweep, SweepRun, engine_url
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ def open_engine(url: str) -> Engine:
         if db and db != ":memory:" and not db.startswith("file:") and not Path(db).is_file():
             raise AnalysisError(f"store file not found: {db}")
     try:
-        engine = create_engine(url)
+        engine = create_engine(engine_url(url))
     except (SQLAlchemyError, ImportError) as e:
         raise AnalysisError(f"cannot open store {url!r}: {e}") from e
     _upgrade_if_old(engine, url)

@@ -19,6 +19,7 @@ from sqlalchemy import create_engine, inspect
 from sqlalchemy.exc import SQLAlchemyError
 
 from analysis.errors import AnalysisError
+from sweeper.store import engine_url
 
 DPI = 110
 STUDIES_HEADER = [
@@ -76,7 +77,7 @@ def params_text(params: dict[str, Any]) -> str:
 def load_studies(url: str, names: set[str] | None = None) -> list[StudySummary]:
     """Every study in the storage at ``url`` (or only ``names``); [] when it has none."""
     try:
-        engine = create_engine(url)
+        engine = create_engine(engine_url(url))
         try:
             has = inspect(engine).has_table("studies") and inspect(engine).has_table("trials")
         finally:
@@ -90,7 +91,7 @@ def load_studies(url: str, names: set[str] | None = None) -> list[StudySummary]:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         storage = optuna.storages.RDBStorage(
-            url, skip_table_creation=True, skip_compatibility_check=True
+            engine_url(url), skip_table_creation=True, skip_compatibility_check=True
         )
         summaries = optuna.get_all_study_summaries(storage, include_best_trial=False)
     except Exception as e:  # an Optuna schema we cannot read: say so, keep the tables

@@ -332,7 +332,9 @@ def rdb_storage(url: str) -> optuna.storages.RDBStorage:
     if url.startswith("sqlite"):
         # jobs report while others write: wait for the lock instead of failing at once
         kwargs["connect_args"] = {"timeout": 60}
-    return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+    from sweeper.store import engine_url
+
+    return optuna.storages.RDBStorage(engine_url(url), engine_kwargs=kwargs)
 
 
 def quiet_optuna() -> None:

@@ -268,6 +268,18 @@ def _update_cost(s: Session, run: Run) -> None:
     run.peak_gpu_mem_mb = max(mems) if mems else None
 
 
+def engine_url(url: str) -> str:
+    """``postgresql://`` / ``postgres://`` without a driver -> psycopg 3 (a dependency).
+
+    SQLAlchemy's default driver for ``postgresql://`` is psycopg2, which gradsweep does not
+    install; every component (results store, Optuna storage, MLflow, analysis) opens its
+    URL through this, so users can paste the plain URL their database admin gives them."""
+    for scheme in ("postgresql://", "postgres://"):
+        if url.startswith(scheme):
+            return "postgresql+psycopg://" + url[len(scheme) :]
+    return url
+
+
 class Store:
     """A results store at any SQLAlchemy URL (default: SQLite file under results_dir)."""
 
@@ -276,7 +288,7 @@ class Store:
         kwargs: dict[str, Any] = {}
         if url.startswith("sqlite"):
             kwargs["connect_args"] = {"timeout": 60}
-        self.engine: Engine = create_engine(url, **kwargs)
+        self.engine: Engine = create_engine(engine_url(url), **kwargs)
         if url.startswith("sqlite"):
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)

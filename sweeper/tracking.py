@@ -17,6 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from sweeper.store import engine_url
+
 T = TypeVar("T")
 
 
@@ -49,7 +51,7 @@ def init_tracking_store(tracking_uri: str) -> None:
     from mlflow import MlflowClient
 
     _quiet_mlflow()
-    MlflowClient(tracking_uri=tracking_uri).search_experiments(max_results=1)
+    MlflowClient(tracking_uri=engine_url(tracking_uri)).search_experiments(max_results=1)
 
 
 class MlflowMirror:
@@ -98,7 +100,7 @@ class MlflowMirror:
             from mlflow.entities import Param, RunTag
 
             _quiet_mlflow()
-            self.client = MlflowClient(tracking_uri=self.tracking_uri)
+            self.client = MlflowClient(tracking_uri=engine_url(self.tracking_uri))
             if existing_run_id:
                 try:
                     self.client.update_run(existing_run_id, status="RUNNING")
