@@ -214,7 +214,7 @@ def markdown(tables: Sequence[Table], ex: Excluded, total: tuple[Cost, Cost] | N
     else:
         parts.append("(none)")
     if ex.not_finished:
-        parts += ["", f"{ex.not_finished} run(s) queued or running, not shown."]
+        parts += ["", f"{ex.not_finished} run(s) queued, running or interrupted, not shown."]
     return "\n".join(parts) + "\n"
 
 

@@ -88,7 +88,7 @@ class Excluded:
     """Failed and diverged runs: never averaged, listed instead."""
 
     runs: list[RunRecord]
-    not_finished: int  # queued or running: neither averaged nor listed
+    not_finished: int  # queued, running or interrupted: neither averaged nor listed
 
 
 def metric_values(runs: Sequence[RunRecord], metric: str) -> list[tuple[int, float]]:
@@ -227,7 +227,7 @@ def table3(done: Sequence[RunRecord]) -> Table:
 def excluded(runs: Sequence[RunRecord]) -> Excluded:
     """Failed / diverged / pruned runs, and how many are still queued or running."""
     bad = [r for r in runs if r.status in EXCLUDED_STATUSES]
-    waiting = sum(1 for r in runs if r.status in ("queued", "running"))
+    waiting = sum(1 for r in runs if r.status in ("queued", "running", "interrupted"))
     return Excluded(bad, waiting)
 
 

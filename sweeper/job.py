@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import tempfile
+import threading
 import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sweeper import provenance
 from sweeper.schema import Config
 from sweeper.search import TrialLink, TrialReporter
-from sweeper.store import Run, RunStatus, Store
+from sweeper.store import HEARTBEAT_S, Run, RunStatus, Store
 from sweeper.tracking import MlflowMirror
 from trainers.config import RunConfig
 from trainers.data import check_data
@@ -110,6 +111,37 @@ def grid_columns(cfg: RunConfig) -> dict:
         "label_smoothing": cfg.effective_label_smoothing(),
         "seed": cfg.seed,
     }
+
+
+class Heartbeat:
+    """A daemon thread writing ``runs.heartbeat_at`` every ``every`` seconds while a run
+    trains, so a killed job is detectable (:meth:`Store.expire_leases`). Epochs write it too;
+    this covers long epochs. A failing write warns once and keeps trying."""
+
+    def __init__(self, store: Store, run_id: int, every: float = HEARTBEAT_S) -> None:
+        self.store, self.run_id, self.every = store, run_id, every
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="gradsweep-heartbeat", daemon=True)
+        self._warned = False
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every):
+            try:
+                self.store.heartbeat(self.run_id)
+            except Exception as e:  # a busy or briefly unreachable store: try again later
+                if not self._warned:
+                    log.warning(
+                        f"heartbeat of run {self.run_id} failed ({type(e).__name__}); retrying"
+                    )
+                    self._warned = True
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
 
 
 class StoreSink:
@@ -238,7 +270,8 @@ def _train(
         + f" / {cfg.epochs} epochs / seed {cfg.seed}"
     )
     try:
-        result = trainer.fit()
+        with Heartbeat(store, run.id):
+            result = trainer.fit()
     except SystemExit:
         # submitit's time-out / pre-emption handler requeues the job, then exits: the run
         # is not over, it resumes from its checkpoint when the requeued job starts.
@@ -249,8 +282,12 @@ def _train(
     except BaseException as e:
         err = traceback.format_exc()
         status = RunStatus.failed
-        if isinstance(e, KeyboardInterrupt):
-            err = "interrupted (KeyboardInterrupt)\n" + err
+        if isinstance(e, KeyboardInterrupt):  # Ctrl-C, or its sweep was cancelled
+            status = RunStatus.interrupted  # not an outcome: a rerun resumes it
+            err = (
+                "interrupted (KeyboardInterrupt); a rerun resumes it from its last checkpoint\n"
+                + err
+            )
         store.finish_run(run.id, status, error=err)
         if mirror is not None:
             mirror.end("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")

@@ -42,7 +42,7 @@ from sweeper.job import (
 )
 from sweeper.schema import Config
 from sweeper.slurm import SlurmQueue, check_slurm, job_error, job_gone
-from sweeper.store import Run, RunStatus, Store
+from sweeper.store import LEASE_S, Run, RunStatus, Store
 from trainers.registry import ConfigError
 
 TERMINAL = {RunStatus.done, RunStatus.failed, RunStatus.diverged}
@@ -209,6 +209,10 @@ class SweepRunner:
         self.sweep = store.create_sweep(self.name, self.command, self.params.kind, len(self.points))
         from sweeper.job import grid_columns
 
+        lost = store.expire_leases()  # killed jobs of earlier sweeps: resumed below
+        if lost:
+            self.out(f"{len(lost)} run(s) whose job was killed marked interrupted; resuming them")
+
         todo, seen = [], {}
         for p in self.points:
             if p.config_hash in seen:  # e.g. baseline x alpha: one run serves both points
@@ -225,6 +229,14 @@ class SweepRunner:
             p.run = store.claim_run(p.config_hash, grid_columns(p.cfg), resolved)
             store.link_run(self.sweep.id, p.run.id, p.label)
             st = p.run.status
+            if st == RunStatus.running and store.lease_alive(p.run):
+                # its job is alive (another sweep, or a job that outlived a killed sweeper):
+                # starting it twice would race on its checkpoint and rows
+                p.status = "skipped"
+                self.counts["skipped"] += 1
+                self.out(f"point [{p.label}]: run {p.run.id} is being trained by a live job "
+                         f"(heartbeat within {LEASE_S:g} s); not starting it twice")  # fmt: skip
+                continue
             if st == RunStatus.done or (st in TERMINAL and not self.params.retry_failed):
                 p.status = "skipped"
                 self.counts["skipped"] += 1

@@ -189,6 +189,7 @@ class SearchRunner(SweepRunner):
             return []
         store = open_store(self.cfg0)
         try:
+            store.expire_leases()  # runs of killed jobs: interrupted, resumed when asked again
             self.sweep = store.create_sweep(
                 self.name, self.command, f"optuna/{self.params.kind}", total
             )

@@ -1,7 +1,8 @@
 """``python -m sweeper status``: every sweep and run with its state, progress and time.
 
-Reads the results store only (SQLite in WAL mode lets it read while jobs write), so it
-works while a sweep is running, from any shell, for local and Slurm sweeps alike.
+Reads the results store (SQLite in WAL mode lets it read while jobs write), so it works
+while a sweep is running, from any shell, for local and Slurm sweeps alike. Its one write:
+``running`` runs whose job stopped sending heartbeats (killed) are marked ``interrupted``.
 
     python -m sweeper status                       # ./results/results.db
     python -m sweeper status results_dir=/scratch/results
@@ -55,6 +56,7 @@ def status(argv: list[str], console: Console | None = None) -> None:
     console = console or Console(width=max(120, Console().width))
     store = Store(url)
     try:
+        store.expire_leases()
         now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
         sweeps = store.sweeps()
         t = Table(title=f"sweeps in {url}")
@@ -69,6 +71,7 @@ def status(argv: list[str], console: Console | None = None) -> None:
             "diverged",
             "pruned",
             "running",
+            "interrupted",
             "queued",
             "elapsed",
         ):
@@ -89,6 +92,7 @@ def status(argv: list[str], console: Console | None = None) -> None:
                 str(c[RunStatus.diverged]),
                 str(c[RunStatus.pruned]),
                 str(c[RunStatus.running]),
+                str(c[RunStatus.interrupted]),
                 str(c[RunStatus.queued]),
                 f"{secs // 60}m{secs % 60:02d}s",
             )

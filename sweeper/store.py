@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -38,7 +39,9 @@ from sqlalchemy import (
     create_engine,
     delete,
     event,
+    func,
     select,
+    update,
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
@@ -46,8 +49,16 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 
 from trainers.train import EpochMetrics, LayerFilterStats
 
-# 2: RunStatus.pruned, sweep_runs.trial (Optuna searches); 3: cost columns
+# 2: RunStatus.pruned, sweep_runs.trial (Optuna searches); 3: cost columns, heartbeat,
+# RunStatus.interrupted
 SCHEMA_VERSION = 3
+
+# A training job writes ``runs.heartbeat_at`` every HEARTBEAT_S seconds (and at every epoch).
+# A ``running`` run whose heartbeat is older than LEASE_S was killed (SIGKILL, node lost,
+# OOM killer): :meth:`Store.expire_leases` marks it ``interrupted``. Override for tests or
+# very slow shared file systems with GRADSWEEP_HEARTBEAT_S.
+HEARTBEAT_S = float(os.environ.get("GRADSWEEP_HEARTBEAT_S", "30"))
+LEASE_S = 3 * HEARTBEAT_S
 
 
 class RunStatus(str, enum.Enum):
@@ -59,6 +70,10 @@ class RunStatus(str, enum.Enum):
     # stopped early by an Optuna pruner; its checkpoint is kept, so a grid that later asks
     # for the same configuration resumes it to the end instead of starting over
     pruned = "pruned"
+    # was running, then stopped without recording an outcome: its process was killed (no
+    # heartbeat within the lease) or its sweep was interrupted. Not an outcome: a rerun of
+    # the sweep resumes it from its last checkpoint.
+    interrupted = "interrupted"
 
 
 def utcnow() -> dt.datetime:
@@ -113,6 +128,7 @@ class Run(Base):
     gpu_hours: Mapped[float | None] = mapped_column(Float)
     images_per_s: Mapped[float | None] = mapped_column(Float)
     peak_gpu_mem_mb: Mapped[float | None] = mapped_column(Float)
+    heartbeat_at: Mapped[dt.datetime | None]  # v3: last sign of life of its training job
 
 
 class EpochMetric(Base):
@@ -245,6 +261,13 @@ def _migrate_to_3(engine: Engine) -> None:
          "peak_gpu_mem_mb": real},
     )  # fmt: skip
     _add_columns(engine, "epoch_metrics", {"peak_mem_mb": real})
+    stamp = "TIMESTAMP WITHOUT TIME ZONE" if engine.dialect.name == "postgresql" else "DATETIME"
+    _add_columns(engine, "runs", {"heartbeat_at": stamp})
+    if engine.dialect.name == "postgresql":
+        from sqlalchemy import text
+
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
+            c.execute(text("ALTER TYPE run_status ADD VALUE IF NOT EXISTS 'interrupted'"))
 
 
 MIGRATIONS: dict[int, Callable[[Engine], None]] = {2: _migrate_to_2, 3: _migrate_to_3}
@@ -361,6 +384,7 @@ class Store:
             run = s.get_one(Run, run_id)
             run.status = RunStatus.running
             run.started_at = run.started_at or utcnow()
+            run.heartbeat_at = utcnow()
             run.ended_at = None
             run.error = None
             run.diverged_step = None
@@ -392,6 +416,7 @@ class Store:
             s.add_all(FilterStat(run_id=run_id, **asdict(st)) for st in stats)
             run = s.get_one(Run, run_id)
             run.epoch = m.epoch + 1
+            run.heartbeat_at = utcnow()
             s.flush()
             _update_cost(s, run)
 
@@ -402,6 +427,43 @@ class Store:
             run.ended_at = utcnow()
             for k, v in fields.items():
                 setattr(run, k, v)
+
+    def heartbeat(self, run_id: int) -> None:
+        """The run's job is alive (called every HEARTBEAT_S by a thread of the job)."""
+        with self.session() as s:
+            s.execute(
+                update(Run)
+                .where(Run.id == run_id, Run.status == RunStatus.running)
+                .values(heartbeat_at=utcnow())
+            )
+
+    def expire_leases(self, lease_s: float | None = None) -> list[int]:
+        """Mark ``interrupted`` every ``running`` run without a heartbeat for ``lease_s``
+        (default LEASE_S) seconds; returns their ids. Its checkpoint is kept: a rerun
+        resumes it."""
+        lease = LEASE_S if lease_s is None else lease_s
+        cutoff = utcnow() - dt.timedelta(seconds=lease)
+        last = func.coalesce(Run.heartbeat_at, Run.started_at, Run.created_at)
+        with self.session() as s:
+            stale = list(
+                s.scalars(select(Run).where(Run.status == RunStatus.running, last < cutoff))
+            )
+            for run in stale:
+                seen = run.heartbeat_at or run.started_at or run.created_at
+                run.status = RunStatus.interrupted
+                run.error = (
+                    f"interrupted: no heartbeat since {seen:%Y-%m-%d %H:%M:%S} UTC (lease "
+                    f"{lease:g} s; the job was killed or lost); a rerun resumes it from its "
+                    "last checkpoint"
+                )
+            return [r.id for r in stale]
+
+    def lease_alive(self, run: Run, lease_s: float | None = None) -> bool:
+        """Whether a ``running`` run's job showed life within the lease (so it is really
+        being trained somewhere and must not be started twice)."""
+        lease = LEASE_S if lease_s is None else lease_s
+        seen = run.heartbeat_at or run.started_at or run.created_at
+        return run.status == RunStatus.running and (utcnow() - seen).total_seconds() < lease
 
     def set_fields(self, run_id: int, **fields: Any) -> None:
         with self.session() as s:

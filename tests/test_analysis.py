@@ -317,7 +317,7 @@ def test_failed_and_diverged_are_excluded(store_dir: Path, report) -> None:
             if r["mean"] and r["metric"] != "gap":
                 assert float(r["mean"]) > 60
     assert "Excluded runs (2 failed, diverged or pruned)" in report[0].stdout
-    assert "1 run(s) queued or running" in report[0].stdout
+    assert "1 run(s) queued, running or interrupted" in report[0].stdout
 
 
 def _error(capsys: pytest.CaptureFixture[str], *argv: str) -> str:

@@ -1,4 +1,5 @@
-"""SIGKILL during an epoch, run the same command again: it resumes and ends identically."""
+"""SIGKILL during an epoch: the run is seen as interrupted (its heartbeat stops), and the
+same command again resumes it and ends identically. Corrupt checkpoints fall back."""
 
 from __future__ import annotations
 
@@ -9,8 +10,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import cli_env, poll_sql, run_cli, sql
+
+from trainers.config import RunConfig
+from trainers.train import EpochMetrics, NullSink, Trainer
 
 # batch 16 -> 89 steps an epoch on digits: long enough to be killed inside an epoch
 ARGS = ["method=pgt", "epochs=5", "batch_size=16", "mlflow.enabled=false"]
@@ -25,10 +30,11 @@ def test_sigkill_then_resume_gives_identical_metrics(tmp_path: Path) -> None:
     ref = run_cli(*ARGS, f"results_dir={ref_dir}", cwd=tmp_path)
     assert ref.returncode == 0, ref.stderr[-3000:]
 
+    fast_beat = {**cli_env(), "GRADSWEEP_HEARTBEAT_S": "0.5"}  # lease 1.5 s
     proc = subprocess.Popen(
         [sys.executable, "-m", "sweeper", *ARGS, f"results_dir={cut_dir}"],
         cwd=tmp_path,
-        env=cli_env(),
+        env=fast_beat,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -46,7 +52,14 @@ def test_sigkill_then_resume_gives_identical_metrics(tmp_path: Path) -> None:
     finally:
         proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
-    assert sql(db, "SELECT status FROM runs") == [("running",)]  # killed, not finished
+    assert sql(db, "SELECT status FROM runs") == [("running",)]  # killed: nobody recorded it
+    time.sleep(2.0)  # > the lease: no heartbeat came
+    st = subprocess.run([sys.executable, "-m", "sweeper", "status", f"results_dir={cut_dir}"],
+                        cwd=tmp_path, env=fast_beat, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert st.returncode == 0, st.stderr
+    assert "interrupted" in st.stdout
+    ((status, error),) = sql(db, "SELECT status, error FROM runs")
+    assert status == "interrupted" and "no heartbeat since" in error
     ckpt = torch.load(next(cut_dir.glob("runs/*/checkpoint.pt")), weights_only=True)
     k = int(ckpt["epoch"])
     assert 1 <= k < 5, k
@@ -74,3 +87,63 @@ def test_finished_run_is_not_trained_again(tmp_path: Path) -> None:
     assert "already done" in again.stdout + again.stderr
     assert "epoch   1/1" not in again.stdout + again.stderr
     assert sql(tmp_path / "results.db", "SELECT count(*) FROM runs") == [(1,)]
+
+
+# ------------------------------------------------------------ corrupt checkpoints
+def _digits_cfg(epochs: int) -> RunConfig:
+    cfg = RunConfig(epochs=epochs, device="cpu", filter_stats_every=0)
+    cfg.validate()
+    return cfg
+
+
+class _StopAfter(NullSink):
+    """Raises after epoch ``n``'s checkpoint: a job killed between two epochs."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def should_stop(self, metrics: EpochMetrics) -> bool:
+        if metrics.epoch + 1 == self.n:
+            raise KeyboardInterrupt
+        return False
+
+
+def _history(t: Trainer) -> list[tuple[float, float]]:
+    r = t.fit()
+    assert r.status == "done"
+    return [(m.train_loss, m.test_acc) for m in r.history]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "both_bad", "lost_in_rename"])
+def test_corrupt_checkpoint_falls_back_with_a_warning(damage: str, tmp_path: Path) -> None:
+    ref = _history(Trainer(_digits_cfg(3), tmp_path / "ref", log=lambda _: None))
+    run_dir = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(_digits_cfg(3), run_dir, sink=_StopAfter(2), log=lambda _: None).fit()
+    ckpt, prev = run_dir / "checkpoint.pt", run_dir / "checkpoint.prev.pt"
+    assert torch.load(ckpt, weights_only=True)["epoch"] == 2
+    assert torch.load(prev, weights_only=True)["epoch"] == 1
+    if damage == "truncated":  # a full disk / a killed copy
+        ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+    elif damage == "garbage":
+        ckpt.write_bytes(b"not a checkpoint at all")
+    elif damage == "both_bad":
+        ckpt.write_bytes(b"x")
+        prev.write_bytes(prev.read_bytes()[:100])
+    else:  # killed between the two renames of a save: only the previous one is there
+        ckpt.unlink()
+    lines: list[str] = []
+    again = _history(Trainer(_digits_cfg(3), run_dir, log=lines.append))
+    warnings = [ln for ln in lines if ln.startswith("warning:")]
+    if damage == "lost_in_rename":
+        assert warnings == [] and "resuming after epoch 1/3" in "\n".join(lines)
+    elif damage == "both_bad":
+        assert len(warnings) == 2
+        assert str(ckpt) in warnings[0] and str(prev) in warnings[1]
+        assert "starting the run from scratch" in warnings[1]
+        assert not any("resuming" in ln for ln in lines)
+    else:
+        assert len(warnings) == 1 and str(ckpt) in warnings[0]
+        assert f"falling back to {prev}" in warnings[0]
+        assert "resuming after epoch 1/3" in "\n".join(lines)
+    assert again == ref  # whichever way it resumed, the run ends exactly as uninterrupted

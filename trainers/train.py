@@ -172,13 +172,16 @@ def describe_device(device: torch.device) -> str:
     return "cpu"
 
 
-def atomic_torch_save(obj: object, path: Path) -> None:
-    """Write to a temp file in the same directory, fsync, then rename over ``path``."""
+def atomic_torch_save(obj: object, path: Path, keep: Path | None = None) -> None:
+    """Write to a temp file in the same directory, fsync, then rename over ``path``; the
+    file it replaces is first renamed to ``keep`` (the previous good checkpoint)."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     with open(tmp, "wb") as f:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
+    if keep is not None and path.exists():
+        os.replace(path, keep)
     os.replace(tmp, path)
 
 
@@ -200,6 +203,10 @@ def _weight_layers(model: nn.Module) -> list[tuple[str, Tensor]]:
     ]
 
 
+class _ForeignCheckpoint(RuntimeError):
+    """The checkpoint is readable but was written by another configuration: never used."""
+
+
 class Trainer:
     """Train one configuration; resumable; emits metrics to a :class:`Sink`."""
 
@@ -217,6 +224,7 @@ class Trainer:
         self.log = log
         self.config_hash = config_hash
         self.ckpt_path = self.run_dir / "checkpoint.pt"
+        self.prev_ckpt_path = self.run_dir / "checkpoint.prev.pt"  # the one before
         self.dist = distributed.from_env()
         self.device = resolve_device(cfg.device)
         if self.dist.enabled and self.device.type == "cuda":
@@ -431,20 +439,48 @@ class Trainer:
                 "history": [asdict(h) for h in history],
             },
             self.ckpt_path,
+            keep=self.prev_ckpt_path,
         )
 
     def _load(self) -> tuple[int, int, list[EpochMetrics]]:
-        if not self.ckpt_path.exists():
-            return 0, 0, []
+        """Resume from the newest readable checkpoint: ``checkpoint.pt``, else (truncated by a
+        full disk, corrupted, or lost between the two renames of a save) the previous one,
+        else from scratch -- each fallback with a warning naming the file."""
+        for path in (self.ckpt_path, self.prev_ckpt_path):
+            if not path.exists():
+                continue
+            try:
+                return self._load_from(path)
+            except _ForeignCheckpoint:
+                raise
+            except Exception as e:  # unreadable: say which file and why, then fall back
+                why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                nxt = (
+                    f"falling back to {self.prev_ckpt_path}"
+                    if path == self.ckpt_path and self.prev_ckpt_path.exists()
+                    else "starting the run from scratch"
+                )
+                self.log(f"warning: checkpoint {path} is unreadable ({why[:200]}); {nxt}")
+        # nothing usable: a clean start (the model and optimiser were not touched)
+        return 0, 0, []
+
+    def _load_from(self, path: Path) -> tuple[int, int, list[EpochMetrics]]:
         # weights_only: a checkpoint is data, never code (no pickle of arbitrary objects)
-        ck = torch.load(self.ckpt_path, map_location=self.device, weights_only=True)
+        ck = torch.load(path, map_location=self.device, weights_only=True)
         if self.config_hash and ck.get("config_hash") != self.config_hash:
-            raise RuntimeError(f"checkpoint {self.ckpt_path} belongs to another configuration")
-        self.model.load_state_dict(ck["model"])
-        self.opt.load_state_dict(ck["optimizer"])
-        self.scaler.load_state_dict(ck["scaler"])
-        torch.set_rng_state(ck["torch_rng"])
-        return int(ck["epoch"]), int(ck["step"]), [EpochMetrics(**h) for h in ck["history"]]
+            raise _ForeignCheckpoint(f"checkpoint {path} belongs to another configuration")
+        history = [EpochMetrics(**h) for h in ck["history"]]
+        epoch, step, rng = int(ck["epoch"]), int(ck["step"]), ck["torch_rng"]
+        # check every part before changing anything, so a bad file leaves a clean start
+        model_sd, opt_sd, scaler_sd = ck["model"], ck["optimizer"], ck["scaler"]
+        missing = set(self.model.state_dict()) ^ set(model_sd)
+        if missing:
+            raise ValueError(f"model keys differ: {sorted(missing)[:3]}")
+        self.model.load_state_dict(model_sd)
+        self.opt.load_state_dict(opt_sd)
+        self.scaler.load_state_dict(scaler_sd)
+        torch.set_rng_state(rng)
+        return epoch, step, history
 
     # ---------------------------------------------------------------------- fit
     def fit(self) -> TrainResult:
