@@ -24,6 +24,7 @@ GROUPS = ("model", "method", "data", "schedule", "experiment")
 HYDRA_GROUPS = {"hydra/launcher": ["local", "slurm"], "hydra/sweeper": ["gradsweep", "optuna"]}
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
+EXIT_INTERRUPTED = 130  # like a shell: 128 + SIGINT
 
 log = logging.getLogger("gradsweep")
 
@@ -201,6 +202,11 @@ def main(argv: list[str] | None = None) -> None:
 
         status_main(argv[1:])
         return
+    if argv and argv[0] == "mirror":  # runs that missed MLflow (an outage) -> MLflow, once
+        from sweeper.mirror import main as mirror_main
+
+        mirror_main(argv[1:])
+        return
     # MLflow/alembic narrate their DB migrations at INFO; our own lines say what matters
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -226,4 +232,9 @@ def main(argv: list[str] | None = None) -> None:
             print(f"error: {e}", file=sys.stderr, flush=True)
             sys.exit(EXIT_BAD_INPUT)
     sys.argv = [sys.argv[0], *argv]
-    hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(_task)()
+    try:
+        hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(_task)()
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the runner has said what it did
+        print(f"error: interrupted ({e or 'Ctrl-C'}); run the same command again to resume",
+              file=sys.stderr, flush=True)  # fmt: skip
+        sys.exit(EXIT_INTERRUPTED)

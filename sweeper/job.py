@@ -23,7 +23,7 @@ from sweeper import provenance
 from sweeper.schema import Config
 from sweeper.search import TrialLink, TrialReporter
 from sweeper.store import HEARTBEAT_S, Run, RunStatus, Store
-from sweeper.tracking import MlflowMirror
+from sweeper.tracking import MlflowMirror, run_name
 from trainers.config import RunConfig
 from trainers.data import check_data
 from trainers.registry import ConfigError
@@ -243,11 +243,7 @@ def _train(
             Path(cfg.results_dir) / "mlartifacts",
             warn=log.warning,
         )
-        name = (
-            f"{cfg.model.name}-{cfg.method.name}"
-            + (f"-a{cfg.alpha:g}" if cfg.uses_pgt() else "")
-            + f"-s{cfg.seed}"
-        )
+        name = run_name(cfg.model.name, cfg.method.name, cfg.effective_alpha(), cfg.seed)
         mirror.start(
             run.mlflow_run_id,
             name,

@@ -22,10 +22,12 @@ import datetime as dt
 import io
 import os
 import shlex
+import signal
 import subprocess
+import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,6 +136,35 @@ def _gpu_count() -> int:
         return torch.cuda.device_count()
     except Exception:
         return 0
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM on the sweeper (``kill``, a closing login session, a batch system ending
+    the allocation the sweeper runs in) is handled like Ctrl-C: running jobs are
+    cancelled, record themselves ``interrupted``, and the same command resumes the sweep.
+    Without this, SIGTERM would kill the sweeper alone and leave its local jobs orphaned."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(f"received {signal.Signals(signum).name}")
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def wait_cancelled(jobs: list, timeout_s: float = 60.0) -> None:
+    """After cancelling (SIGINT to local jobs), give them time to record ``interrupted``
+    before the sweeper exits, so the store is true when the command returns."""
+    deadline = time.monotonic() + timeout_s
+    for job in jobs:
+        while not job.done() and time.monotonic() < deadline:
+            time.sleep(0.2)
 
 
 def threads_per_job(n_slots: int, tasks: int) -> int:
@@ -318,6 +349,10 @@ class SweepRunner:
 
     # ------------------------------------------------------------------------ run
     def run(self) -> list[Point]:
+        with terminate_as_interrupt():
+            return self._run()
+
+    def _run(self) -> list[Point]:
         store = open_store(self.cfg0)
         try:
             todo = self._prepare(store)
@@ -387,11 +422,14 @@ class SweepRunner:
                         free.append(p.slot)
                         self._report(p)
         except KeyboardInterrupt:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second signal: finish cleaning up
             for p in running:
                 p.job.cancel(check=False)
+            wait_cancelled([p.job for p in running])
             self.out(
-                "interrupted: running jobs cancelled; run the same command again to "
-                "resume (finished points are skipped, interrupted ones resume)"
+                "interrupted: running jobs cancelled (their runs are marked interrupted); run "
+                "the same command again to resume (finished points are skipped, interrupted "
+                "ones resume from their checkpoints)"
             )
             raise
 

@@ -37,6 +37,7 @@ from sweeper.launch import (
     format_command,
     local_slots,
     threads_per_job,
+    wait_cancelled,
 )
 from sweeper.schema import Config
 from sweeper.search import (
@@ -133,7 +134,7 @@ class SearchRunner(SweepRunner):
         return first
 
     # --------------------------------------------------------------------- run
-    def run(self) -> list[Point]:  # type: ignore[override]
+    def _run(self) -> list[Point]:  # type: ignore[override]  # run() handles SIGTERM
         import optuna
 
         quiet_optuna()
@@ -296,6 +297,7 @@ class SearchRunner(SweepRunner):
         except KeyboardInterrupt:
             for p in running:
                 p.job.cancel(check=False)
+            wait_cancelled([p.job for p in running if p.job is not None])
             self.out(
                 "interrupted: running trials cancelled and left RUNNING in the study; run "
                 "the same command again to resume them (their runs resume from checkpoints)"

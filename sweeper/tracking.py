@@ -54,6 +54,11 @@ def init_tracking_store(tracking_uri: str) -> None:
     MlflowClient(tracking_uri=engine_url(tracking_uri)).search_experiments(max_results=1)
 
 
+def run_name(model: str, method: str, alpha: float | None, seed: int) -> str:
+    """The MLflow run name of a run, e.g. ``resnet18-pgt-a0.25-s0`` (alpha only with PGT)."""
+    return f"{model}-{method}" + (f"-a{alpha:g}" if alpha is not None else "") + f"-s{seed}"
+
+
 class MlflowMirror:
     """Mirrors one run into MLflow; failures warn and switch the mirror off."""
 

@@ -6,12 +6,13 @@ import json
 import re
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, run_cli, sql
+from conftest import REPO, cli_env, run_cli, sql
 
 from trainers.data import DataConfig, build_data
 from trainers.models import build_model
@@ -232,7 +233,8 @@ def test_mlflow_failure_does_not_lose_the_run(tmp_path: Path) -> None:
     blocker = tmp_path / "not_a_dir"
     blocker.write_text("x")  # the tracking DB would have to live below a regular file
     res = run_cli(
-        "epochs=1",
+        "epochs=2",
+        "filter_stats_every=10",
         f"results_dir={tmp_path}",
         f"mlflow.tracking_uri=sqlite:///{blocker}/mlflow.db",
         cwd=tmp_path,
@@ -240,6 +242,33 @@ def test_mlflow_failure_does_not_lose_the_run(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr[-3000:]
     assert "warning: MLflow" in res.stderr + res.stdout
     assert sql(tmp_path / "results.db", "SELECT status, mlflow_mirrored, epoch FROM runs") == [
-        ("done", 0, 1)
+        ("done", 0, 2)
     ]
-    assert len(sql(tmp_path / "results.db", "SELECT * FROM epoch_metrics")) == 1
+    assert len(sql(tmp_path / "results.db", "SELECT * FROM epoch_metrics")) == 2
+
+    # MLflow is back (here: a reachable tracking DB): the documented command mirrors it, once
+    good = f"sqlite:///{tmp_path / 'mlflow_back.db'}"
+    mirror = [sys.executable, "-m", "sweeper", "mirror", f"results_dir={tmp_path}",
+              f"mlflow.tracking_uri={good}"]  # fmt: skip
+    first = subprocess.run(mirror, cwd=tmp_path, env=cli_env(), capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "mirrored 1 of 1 run(s)" in first.stdout
+    second = subprocess.run(mirror, cwd=tmp_path, env=cli_env(), capture_output=True, text=True)
+    assert second.returncode == 0 and "nothing to mirror" in second.stdout
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=good)
+    exp = client.get_experiment_by_name("gradsweep")
+    (chash, rid, mirrored), = sql(tmp_path / "results.db",
+                                  "SELECT config_hash, mlflow_run_id, mlflow_mirrored FROM runs")  # fmt: skip
+    runs = client.search_runs([exp.experiment_id])
+    assert [r.info.run_id for r in runs] == [rid] and mirrored == 1  # one run, no duplicate
+    assert runs[0].data.tags["config_hash"] == chash and runs[0].info.status == "FINISHED"
+    hist = sorted(client.get_metric_history(rid, "test_acc"), key=lambda m: m.step)
+    store = sql(tmp_path / "results.db", "SELECT epoch, test_acc FROM epoch_metrics ORDER BY epoch")
+    assert [(m.step, m.value) for m in hist] == [(e, pytest.approx(v)) for e, v in store]
+    arts = {a.path for a in client.list_artifacts(rid)}
+    assert "feature_norms.json" in arts
+    bad = subprocess.run([*mirror[:4], "colour=red"], cwd=tmp_path, env=cli_env(),
+                         capture_output=True, text=True)  # fmt: skip
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "colour=red" in bad.stderr
