@@ -152,7 +152,9 @@ def report_html(
     else:
         parts.append('<p class="note">(none)</p>')
     if ex.not_finished:
-        parts.append(f'<p class="note">{ex.not_finished} run(s) queued, running or interrupted, not shown.</p>')
+        parts.append(
+            f'<p class="note">{ex.not_finished} run(s) queued, running or interrupted, not shown.</p>'
+        )
     for j, (title, header, rows) in enumerate(extra, 1):
         parts.append(f'<h2 id="x{j}">{_esc(title)}</h2>')
         parts.append(_table(header, rows))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 import tempfile
 import threading
@@ -336,6 +337,11 @@ class TrainJob(submitit.helpers.Checkpointable):
         threads: int | None,
         trial: TrialLink | None = None,
     ) -> JobOutcome:
+        if threading.current_thread() is threading.main_thread():
+            # cancelling a local job sends SIGINT; a sweeper started with nohup or in the
+            # background of a script hands its children SIGINT *ignored*, so restore Python's
+            # handler: the job then stops and records its run ``interrupted``
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         env = submitit.JobEnvironment()
         if env.num_tasks > 1:
             # a multi-GPU job: one task per GPU; RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* for

@@ -158,6 +158,25 @@ def terminate_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, old)
 
 
+@contextlib.contextmanager
+def interruptible_children() -> Iterator[None]:
+    """Local jobs are cancelled with SIGINT. A sweeper started in the background of a
+    script (or by a tool that ignores SIGINT) would hand its jobs SIGINT *ignored*, and
+    cancelling would do nothing: while a job is being started, SIGINT gets Python's
+    handler so the child starts with the default; the sweeper's own setting is restored."""
+    ignored = (
+        threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    )
+    if ignored:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        if ignored:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def wait_cancelled(jobs: list, timeout_s: float = 60.0) -> None:
     """After cancelling (SIGINT to local jobs), give them time to record ``interrupted``
     before the sweeper exits, so the store is true when the command returns."""
@@ -410,7 +429,8 @@ class SweepRunner:
                     ex.update_parameters(
                         tasks_per_node=tasks, gpus_per_node=len(gpus), visible_gpus=gpus
                     )
-                    p.job = ex.submit(TrainJob(), p.cfg, tags, threads)
+                    with interruptible_children():
+                        p.job = ex.submit(TrainJob(), p.cfg, tags, threads)
                     p.started, p.status = time.monotonic(), "running"
                     store.set_job_id(self.sweep.id, p.run.id, str(p.job.job_id))
                     self.counts["running"] += 1

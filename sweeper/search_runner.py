@@ -35,6 +35,7 @@ from sweeper.launch import (
     SweepRunner,
     _gpu_count,
     format_command,
+    interruptible_children,
     local_slots,
     threads_per_job,
     wait_cancelled,
@@ -272,7 +273,8 @@ class SearchRunner(SweepRunner):
                         "optuna_study": self.name,
                         "optuna_trial": str(number),
                     }
-                    p.job = ex.submit(TrainJob(), p.cfg, trial_tags, threads, link)
+                    with interruptible_children():
+                        p.job = ex.submit(TrainJob(), p.cfg, trial_tags, threads, link)
                     p.started = time.monotonic()
                     store.set_job_id(self.sweep.id, p.run.id, str(p.job.job_id))
                     if not local:

@@ -164,6 +164,14 @@ class RunConfig:
         )
         _check(self.batch_size > 0, "batch_size", self.batch_size, "an integer >= 1")
         _check(self.epochs >= 1, "epochs", self.epochs, "an integer >= 1")
+        # torch seeds are 64-bit: a larger one would crash the job after its row exists
+        _check(0 <= self.seed < 2**32, "seed", self.seed, "an integer in [0, 2**32)")
+        _check(
+            0 <= self.data.data_seed < 2**32,
+            "data.data_seed",
+            self.data.data_seed,
+            "an integer in [0, 2**32)",
+        )
         _check(_finite(self.lr) and self.lr > 0, "lr", self.lr, "a number > 0")
         _check(
             self.lr_scaling in ("linear", "none"), "lr_scaling", self.lr_scaling, "linear or none"
