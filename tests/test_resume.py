@@ -114,7 +114,19 @@ def _history(t: Trainer) -> list[tuple[float, float]]:
     return [(m.train_loss, m.test_acc) for m in r.history]
 
 
-@pytest.mark.parametrize("damage", ["truncated", "garbage", "both_bad", "lost_in_rename"])
+class _Payload:
+    """What a hostile checkpoint would carry: unpickling it runs code (writes a file)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (Path.write_text, (self.marker, "pwned"))
+
+
+@pytest.mark.parametrize(
+    "damage", ["truncated", "garbage", "both_bad", "lost_in_rename", "hostile_pickle"]
+)
 def test_corrupt_checkpoint_falls_back_with_a_warning(damage: str, tmp_path: Path) -> None:
     ref = _history(Trainer(_digits_cfg(3), tmp_path / "ref", log=lambda _: None))
     run_dir = tmp_path / "run"
@@ -130,6 +142,8 @@ def test_corrupt_checkpoint_falls_back_with_a_warning(damage: str, tmp_path: Pat
     elif damage == "both_bad":
         ckpt.write_bytes(b"x")
         prev.write_bytes(prev.read_bytes()[:100])
+    elif damage == "hostile_pickle":  # loaded with weights_only=True: refused, never run
+        torch.save({"model": _Payload(tmp_path / "pwned")}, ckpt)
     else:  # killed between the two renames of a save: only the previous one is there
         ckpt.unlink()
     lines: list[str] = []
@@ -147,3 +161,4 @@ def test_corrupt_checkpoint_falls_back_with_a_warning(damage: str, tmp_path: Pat
         assert f"falling back to {prev}" in warnings[0]
         assert "resuming after epoch 1/3" in "\n".join(lines)
     assert again == ref  # whichever way it resumed, the run ends exactly as uninterrupted
+    assert not (tmp_path / "pwned").exists()
