@@ -114,6 +114,12 @@ def _history(t: Trainer) -> list[tuple[float, float]]:
     return [(m.train_loss, m.test_acc) for m in r.history]
 
 
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[float, float]]:
+    """The uninterrupted 3-epoch run every damaged one must end equal to."""
+    return _history(Trainer(_digits_cfg(3), tmp_path_factory.mktemp("ref"), log=lambda _: None))
+
+
 class _Payload:
     """What a hostile checkpoint would carry: unpickling it runs code (writes a file)."""
 
@@ -127,8 +133,10 @@ class _Payload:
 @pytest.mark.parametrize(
     "damage", ["truncated", "garbage", "both_bad", "lost_in_rename", "hostile_pickle"]
 )
-def test_corrupt_checkpoint_falls_back_with_a_warning(damage: str, tmp_path: Path) -> None:
-    ref = _history(Trainer(_digits_cfg(3), tmp_path / "ref", log=lambda _: None))
+def test_corrupt_checkpoint_falls_back_with_a_warning(
+    damage: str, reference: list[tuple[float, float]], tmp_path: Path
+) -> None:
+    ref = reference
     run_dir = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         Trainer(_digits_cfg(3), run_dir, sink=_StopAfter(2), log=lambda _: None).fit()

@@ -229,14 +229,23 @@ def test_mlflow_has_the_run(finished: Path) -> None:
     } <= arts
 
 
-def test_mlflow_failure_does_not_lose_the_run(tmp_path: Path) -> None:
-    blocker = tmp_path / "not_a_dir"
-    blocker.write_text("x")  # the tracking DB would have to live below a regular file
+@pytest.mark.parametrize("outage", ["unreachable", "read_only"])
+def test_mlflow_failure_does_not_lose_the_run(outage: str, tmp_path: Path) -> None:
+    back = tmp_path / "mlflow_back.db"
+    if outage == "unreachable":
+        blocker = tmp_path / "not_a_dir"
+        blocker.write_text("x")  # the tracking DB would have to live below a regular file
+        uri = f"sqlite:///{blocker}/mlflow.db"
+    else:  # an existing MLflow DB opened read-only: reads work, every write is refused
+        from mlflow import MlflowClient
+
+        MlflowClient(tracking_uri=f"sqlite:///{back}").search_experiments()
+        uri = f"sqlite:///file:{back}?mode=ro&uri=true"
     res = run_cli(
         "epochs=2",
         "filter_stats_every=10",
         f"results_dir={tmp_path}",
-        f"mlflow.tracking_uri=sqlite:///{blocker}/mlflow.db",
+        f"mlflow.tracking_uri='{uri}'",
         cwd=tmp_path,
     )
     assert res.returncode == 0, res.stderr[-3000:]
@@ -247,7 +256,7 @@ def test_mlflow_failure_does_not_lose_the_run(tmp_path: Path) -> None:
     assert len(sql(tmp_path / "results.db", "SELECT * FROM epoch_metrics")) == 2
 
     # MLflow is back (here: a reachable tracking DB): the documented command mirrors it, once
-    good = f"sqlite:///{tmp_path / 'mlflow_back.db'}"
+    good = f"sqlite:///{back}"
     mirror = [sys.executable, "-m", "sweeper", "mirror", f"results_dir={tmp_path}",
               f"mlflow.tracking_uri={good}"]  # fmt: skip
     first = subprocess.run(mirror, cwd=tmp_path, env=cli_env(), capture_output=True, text=True)
