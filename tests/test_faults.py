@@ -32,8 +32,9 @@ from trainers.registry import ConfigError
 def test_sigterm_on_the_sweeper_cancels_its_jobs_and_a_rerun_resumes(tmp_path: Path) -> None:
     args = ["-m", "method=baseline,pgt", "alpha=0.3", "epochs=6", "batch_size=16",
             "hydra.launcher.max_parallel=2", "mlflow.enabled=false", f"results_dir={tmp_path}"]  # fmt: skip
+    env = {**cli_env(), "GRADSWEEP_HEARTBEAT_S": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sweeper", *args], cwd=tmp_path, env=cli_env(),
+        [sys.executable, "-m", "sweeper", *args], cwd=tmp_path, env=env,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     db = tmp_path / "results.db"
@@ -57,9 +58,15 @@ def test_sigterm_on_the_sweeper_cancels_its_jobs_and_a_rerun_resumes(tmp_path: P
     # KeyboardInterrupt to the shared stderr: that is them being cancelled, not a crash)
     assert err.strip().splitlines()[-1].startswith("error: interrupted (received SIGTERM)")
     assert "/sweeper/" not in err and "/hydra_plugins/" not in err  # no traceback of ours
+    # each job records its own run as interrupted when cancelled; one that submitit's
+    # controller SIGKILLs first (it allows a job ~1 s) is caught by its lease instead
+    time.sleep(3.5)
+    subprocess.run([sys.executable, "-m", "sweeper", "status", f"results_dir={tmp_path}"],
+                   cwd=tmp_path, env=env, capture_output=True, timeout=120)  # fmt: skip
     rows = sql(db, "SELECT status, epoch, error FROM runs ORDER BY id")
     assert [r[0] for r in rows] == ["interrupted", "interrupted"], rows  # none left running
-    assert all(1 <= r[1] < 6 and "KeyboardInterrupt" in r[2] for r in rows)
+    assert all(1 <= r[1] < 6 for r in rows)
+    assert any("KeyboardInterrupt" in r[2] for r in rows), rows  # the jobs saw the cancel
     cut = [r[1] for r in rows]
 
     again = run_cli(*args, cwd=tmp_path, timeout=600)
