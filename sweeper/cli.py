@@ -235,6 +235,6 @@ def main(argv: list[str] | None = None) -> None:
     try:
         hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(_task)()
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the runner has said what it did
-        print(f"error: interrupted ({e or 'Ctrl-C'}); run the same command again to resume",
+        print(f"error: interrupted ({str(e) or 'Ctrl-C'}); run the same command again to resume",
               file=sys.stderr, flush=True)  # fmt: skip
         sys.exit(EXIT_INTERRUPTED)

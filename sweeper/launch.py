@@ -261,7 +261,7 @@ class SweepRunner:
 
         lost = store.expire_leases()  # killed jobs of earlier sweeps: resumed below
         if lost:
-            self.out(f"{len(lost)} run(s) whose job was killed marked interrupted; resuming them")
+            self.out(f"{lost} run(s) whose job was killed marked interrupted; resuming them")
 
         todo, seen = [], {}
         for p in self.points:
@@ -431,10 +431,10 @@ class SweepRunner:
                     )
                     with interruptible_children():
                         p.job = ex.submit(TrainJob(), p.cfg, tags, threads)
+                    running.append(p)  # first: a signal from here on cancels it too
                     p.started, p.status = time.monotonic(), "running"
-                    store.set_job_id(self.sweep.id, p.run.id, str(p.job.job_id))
                     self.counts["running"] += 1
-                    running.append(p)
+                    store.set_job_id(self.sweep.id, p.run.id, str(p.job.job_id))
                 time.sleep(self.params.poll_s)
                 for p in list(running):
                     if self._finished(store, p):
@@ -442,10 +442,14 @@ class SweepRunner:
                         free.append(p.slot)
                         self._report(p)
         except KeyboardInterrupt:
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second signal: finish cleaning up
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one: finish cleaning up
             for p in running:
                 p.job.cancel(check=False)
             wait_cancelled([p.job for p in running])
+            # a job SIGKILLed by submitit's controller before it could record: say it here,
+            # so a rerun resumes it at once instead of waiting for its lease to run out
+            store.mark_interrupted([p.run.id for p in running], "its sweep was interrupted")
             self.out(
                 "interrupted: running jobs cancelled (their runs are marked interrupted); run "
                 "the same command again to resume (finished points are skipped, interrupted "
@@ -492,6 +496,7 @@ class SweepRunner:
                         self._report(p)
         except KeyboardInterrupt:
             subprocess.run(["scancel", main_id], capture_output=True, timeout=60)
+            store.mark_interrupted([p.run.id for p in running], "its sweep was interrupted")
             self.out(
                 f"interrupted: Slurm job {main_id} cancelled; run the same command again to "
                 "resume (finished points are skipped, interrupted ones resume)"
@@ -530,6 +535,8 @@ class SweepRunner:
         p.run = run
         if run.status in OUTCOMES:
             p.status = run.status.value
+        elif run.status == RunStatus.interrupted:  # the job was cancelled (Ctrl-C on it)
+            p.status = "failed"  # for this sweep's tally; the run stays resumable
         else:  # the process died without recording an outcome (killed, OOM, node lost)
             err = job_error(p.job, self.params.kind, p.slurm_state)
             store.finish_run(run.id, RunStatus.failed, error=err)

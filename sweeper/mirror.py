@@ -29,8 +29,21 @@ USAGE = "usage: python -m sweeper mirror [results_dir=DIR] [store.url=URL] " + (
     "[mlflow.tracking_uri=URI] [mlflow.experiment=NAME]"
 )
 FINISHED = (RunStatus.done, RunStatus.failed, RunStatus.diverged, RunStatus.pruned)
+
+
+def _wanted(run: Run) -> bool:
+    """Finished, not mirrored, and its sweep wanted MLflow (``mlflow.enabled``)."""
+    enabled = ((run.config or {}).get("mlflow") or {}).get("enabled", True)
+    return not run.mlflow_mirrored and run.status in FINISHED and bool(enabled)
+
+
 # the per-epoch metrics a job logs (EpochMetrics without its step keys)
 METRICS = [f.name for f in dc_fields(EpochMetrics) if f.name not in ("epoch", "step")]
+
+
+def _first(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:300]
 
 
 def parse_args(argv: list[str]) -> dict[str, str]:
@@ -111,18 +124,27 @@ def mirror(argv: list[str]) -> int:
     experiment = args.get("mlflow.experiment", "gradsweep")
     if url.startswith("sqlite:///") and not Path(url[len("sqlite:///") :]).exists():
         raise ConfigError(f"no results store at {url[len('sqlite:///') :]}; {USAGE}")
-    store = Store(url)
     try:
-        todo = [r for r in store.runs() if not r.mlflow_mirrored and r.status in FINISHED]
+        store = Store(url)
+    except Exception as e:
+        raise ConfigError(f"the results store {url} cannot be opened: {_first(e)}") from None
+    try:
+        todo = [r for r in store.runs() if _wanted(r)]
         if not todo:
             print("nothing to mirror: every finished run is in MLflow already")
             return 0
         try:
             init_tracking_store(uri)
         except Exception as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ConfigError(f"MLflow store {uri} cannot be opened: {first[:300]}") from None
-        done = sum(mirror_run(store, r, uri, experiment, results_dir) for r in todo)
+            raise ConfigError(f"MLflow store {uri} cannot be opened: {_first(e)}") from None
+        done = 0
+        for r in todo:
+            try:
+                done += mirror_run(store, r, uri, experiment, results_dir)
+            except ConfigError:
+                raise
+            except Exception as e:  # one run's trouble: say so, go on; a rerun retries it
+                print(f"warning: run {r.id} not mirrored: {_first(e)}", file=sys.stderr)
     finally:
         store.dispose()
     print(f"mirrored {done} of {len(todo)} run(s) into {uri}")

@@ -50,7 +50,6 @@ METRIC_DIRECTIONS: dict[str, str | None] = {
     "grad_norm_after": None,
     "images_per_s": "maximize",
     "epoch_time": "minimize",
-    "peak_mem_mb": "minimize",
 }
 SAMPLERS = ("tpe", "random", "grid", "cmaes")
 PRUNERS = ("none", "median", "successive_halving", "hyperband")

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import signal
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -275,12 +277,12 @@ class SearchRunner(SweepRunner):
                     }
                     with interruptible_children():
                         p.job = ex.submit(TrainJob(), p.cfg, trial_tags, threads, link)
+                    running.append(p)  # first: a signal from here on cancels it too
+                    self.counts["running"] += 1
                     p.started = time.monotonic()
-                    store.set_job_id(self.sweep.id, p.run.id, str(p.job.job_id))
                     if not local:
                         p.queue = SlurmQueue(str(p.job.job_id), self.out)
-                    running.append(p)
-                    self.counts["running"] += 1
+                    store.set_job_id(self.sweep.id, p.run.id, str(p.job.job_id))
                 if not running:
                     break
                 time.sleep(self.params.poll_s)
@@ -297,9 +299,12 @@ class SearchRunner(SweepRunner):
                         self.counts["running"] -= 1
                         self._tell_point(store, p)
         except KeyboardInterrupt:
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one: finish cleaning up
             for p in running:
                 p.job.cancel(check=False)
             wait_cancelled([p.job for p in running if p.job is not None])
+            store.mark_interrupted([p.run.id for p in running], "its search was interrupted")
             self.out(
                 "interrupted: running trials cancelled and left RUNNING in the study; run "
                 "the same command again to resume them (their runs resume from checkpoints)"
@@ -337,6 +342,11 @@ class SearchRunner(SweepRunner):
         twin = next((p for p in running if p.config_hash == chash), None)
         if twin is not None:  # e.g. a grid sampler or choice() asking again: wait for it
             twin.waiters.append((number, trial_id, label))
+            return None
+        if run.status == RunStatus.running and store.lease_alive(run):
+            # another sweep's live job trains it: two jobs would race on its checkpoint
+            why = f"run {run.id} is being trained by another live job; not started twice"
+            self._tell(number, trial_id, label, "FAIL", None, run.id, why)
             return None
         if run.status in (RunStatus.failed, RunStatus.diverged):
             store.requeue_run(run.id)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+from sqlalchemy.exc import SQLAlchemyError
 
 from sweeper.store import Run, RunStatus, Store
 from trainers.registry import ConfigError
@@ -56,7 +57,10 @@ def status(argv: list[str], console: Console | None = None) -> None:
     console = console or Console(width=max(120, Console().width))
     store = Store(url)
     try:
-        store.expire_leases()
+        try:
+            store.expire_leases()
+        except SQLAlchemyError:  # a read-only or busy store: list it as it is
+            pass
         now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
         sweeps = store.sweeps()
         t = Table(title=f"sweeps in {url}")

@@ -430,33 +430,52 @@ class Store:
 
     def heartbeat(self, run_id: int) -> None:
         """The run's job is alive (called every HEARTBEAT_S by a thread of the job)."""
+        with self.session() as s:  # alive: a lease wrongly expired (a stall) is taken back
+            s.execute(
+                update(Run)
+                .where(Run.id == run_id, Run.status.in_([RunStatus.running, RunStatus.interrupted]))
+                .values(heartbeat_at=utcnow(), status=RunStatus.running, ended_at=None)
+                .execution_options(synchronize_session=False)
+            )
+
+    def expire_leases(self, lease_s: float | None = None) -> int:
+        """Mark ``interrupted`` every ``running`` run without a heartbeat for ``lease_s``
+        (default LEASE_S) seconds; returns how many. One conditional UPDATE, so a run that
+        records its outcome at the same moment keeps it. Its checkpoint is kept: a rerun
+        resumes it. (A job that was only stalled, not dead, takes ``running`` back with its
+        next heartbeat.)"""
+        lease = LEASE_S if lease_s is None else lease_s
+        now = utcnow()
+        last = func.coalesce(Run.heartbeat_at, Run.started_at, Run.created_at)
+        with self.session() as s:
+            res = s.execute(
+                update(Run)
+                .where(Run.status == RunStatus.running, last < now - dt.timedelta(seconds=lease))
+                .values(
+                    status=RunStatus.interrupted,
+                    ended_at=now,
+                    error=f"interrupted: no heartbeat for over {lease:g} s (the job was killed "
+                    "or lost); a rerun resumes it from its last checkpoint",
+                )
+                .execution_options(synchronize_session=False)
+            )
+            return int(res.rowcount or 0)
+
+    def mark_interrupted(self, run_ids: list[int], why: str) -> None:
+        """Runs still ``running`` after their jobs were cancelled: ``interrupted`` now."""
+        if not run_ids:
+            return
         with self.session() as s:
             s.execute(
                 update(Run)
-                .where(Run.id == run_id, Run.status == RunStatus.running)
-                .values(heartbeat_at=utcnow())
-            )
-
-    def expire_leases(self, lease_s: float | None = None) -> list[int]:
-        """Mark ``interrupted`` every ``running`` run without a heartbeat for ``lease_s``
-        (default LEASE_S) seconds; returns their ids. Its checkpoint is kept: a rerun
-        resumes it."""
-        lease = LEASE_S if lease_s is None else lease_s
-        cutoff = utcnow() - dt.timedelta(seconds=lease)
-        last = func.coalesce(Run.heartbeat_at, Run.started_at, Run.created_at)
-        with self.session() as s:
-            stale = list(
-                s.scalars(select(Run).where(Run.status == RunStatus.running, last < cutoff))
-            )
-            for run in stale:
-                seen = run.heartbeat_at or run.started_at or run.created_at
-                run.status = RunStatus.interrupted
-                run.error = (
-                    f"interrupted: no heartbeat since {seen:%Y-%m-%d %H:%M:%S} UTC (lease "
-                    f"{lease:g} s; the job was killed or lost); a rerun resumes it from its "
-                    "last checkpoint"
+                .where(Run.id.in_(run_ids), Run.status == RunStatus.running)
+                .values(
+                    status=RunStatus.interrupted,
+                    ended_at=utcnow(),
+                    error=f"interrupted: {why}; a rerun resumes it from its last checkpoint",
                 )
-            return [r.id for r in stale]
+                .execution_options(synchronize_session=False)
+            )
 
     def lease_alive(self, run: Run, lease_s: float | None = None) -> bool:
         """Whether a ``running`` run's job showed life within the lease (so it is really

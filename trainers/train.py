@@ -451,8 +451,8 @@ class Trainer:
                 continue
             try:
                 return self._load_from(path)
-            except _ForeignCheckpoint:
-                raise
+            except (_ForeignCheckpoint, OSError, MemoryError, torch.OutOfMemoryError):
+                raise  # another run's file, or a transient I/O / memory failure: not "corrupt"
             except Exception as e:  # unreadable: say which file and why, then fall back
                 why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 nxt = (
@@ -460,7 +460,14 @@ class Trainer:
                     if path == self.ckpt_path and self.prev_ckpt_path.exists()
                     else "starting the run from scratch"
                 )
-                self.log(f"warning: checkpoint {path} is unreadable ({why[:200]}); {nxt}")
+                # kept for inspection, and out of the way: the next save would otherwise
+                # rotate the bad file into checkpoint.prev.pt over the good one
+                bad = path.with_name(path.name.replace(".pt", ".bad.pt"))
+                os.replace(path, bad)
+                self.log(
+                    f"warning: checkpoint {path} is unreadable ({why[:200]}; moved to "
+                    f"{bad.name}); {nxt}"
+                )
         # nothing usable: a clean start (the model and optimiser were not touched)
         return 0, 0, []
 
