@@ -54,7 +54,7 @@ def status(argv: list[str], console: Console | None = None) -> None:
             f"no results store at {url[len('sqlite:///') :]}; run a sweep first "
             "or pass results_dir=/store.url="
         )
-    console = console or Console(width=max(120, Console().width))
+    console = console or Console(width=max(170, Console().width))  # every header in full
     store = Store(url)
     try:
         try:

@@ -155,7 +155,7 @@ OVERRIDE = st.one_of(
 )
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(OVERRIDE, min_size=1, max_size=3))
 def test_random_overrides_give_a_config_or_one_error_line(argv: list[str]) -> None:
     """The CLI's whole pre-flight (Hydra parsing and composition, schema, every check) on

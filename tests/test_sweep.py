@@ -158,7 +158,7 @@ def test_status_is_readable_while_a_sweep_runs(tmp_path: Path) -> None:
             "sweeper",
             "-m",
             "seed=0,1",
-            "epochs=4",
+            "epochs=8",
             "batch_size=16",
             "mlflow.enabled=false",
             f"results_dir={tmp_path}",
@@ -170,13 +170,13 @@ def test_status_is_readable_while_a_sweep_runs(tmp_path: Path) -> None:
     )
     try:
         deadline, seen = time.monotonic() + 240, ""
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and proc.poll() is None:
             if poll_sql(tmp_path / "results.db", "SELECT 1 FROM runs WHERE status='running'"):
                 seen = run_cli("status", f"results_dir={tmp_path}", cwd=tmp_path).stdout
-                if "running" in seen:
+                if "│ running │" in seen:  # a run's row, read while its job writes
                     break
             time.sleep(0.5)
-        assert "running" in seen and "seed=0" in seen
+        assert "│ running │" in seen and "seed=0" in seen, seen
     finally:
         proc.wait(timeout=600)
     assert proc.returncode == 0
