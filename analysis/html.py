@@ -20,6 +20,7 @@ from analysis import render
 from analysis.errors import AnalysisError
 from analysis.queries import RunRecord
 from analysis.tables import Excluded, Table
+from trainers.registry import first_line
 
 CSS = """
 body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif;
@@ -72,7 +73,7 @@ def make_figures(records: Sequence[RunRecord], results_dir: Path | None, out_dir
     except AnalysisError:
         raise
     except Exception as e:  # noqa: BLE001 - a plotting bug must not cost the tables
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         print(f"warning: figures unavailable: {first}", file=sys.stderr)
         return None, f"figures unavailable: {type(e).__name__}: {first}"
 

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from analysis.errors import AnalysisError
 from sweeper.store import EpochMetric, Run, RunStatus, Sweep, SweepRun, engine_url
+from trainers.registry import first_line
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,7 @@ def _upgrade_if_old(engine: Engine, url: str) -> None:
 
 
 def _fail(e: SQLAlchemyError) -> AnalysisError:
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    first = first_line(e)
     return AnalysisError(f"cannot read the results store: {first}")
 
 

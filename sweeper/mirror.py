@@ -21,7 +21,7 @@ from pathlib import Path
 
 from sweeper.store import Run, RunStatus, Store, engine_url
 from sweeper.tracking import MlflowMirror, init_tracking_store, run_name
-from trainers.registry import ConfigError
+from trainers.registry import ConfigError, first_line
 from trainers.train import EpochMetrics
 
 KEYS = ("results_dir", "store.url", "mlflow.tracking_uri", "mlflow.experiment")
@@ -42,8 +42,7 @@ METRICS = [f.name for f in dc_fields(EpochMetrics) if f.name not in ("epoch", "s
 
 
 def _first(e: BaseException) -> str:
-    text = str(e).strip()
-    return (text.splitlines()[0] if text else type(e).__name__)[:300]
+    return first_line(e)[:300]
 
 
 def parse_args(argv: list[str]) -> dict[str, str]:

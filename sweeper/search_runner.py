@@ -53,7 +53,7 @@ from sweeper.search import (
 )
 from sweeper.slurm import SlurmQueue
 from sweeper.store import RunStatus, Store
-from trainers.registry import ConfigError
+from trainers.registry import ConfigError, first_line
 
 
 @dataclass
@@ -153,7 +153,7 @@ class SearchRunner(SweepRunner):
                 load_if_exists=True,
             )
         except Exception as e:
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            msg = first_line(e)
             raise ConfigError(
                 f"the study storage {self.storage_url} cannot be used ({msg})"
             ) from None

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from sweeper.store import engine_url
+from trainers.registry import first_line
 
 T = TypeVar("T")
 
@@ -84,7 +85,7 @@ class MlflowMirror:
             return fn()
         except Exception as e:  # any MLflow/DB/filesystem failure: warn, keep training
             self.ok = False
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = first_line(e)
             self.warn(
                 f"warning: MLflow {what} failed ({type(e).__name__}: {first}); "
                 "the run continues and is kept in the results store, not mirrored"

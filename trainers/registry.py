@@ -16,6 +16,12 @@ class ConfigError(ValueError):
     """
 
 
+def first_line(e: BaseException) -> str:
+    """An exception's first line (tracebacks and SQL are multi-line), or its type name."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 class Registry(Generic[T]):
     """A small ordered mapping from names to objects (factories, specs...)."""
 

@@ -34,7 +34,7 @@ from trainers.methods import (
     znorm_,
 )
 from trainers.models import build_model, classifier_of
-from trainers.registry import ConfigError
+from trainers.registry import ConfigError, first_line
 from trainers.schedule import lr_at
 
 ZERO_NORM = 1e-8  # a filter / feature with L2 norm below this counts as "zeroed out"
@@ -454,7 +454,7 @@ class Trainer:
             except (_ForeignCheckpoint, OSError, MemoryError, torch.OutOfMemoryError):
                 raise  # another run's file, or a transient I/O / memory failure: not "corrupt"
             except Exception as e:  # unreadable: say which file and why, then fall back
-                why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                why = first_line(e)
                 nxt = (
                     f"falling back to {self.prev_ckpt_path}"
                     if path == self.ckpt_path and self.prev_ckpt_path.exists()
