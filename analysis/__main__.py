@@ -1,7 +1,9 @@
 """``python -m analysis``: rebuild the paper's tables (and the HTML report) from the store.
 
 Thin argparse entry; the work is in :mod:`analysis.report`. Failures print one line
-``error: ...`` on stderr and exit with status 2.
+``error: ...`` on stderr and exit with status 2 (the CLI's one boundary,
+:func:`sweeper.errors.boundary`). Nothing heavy is imported before the arguments are read,
+so ``--help`` answers at once.
 """
 
 from __future__ import annotations
@@ -46,43 +48,42 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status."""
-    args = parser().parse_args(argv)
-    try:
-        from analysis.queries import RunFilter
-        from analysis.report import FORMATS, ReportRequest, make_report
+    from sweeper.errors import boundary
 
-        formats = _split([args.formats])
-        bad = [f for f in formats if f not in FORMATS]
-        if bad or not formats:
-            raise AnalysisError(
-                f"unknown format(s) {bad or formats}; choose from md, csv, tex, html"
-            )
-        if args.alpha not in ("best", "all"):
-            try:
-                float(args.alpha)
-            except ValueError as e:
-                msg = f"--alpha must be best, all or a number, got {args.alpha!r}"
-                raise AnalysisError(msg) from e
+    args = parser().parse_args(argv)
+    return boundary(lambda: _report(args))
+
+
+def _report(args: argparse.Namespace) -> None:
+    from analysis.queries import RunFilter
+    from analysis.report import FORMATS, ReportRequest, make_report
+
+    formats = _split([args.formats])
+    bad = [f for f in formats if f not in FORMATS]
+    if bad or not formats:
+        raise AnalysisError(f"unknown format(s) {bad or formats}; choose from md, csv, tex, html")
+    if args.alpha not in ("best", "all"):
         try:
-            sweeps = [int(s) for s in _split(args.sweep)]
+            float(args.alpha)
         except ValueError as e:
-            raise AnalysisError(f"--sweep takes integer ids: {e}") from e
-        results_dir: Path = args.results_dir
-        url = args.store_url or f"sqlite:///{results_dir / 'results.db'}"
-        req = ReportRequest(
-            store_url=url,
-            out=args.out if args.out is not None else results_dir / "report",
-            formats=formats,
-            flt=RunFilter(sweeps, _split(args.model), _split(args.method), _split(args.data)),
-            alpha=args.alpha,
-            results_dir=None if args.store_url else results_dir,
-            study_storage=args.study_storage,
-        )
-        make_report(req)
-    except AnalysisError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+            msg = f"--alpha must be best, all or a number, got {args.alpha!r}"
+            raise AnalysisError(msg) from e
+    try:
+        sweeps = [int(s) for s in _split(args.sweep)]
+    except ValueError as e:
+        raise AnalysisError(f"--sweep takes integer ids: {e}") from e
+    from sweeper.store import default_url
+
+    results_dir: Path = args.results_dir
+    req = ReportRequest(
+        store_url=args.store_url or default_url(results_dir),
+        out=args.out if args.out is not None else results_dir / "report",
+        formats=formats,
+        flt=RunFilter(sweeps, _split(args.model), _split(args.method), _split(args.data)),
+        alpha=args.alpha,
+        study_storage=args.study_storage,
+    )
+    make_report(req)
 
 
 if __name__ == "__main__":

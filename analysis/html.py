@@ -18,8 +18,8 @@ from typing import Any
 
 from analysis import render
 from analysis.errors import AnalysisError
-from analysis.queries import RunRecord
 from analysis.tables import Excluded, Table
+from sweeper.store import RunRecord
 from trainers.registry import first_line
 
 CSS = """
@@ -56,7 +56,7 @@ NOTE = (
 )
 
 
-def make_figures(records: Sequence[RunRecord], results_dir: Path | None, out_dir: Path):
+def make_figures(records: Sequence[RunRecord], out_dir: Path):
     """``analysis.plots.make_figures``, or (None, reason) when figures cannot be made.
 
     Returns ``(figures, None)`` on success. A missing plots module or a failure while
@@ -69,7 +69,7 @@ def make_figures(records: Sequence[RunRecord], results_dir: Path | None, out_dir
         return None, f"figures unavailable: the plots module cannot be imported ({e})"
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        return list(_make(records, results_dir, out_dir)), None
+        return list(_make(records, out_dir)), None
     except AnalysisError:
         raise
     except Exception as e:  # noqa: BLE001 - a plotting bug must not cost the tables

@@ -8,16 +8,14 @@ Figures (numbers refer to "Altering Backward Pass Gradients improves Convergence
   mean test top-1) marked.
 * **Fig. 8**: final logit norm and final test loss vs α (same groups), and test loss
   against logit norm with the least-squares line (:func:`logit_norm_regression`).
-* **Norm profiles** (Figs. 5-7, 14-17), from the per-run artifacts under
-  ``<results_dir>/runs/<config_hash[:16]>/``: per-filter L2 norm vs optimiser step of one
-  layer, a grid of every layer, and the sorted per-channel pooled-feature norms.
+* **Norm profiles** (Figs. 5-7, 14-17), from each run's artifacts in its own folder
+  (``RunRecord.run_dir``, where its job wrote them, whichever store the run is in):
+  per-filter L2 norm vs optimiser step of one layer, a grid of every layer, and the sorted
+  per-channel pooled-feature norms.
 
 :func:`zeroed_filters_table` lists zeroed filters (norm < 1e-8) per layer at each run's
-last snapshot, from the store's ``filter_stats`` table.
-
-``RunRecord`` carries neither the config hash nor the final loss / logit norm; those are
-read (read-only) from ``<results_dir>/results.db`` by run id, unless a record already has
-attributes of those names. Missing data never raises: the figure is skipped.
+last snapshot, from the store's ``filter_stats`` rows (:meth:`Store.last_filter_stats`).
+Missing data never raises: the figure is skipped.
 """
 
 from __future__ import annotations
@@ -36,17 +34,13 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from sqlalchemy import func, select  # noqa: E402
-from sqlalchemy.exc import SQLAlchemyError  # noqa: E402
-from sqlalchemy.orm import Session  # noqa: E402
 
-from analysis.errors import AnalysisError  # noqa: E402
-from analysis.queries import RunRecord, open_engine  # noqa: E402
 from analysis.stats import summarize  # noqa: E402
-from sweeper.store import FilterStat, Run  # noqa: E402
+from analysis.zeroed import ZEROED_HEADER, zeroed_by_layer, zeroed_filters_table  # noqa: E402, F401
+from sweeper.store import RunRecord  # noqa: E402
 
 DPI = 110
-ZERO_NORM = 1e-8  # same threshold as trainers.train.ZERO_NORM
+ZERO_NORM = 1e-8  # same threshold as trainers.records.ZERO_NORM
 MAX_PROFILE_RUNS = 6
 MAX_GROUPS = 12  # settings (data, model, epochs, batch, schedule) drawn per figure kind
 PAPER_FIT = (0.01074, 0.25816)  # Fig. 8: loss = 0.01074 * logit_norm + 0.25816
@@ -93,13 +87,6 @@ class AlphaSeries:
     baseline_train: float | None
     baseline_n: int
     best_alpha: float
-
-
-@dataclass(frozen=True)
-class _Extra:
-    config_hash: str | None
-    test_loss: float | None
-    logit_norm: float | None
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -155,113 +142,6 @@ def _save(fig: plt.Figure, path: Path) -> Path:
 def _run_label(r: RunRecord) -> str:
     a = f" α={_fmt(r.alpha)}" if r.alpha is not None else ""
     return f"{r.method}{a} seed {r.seed}"
-
-
-# ----------------------------------------------------------------------------- store
-def _db(results_dir: Path | None) -> Path | None:
-    if results_dir is None:
-        return None
-    db = Path(results_dir) / "results.db"
-    return db if db.is_file() else None
-
-
-def _extras(records: Sequence[RunRecord], results_dir: Path | None) -> dict[int, _Extra]:
-    """Config hash, final test loss and logit norm per run id (record attributes first,
-    then the store under ``results_dir``)."""
-    out: dict[int, _Extra] = {}
-    missing: list[int] = []
-    for r in records:
-        ch = getattr(r, "config_hash", None)
-        tl = getattr(r, "test_loss", None)
-        ln = getattr(r, "logit_norm", None)
-        out[r.id] = _Extra(ch, tl, ln)
-        if ch is None or tl is None or ln is None:
-            missing.append(r.id)
-    db = _db(results_dir)
-    if not missing or db is None:
-        return out
-    try:
-        engine = open_engine(f"sqlite:///{db}")
-    except AnalysisError:
-        return out
-    try:
-        with Session(engine) as s:
-            q = select(Run.id, Run.config_hash, Run.test_loss, Run.logit_norm).where(
-                Run.id.in_(missing)
-            )
-            for rid, ch, tl, ln in s.execute(q).all():
-                old = out[rid]
-                out[rid] = _Extra(
-                    old.config_hash or ch,
-                    old.test_loss if old.test_loss is not None else tl,
-                    old.logit_norm if old.logit_norm is not None else ln,
-                )
-    except SQLAlchemyError:
-        pass
-    finally:
-        engine.dispose()
-    return out
-
-
-def zeroed_filters_table(records: Sequence[RunRecord], results_dir: Path | None) -> list[dict]:
-    """Zeroed filters (L2 norm < 1e-8) per layer at the LAST snapshot of each done run.
-
-    Rows ``{method, model, layer_index, layer_name, n_filters, n_zero}`` plus ``run_id``,
-    ``alpha`` and ``seed`` (one row per run and layer), ordered by method, model, alpha,
-    seed, run id, layer index. Read from ``<results_dir>/results.db`` (``filter_stats``);
-    [] when there is no store or no snapshot (the paper's zeroed-filter counts, Figs. 5-7).
-    """
-    done = {r.id: r for r in _done(records)}
-    db = _db(results_dir)
-    if not done or db is None:
-        return []
-    try:
-        engine = open_engine(f"sqlite:///{db}")
-    except AnalysisError:
-        return []
-    rows: list[dict] = []
-    try:
-        with Session(engine) as s:
-            last = (
-                select(FilterStat.run_id, func.max(FilterStat.step).label("last_step"))
-                .where(FilterStat.run_id.in_(list(done)))
-                .group_by(FilterStat.run_id)
-                .subquery()
-            )
-            q = select(FilterStat).join(
-                last,
-                (FilterStat.run_id == last.c.run_id) & (FilterStat.step == last.c.last_step),
-            )
-            for fs in s.scalars(q):
-                r = done[fs.run_id]
-                rows.append(
-                    {
-                        "method": r.method,
-                        "model": r.model,
-                        "layer_index": fs.layer_index,
-                        "layer_name": fs.layer_name,
-                        "n_filters": fs.n_filters,
-                        "n_zero": fs.n_zero,
-                        "run_id": r.id,
-                        "alpha": r.alpha,
-                        "seed": r.seed,
-                    }
-                )
-    except SQLAlchemyError:
-        return []
-    finally:
-        engine.dispose()
-    rows.sort(
-        key=lambda d: (
-            d["method"],
-            d["model"],
-            -1.0 if d["alpha"] is None else d["alpha"],
-            d["seed"],
-            d["run_id"],
-            d["layer_index"],
-        )
-    )
-    return rows
 
 
 # ----------------------------------------------------------------------------- α grid
@@ -353,15 +233,14 @@ def _alpha_figure(s: AlphaSeries, out_dir: Path) -> Figure:
 
 
 # ----------------------------------------------------------------------------- Fig. 8
-def _fig8(records: Sequence[RunRecord], extras: dict[int, _Extra], out_dir: Path) -> list[Figure]:
+def _fig8(records: Sequence[RunRecord], out_dir: Path) -> list[Figure]:
     figs: list[Figure] = []
     groups: dict[GroupKey, list[tuple[RunRecord, float, float]]] = defaultdict(list)
     for r in _done(records):
-        e = extras.get(r.id)
-        if e is None or not (_finite(e.logit_norm) and _finite(e.test_loss)):
+        if not (_finite(r.logit_norm) and _finite(r.test_loss)):
             continue
         if r.method in ("pgt", "baseline"):
-            groups[_group(r)].append((r, float(e.logit_norm), float(e.test_loss)))  # type: ignore[arg-type]
+            groups[_group(r)].append((r, float(r.logit_norm), float(r.test_loss)))  # type: ignore[arg-type]
     for g in sorted(groups):
         pts = groups[g]
         slug = _slug(*g)
@@ -468,9 +347,7 @@ def _pick_layer(names: list[str], arrays: list[np.ndarray]) -> int:
     return 0
 
 
-def _profile_runs(
-    records: Sequence[RunRecord], extras: dict[int, _Extra], results_dir: Path
-) -> list[tuple[RunRecord, Path]]:
+def _profile_runs(records: Sequence[RunRecord]) -> list[tuple[RunRecord, Path]]:
     """At most MAX_PROFILE_RUNS done runs with an artifact folder, one per method."""
     chosen: dict[str, tuple[RunRecord, Path]] = {}
     order = sorted(
@@ -478,10 +355,9 @@ def _profile_runs(
         key=lambda r: (r.method, -1.0 if r.alpha is None else r.alpha, r.seed, r.id),
     )
     for r in order:
-        ch = extras.get(r.id, _Extra(None, None, None)).config_hash
-        if r.method in chosen or not ch:
+        if r.method in chosen or not r.run_dir:
             continue
-        d = Path(results_dir) / "runs" / ch[:16]
+        d = Path(r.run_dir)
         if d.is_dir():
             chosen[r.method] = (r, d)
         if len(chosen) >= MAX_PROFILE_RUNS:
@@ -578,13 +454,13 @@ def _feature_figure(runs: list[tuple[RunRecord, Path]], out_dir: Path) -> Figure
 
 
 # ----------------------------------------------------------------------------- entry
-def make_figures(records: list[RunRecord], results_dir: Path | None, out_dir: Path) -> list[Figure]:
+def make_figures(records: Sequence[RunRecord], out_dir: Path) -> list[Figure]:
     """Write every figure the data allows into ``out_dir`` (created) and return them.
 
     Only ``done`` runs are plotted. α grids (Figs. 10-13) need PGT at >= 2 α; Fig. 8 needs
-    final logit norm and test loss (from the store under ``results_dir``); norm profiles
-    (Figs. 5-7, 14-17) need the run artifacts under ``results_dir``. Figures whose data
-    is absent are skipped; [] when nothing can be drawn.
+    final logit norm and test loss; norm profiles (Figs. 5-7, 14-17) need the runs'
+    artifact folders (``RunRecord.run_dir``). Figures whose data is absent are skipped; []
+    when nothing can be drawn.
     """
     done = _done(records)
     if not done:
@@ -597,8 +473,7 @@ def make_figures(records: list[RunRecord], results_dir: Path | None, out_dir: Pa
     shown = {g for g, _ in sizes.most_common(MAX_GROUPS)}
     capped = [r for r in done if _group(r) in shown]
     figs = [_alpha_figure(s, out_dir) for s in alpha_series(capped)]
-    extras = _extras(done, results_dir)
-    figs += _fig8(capped, extras, out_dir)
+    figs += _fig8(capped, out_dir)
     if len(sizes) > MAX_GROUPS and figs:
         figs[0] = replace(
             figs[0],
@@ -608,47 +483,10 @@ def make_figures(records: list[RunRecord], results_dir: Path | None, out_dir: Pa
                 "narrow the report with --model, --data, --method or --sweep for the others."
             ),
         )
-    if results_dir is not None:
-        runs = _profile_runs(done, extras, Path(results_dir))
-        for r, d in runs:
-            figs += _norm_figures(r, d, out_dir)
-        feat = _feature_figure(runs, out_dir)
-        if feat is not None:
-            figs.append(feat)
+    runs = _profile_runs(done)
+    for r, d in runs:
+        figs += _norm_figures(r, d, out_dir)
+    feat = _feature_figure(runs, out_dir)
+    if feat is not None:
+        figs.append(feat)
     return figs
-
-
-ZEROED_HEADER = [
-    "model",
-    "method",
-    "layer",
-    "layer name",
-    "filters",
-    "zeroed (mean)",
-    "zeroed (max)",
-    "runs",
-]
-
-
-def zeroed_by_layer(rows: Sequence[dict]) -> list[list[str]]:
-    """The report's "zeroed filters per layer x method" table (paper Sec. 5.2): the rows of
-    :func:`zeroed_filters_table` pooled over runs (seeds, alpha) per model, method, layer."""
-    groups: dict[tuple, list[dict]] = defaultdict(list)
-    for r in rows:
-        groups[(r["model"], r["method"], r["layer_index"], r["layer_name"])].append(r)
-    out = []
-    for (model, method, idx, name), rs in sorted(groups.items()):
-        zs = [int(r["n_zero"]) for r in rs]
-        out.append(
-            [
-                model,
-                method,
-                str(idx),
-                name,
-                str(rs[0]["n_filters"]),
-                f"{float(np.mean(zs)):.2f}",
-                str(max(zs)),
-                str(len(rs)),
-            ]
-        )
-    return out

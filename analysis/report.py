@@ -10,14 +10,7 @@ from pathlib import Path
 from analysis import html, render
 from analysis.errors import AnalysisError
 from analysis.paper import annotate
-from analysis.queries import (
-    RunFilter,
-    count_runs,
-    known_sweep_ids,
-    load_runs,
-    open_engine,
-    sweep_names,
-)
+from analysis.queries import RunFilter, load_runs, open_store
 from analysis.studies import (
     IMPORTANCE_HEADER,
     STUDIES_HEADER,
@@ -30,6 +23,8 @@ from analysis.studies import (
     trials_grid,
 )
 from analysis.tables import build_tables, cost_of
+from analysis.zeroed import ZEROED_HEADER, zeroed_by_layer, zeroed_filters_table
+from sweeper.store import display_url
 
 FORMATS = ("md", "csv", "tex", "html")
 
@@ -43,7 +38,6 @@ class ReportRequest:
     formats: Sequence[str]
     flt: RunFilter
     alpha: str = "best"
-    results_dir: Path | None = None  # None when only a store URL was given
     study_storage: str | None = None  # Optuna storage; None -> the store's database
 
 
@@ -60,21 +54,13 @@ def prepare_out(out: Path) -> None:
 
 def _source(req: ReportRequest) -> str:
     """Where the runs came from, for the HTML header (no password)."""
-    try:
-        from sqlalchemy.engine import make_url
-
-        return f"store {make_url(req.store_url).render_as_string(hide_password=True)}"
-    except Exception:  # noqa: BLE001 - only a label
-        return ""
+    return f"store {display_url(req.store_url)}"
 
 
-def _zeroed(runs: list, results_dir: Path | None) -> tuple[list[str], list[list[str]]]:
-    """Last-snapshot zeroed filters per layer x method (needs the store's filter_stats)."""
-    if results_dir is None:
-        return [], []
-    from analysis.plots import ZEROED_HEADER, zeroed_by_layer, zeroed_filters_table
-
-    return ZEROED_HEADER, zeroed_by_layer(zeroed_filters_table(runs, results_dir))
+def _zeroed(runs: list, last_stats: list) -> tuple[list[str], list[list[str]]]:
+    """Last-snapshot zeroed filters per layer x method (from the store's filter_stats)."""
+    rows = zeroed_by_layer(zeroed_filters_table(runs, last_stats))
+    return (ZEROED_HEADER, rows) if rows else ([], [])
 
 
 def _study_tables(studies: list[StudySummary]) -> list[tuple[str, list[str], list[list[str]]]]:
@@ -89,22 +75,23 @@ def _study_tables(studies: list[StudySummary]) -> list[tuple[str, list[str], lis
 
 def make_report(req: ReportRequest) -> list[Path]:
     """Build and write the report; returns the files written. Prints the Markdown."""
-    engine = open_engine(req.store_url)
+    store = open_store(req.store_url)
     try:
-        if count_runs(engine) == 0:
-            raise AnalysisError(f"the store {req.store_url} has no runs")
+        if store.count_runs() == 0:
+            raise AnalysisError(f"the store {display_url(req.store_url)} has no runs")
         if req.flt.sweeps:
-            known = known_sweep_ids(engine)
+            known = [s.id for s in store.sweeps()]
             unknown = sorted(set(req.flt.sweeps) - set(known))
             if unknown:
                 listed = ", ".join(map(str, known)) or "none"
                 raise AnalysisError(
                     f"unknown sweep id(s) {', '.join(map(str, unknown))}; known: {listed}"
                 )
-        runs = load_runs(engine, req.flt)
-        names = set(sweep_names(engine, req.flt.sweeps)) if req.flt.sweeps else None
+        runs = load_runs(store, req.flt)
+        names = {s.name for s in store.sweeps(req.flt.sweeps)} if req.flt.sweeps else None
+        last_stats = store.last_filter_stats([r.id for r in runs if r.status == "done"])
     finally:
-        engine.dispose()
+        store.dispose()
     if not runs:
         raise AnalysisError("no runs match the filters")
     prepare_out(req.out)
@@ -112,7 +99,7 @@ def make_report(req: ReportRequest) -> list[Path]:
     tables = annotate(built)
     total = (cost_of(runs), cost_of(ex.runs))
     md = render.markdown(tables, ex, total)
-    zeroed_header, zeroed = _zeroed(runs, req.results_dir)
+    zeroed_header, zeroed = _zeroed(runs, last_stats)
     if zeroed:
         md += (
             "\n## Zeroed filters per layer x method\n\n"
@@ -125,7 +112,7 @@ def make_report(req: ReportRequest) -> list[Path]:
         md += f"\n## {title}\n\n" + render.md_grid(header, rows) + "\n"
     figures, note = None, None
     if "html" in req.formats:
-        figures, note = html.make_figures(runs, req.results_dir, req.out / "figures")
+        figures, note = html.make_figures(runs, req.out / "figures")
         if studies:
             figures = [*(figures or []), *study_figures(studies, req.out / "figures")]
         if figures:  # captions carry the numbers (e.g. Fig. 8's slope, intercept and r)

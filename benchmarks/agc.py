@@ -6,7 +6,7 @@ the trainer hands AGC: all but the final classifier ``fc`` (159 of 161 tensors).
 alternate the two implementations across repeats (AB, BA, ...) to cancel drift and report the
 median ms per call. Correctness: from identical copies of the gradients, the clipped
 gradients must agree to 1e-6 relative. Goal: >= 5x faster on CUDA, >= 1.5x on CPU
-(design.md §2 and §5: timm's loop costs 21.5 ms per call on an H200). Usage:
+(docs/architecture.md: timm's loop costs 21.5 ms per call on an H200). Usage:
 
     .venv/bin/python benchmarks/agc.py [--device auto|cpu|cuda] [--quick]
 """
@@ -83,7 +83,7 @@ _NO_KERNEL = {"aten.detach", "aten.unbind", "aten.select", "aten.view", "aten.al
 
 class _OpCounter(TorchDispatchMode):
     """Counts ATen ops that launch a kernel. AGC over a ResNet-50 is launch-bound on a GPU
-    (design.md §2), so the ratio of these counts predicts the CUDA speed-up on a CPU box."""
+    (docs/architecture.md), so the ratio of these counts predicts the CUDA speed-up on a CPU box."""
 
     def __init__(self) -> None:
         super().__init__()

@@ -14,7 +14,7 @@ buffer and divergence checks). Only the ``trainer.data.train`` loader differs:
 Both are timed per epoch, alternating (AB, BA, ...) after one warm-up epoch each (cuDNN
 autotune, worker start-up: persistent workers), median of the repeats; a data-only pass
 (batches fetched to the device, no training) shows each loader's ceiling. Goal: epoch time
-dataloader / resident >= 1.5 on CUDA (design.md §5 anchors: 4.8 s vs 4.4 s per 391-step
+dataloader / resident >= 1.5 on CUDA (docs/architecture.md anchors: 4.8 s vs 4.4 s per 391-step
 epoch with a plain loop, launch-bound at 11 ms/step). Usage:
 
     .venv/bin/python benchmarks/data_path.py [--device auto|cpu|cuda] [--quick]
@@ -44,7 +44,8 @@ from torchvision import transforms as T
 
 from trainers.config import ModelConf, RunConfig
 from trainers.data import CIFAR10_MEAN, CIFAR10_STD, CIFAR_PAD, DataConfig, TensorLoader
-from trainers.train import Trainer, _FilterLog
+from trainers.probes import FilterLog
+from trainers.train import Trainer
 
 GOAL = 1.5  # dataloader epoch time / resident epoch time, on CUDA
 BATCH = 128
@@ -151,13 +152,16 @@ def main() -> None:
             f"{repeats} timed epochs per path after 1 warm-up"
         )
         epoch = 0
+        totals: list = []
 
         def train_epoch(name: str) -> float:
             nonlocal epoch
             trainer.data.train = paths[name]
             trainer.steps_per_epoch = len(paths[name])
             epoch += 1
-            return time_once(lambda: trainer._train_epoch(epoch, 0, _FilterLog()), dev)
+            return time_once(
+                lambda: totals.append(trainer._train_epoch(epoch, 0, FilterLog())), dev
+            )
 
         def data_epoch(name: str) -> float:
             def go() -> None:
@@ -176,7 +180,7 @@ def main() -> None:
             for name in names if r % 2 == 0 else names[::-1]:  # AB, BA: cancels drift
                 train_t[name].append(train_epoch(name))
                 data_t[name].append(data_epoch(name))
-        loss = trainer._epoch_totals[0]
+        loss = totals[-1].train_loss
 
     rows = []
     for name in names:

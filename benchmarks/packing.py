@@ -6,7 +6,7 @@ fresh results dir: once one job at a time on the GPU, once four at a time sharin
 wall times (from the command's start to its exit: start-up, data, training, evaluation,
 store writes) and their ratio are printed, with the runs' own img/s and peak GPU memory read
 back from each store. A small model at batch 128 is launch-bound: it leaves most of a big
-GPU idle, which packing fills (design.md §5). Goal: serial / packed >= 3 on CUDA.
+GPU idle, which packing fills (docs/architecture.md). Goal: serial / packed >= 3 on CUDA.
 
 Only ``CUDA_VISIBLE_DEVICES``' first GPU is used (the goal is about one GPU). On a machine
 without a GPU, ``--device cpu`` runs the same script with ``max_parallel`` 2 vs 1 instead,

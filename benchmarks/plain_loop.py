@@ -9,7 +9,7 @@ plain-loop epoch of the same number of steps after each Trainer epoch (T P T P .
 the first epoch of each is a warm-up (cuDNN autotune, allocator; compilation with
 ``--compile``). Goal: Trainer / plain >= 0.97. Setups:
 
-- CUDA: ResNet-50, 224x224, batch 256, bf16 autocast, channels-last (design.md §5 anchors on
+- CUDA: ResNet-50, 224x224, batch 256, bf16 autocast, channels-last (docs/architecture.md anchors on
   the H200: 4,700 img/s eager, 6,600 img/s with torch.compile).
 - CPU:  ResNet-50, 64x64 (32x32 with --quick), batch 32, fp32.
 
@@ -47,7 +47,8 @@ from torch import Tensor, nn
 from trainers.config import ModelConf, RunConfig
 from trainers.data import DataConfig
 from trainers.models import build_model
-from trainers.train import EpochMetrics, LayerFilterStats, Trainer
+from trainers.records import EpochMetrics, LayerFilterStats
+from trainers.train import Trainer
 
 GOAL = 0.97  # Trainer img/s / plain-loop img/s
 ANCHOR = {False: 4700, True: 6600}  # H200 img/s, ResNet-50 bf16 b256, eager / compiled

@@ -8,7 +8,7 @@ all methods share one model, optimiser and data; block order rotates every repea
 (ABC, BCA, CAB, ...) to cancel drift. Reports the median step time per method and the median
 of the paired ratios (each method's block over the baseline block of the same repeat: on a
 shared VM the machine's speed drifts by several % between repeats, far more than the 1% to
-resolve). Goal: <= 1.01 (design.md §5: PGT costs nothing measurable).
+resolve). Goal: <= 1.01 (on an H200 PGT costs nothing measurable: docs/architecture.md).
 
 A second, sharper measurement isolates the only code that differs between the methods, the
 loss's forward and backward on the step's (N, C) logits, and states its extra time over

@@ -1,240 +1,83 @@
-"""``python -m sweeper``: the thin Hydra entry (design.md §6.3).
+"""``python -m sweeper``: the thin Hydra entry, and the CLI's one error boundary.
 
-Before Hydra starts (and creates its output directory), :func:`preflight_argv` composes
-the same config through Hydra's compose API and runs every check that needs no training,
-so bad input ends with one line ``error: ...`` and exit status 2, and nothing is written.
+``python -m sweeper [overrides]`` trains one run; ``-m`` sweeps a grid (our Hydra sweeper
+and launcher plugins) or a search (``hydra/sweeper=optuna``); ``status`` and ``mirror`` are
+subcommands. Before Hydra starts, :func:`~sweeper.compose.preflight_argv` checks the command
+line (bad input: one line, exit 2, nothing written). Everything below raises; only
+:func:`main` prints and exits (:func:`sweeper.errors.boundary`).
+
+Start-up matters (every job of a sweep pays it): this module imports Hydra and the config
+schema only; torch, submitit and MLflow are imported where a run or a sweep needs them.
 """
 
 from __future__ import annotations
 
 import logging
-import re
+import os
 import sys
-from pathlib import Path
-from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from sweeper.schema import Config, register_configs
-from trainers.registry import ConfigError
+from sweeper.compose import CONF_DIR, preflight_argv, to_config
+from sweeper.errors import Failed, boundary
+from sweeper.schema import register_configs
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-GROUPS = ("model", "method", "data", "schedule", "experiment")
-# hydra's own groups that we replace: Hydra's basic launcher/sweeper bypass the store
-HYDRA_GROUPS = {"hydra/launcher": ["local", "slurm"], "hydra/sweeper": ["gradsweep", "optuna"]}
-EXIT_BAD_INPUT = 2
-EXIT_FAILED = 1
-EXIT_INTERRUPTED = 130  # like a shell: 128 + SIGINT
-
-log = logging.getLogger("gradsweep")
+# Hydra's own flags that print and exit: no pre-flight, no run
+HYDRA_INFO_FLAGS = ("--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c",
+                    "--shell-completion", "-sc")  # fmt: skip
 
 
-def group_options(group: str) -> list[str]:
-    if group in HYDRA_GROUPS:
-        return HYDRA_GROUPS[group]
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+class _TaskResult:
+    """Hydra wraps the task and prints its own line for an exception raised there: the task
+    keeps its exception here, and :func:`_run_hydra` raises it outside Hydra."""
 
-
-def to_config(cfg: DictConfig) -> Config:
-    """The one boundary where a DictConfig becomes the typed Config."""
-    _reject_extra_keys(cfg)
-    obj = OmegaConf.to_object(cfg)
-    assert isinstance(obj, Config)
-    return obj
-
-
-def _one_line(e: Exception) -> str:
-    """Hydra / OmegaConf errors are multi-line; keep what names the bad value."""
-    text = str(e).strip()
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    key = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("full_key:")), "")
-    m = re.search(r"Could not override '([^']+)'", text)
-    if m and re.search(r"Key '[^']+' (is )?not in", text + str(e.__cause__ or "")):
-        return unknown_key_message(m.group(1))
-    m = re.search(r"Missing mandatory value: ?(\S+)", text)
-    if m or "MissingMandatoryValue" in type(e).__name__:
-        k = m.group(1) if m else key
-        return f"{k} is required (no default); set it on the command line, e.g. {k}=/path"
-    first = lines[0] if lines else type(e).__name__
-    cause = e.__cause__
-    if cause is not None and str(cause).strip():  # Hydra wraps the OmegaConf error that says why
-        first = f"{first.rstrip('.')}: {str(cause).strip().splitlines()[0]}"
-    return f"{key}: {first}" if key and key not in first else first
-
-
-def unknown_key_message(path: str) -> str:
-    """'unknown key X; known ...' listing the keys allowed where X was put."""
-    node: Any = Config
-    parts = path.lstrip("+~").split(".")
-    for part in parts[:-1]:
-        fields = getattr(node, "__dataclass_fields__", {})
-        if part not in fields:
-            break
-        node = _schema_class(fields[part].type)
-    fields = getattr(node, "__dataclass_fields__", None) or Config.__dataclass_fields__
-    where = "top-level keys" if len(parts) == 1 else f"keys of {'.'.join(parts[:-1])}"
-    return f"unknown key {path.lstrip('+~')!r}; known {where}: {', '.join(fields)}"
-
-
-def _schema_class(name: object) -> Any:
-    """Field types are strings under `from __future__ import annotations`: resolve them."""
-    import trainers.config as tc
-    import trainers.data as td
-
-    for mod in (tc, td, sys.modules[Config.__module__]):
-        if isinstance(name, str) and hasattr(mod, name):
-            return getattr(mod, name)
-    return name
-
-
-def _reject_extra_keys(cfg: DictConfig, schema: Any = Config, prefix: str = "") -> None:
-    """``+colour=blue`` adds a key Hydra accepts but nothing reads: refuse it."""
-    fields = schema.__dataclass_fields__
-    for k in cfg.keys():
-        if k not in fields:
-            raise ConfigError(unknown_key_message(prefix + str(k)))
-        sub = _schema_class(fields[k].type)
-        if hasattr(sub, "__dataclass_fields__") and isinstance(cfg[k], DictConfig):
-            _reject_extra_keys(cfg[k], sub, f"{prefix}{k}.")
-
-
-def _check_group_choices(overrides: list[str]) -> None:
-    """Unknown group options -> one line listing the known ones (Hydra prints a page)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
-    except Exception as e:
-        raise ConfigError(_one_line(e)) from None
-    for ov in parsed:
-        group = ov.key_or_group.lstrip("+~")
-        if (group not in GROUPS and group not in HYDRA_GROUPS) or ov.is_delete():
-            continue
-        if ov.is_sweep_override() and type(ov.value()).__name__ != "ChoiceSweep":
-            raise ConfigError(
-                f"{ov.input_line}: {group} is a config group; list its options or use choice(...)"
-            )
-        values = (
-            list(ov.sweep_string_iterator())
-            if ov.is_sweep_override()
-            else [ov.get_value_element_as_str()]
-        )
-        if not values:
-            raise ConfigError(f"empty choice for {group}; known: {', '.join(group_options(group))}")
-        known = group_options(group)
-        for v in values:
-            if v not in known:
-                raise ConfigError(f"unknown {group} {v!r}; known: {', '.join(known)}")
-
-
-def _check_sweeper_settings(overrides: list[str]) -> None:
-    """``hydra.sweeper.*`` of a search (sampler, pruner, metric, a wrong type), checked
-    before Hydra starts: one line, no sweep directory, no study."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    parsed = OverridesParser.create().parse_overrides(overrides)
-    fixed = [ov.input_line for ov in parsed if not ov.is_sweep_override() and ov.input_line]
-    try:
-        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-            dcfg = compose("config", overrides=fixed, return_hydra_config=True)
-        node = OmegaConf.to_container(dcfg.hydra.sweeper)
-    except Exception as e:
-        msg = _one_line(e)
-        if "not in 'SweeperConf'" in str(e) + str(e.__cause__ or ""):
-            msg += " (search settings need hydra/sweeper=optuna on the command line)"
-        raise ConfigError(msg) from None
-    assert isinstance(node, dict)
-    if str(node.get("_target_", "")).endswith("OptunaSweeper"):
-        from sweeper.search import SearchParams
-
-        SearchParams(**{k: v for k, v in node.items() if k != "_target_"}).validate()
-
-
-def preflight_argv(argv: list[str]) -> Config | None:
-    """Compose and validate a single run's config from the command line.
-
-    Returns the typed Config, or None for a multirun (each point is checked by the
-    sweeper). Raises ConfigError with a one-line message on bad input.
-    """
-    from hydra import compose, initialize_config_dir
-
-    from sweeper.job import preflight
-
-    multirun = any(a in ("-m", "--multirun") for a in argv)
-    overrides = [a for a in argv if not a.startswith("-")]
-    _check_group_choices(overrides)
-    if multirun:
-        _check_sweeper_settings(overrides)
-        return None
-    overrides = [a for a in overrides if not a.startswith(("hydra.", "hydra/", "+hydra"))]
-    try:
-        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-            dcfg = compose("config", overrides=overrides)
-        cfg = to_config(dcfg)
-    except ConfigError:
-        raise
-    except Exception as e:  # Hydra/OmegaConf composition or type errors
-        raise ConfigError(_one_line(e)) from None
-    preflight(cfg)
-    return cfg
+    error: BaseException | None = None
 
 
 def _task(dcfg: DictConfig) -> None:
     from sweeper.job import run_job
 
     try:
-        cfg = to_config(dcfg)
-        outcome = run_job(cfg)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(EXIT_BAD_INPUT)
+        outcome = run_job(to_config(dcfg))
+    except BaseException as e:  # re-raised by _run_hydra, with its traceback
+        _TaskResult.error = e
+        return
     if outcome.status == "failed":  # diverged is a result (recorded), not a crash
-        sys.exit(EXIT_FAILED)
+        _TaskResult.error = Failed(f"run {outcome.run_id} failed; its traceback is in runs.error")
 
 
-def main(argv: list[str] | None = None) -> None:
+def _run_hydra(argv: list[str]) -> None:
     import hydra
 
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "status":
-        from sweeper.status import main as status_main
-
-        status_main(argv[1:])
-        return
-    if argv and argv[0] == "mirror":  # runs that missed MLflow (an outage) -> MLflow, once
-        from sweeper.mirror import main as mirror_main
-
-        mirror_main(argv[1:])
-        return
+    # exceptions from our plugins and from Hydra reach boundary() instead of Hydra's report
+    os.environ["HYDRA_FULL_ERROR"] = "1"
     # MLflow/alembic narrate their DB migrations at INFO; our own lines say what matters
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
     register_configs()
-    if not any(
-        a
-        in (
-            "--help",
-            "-h",
-            "--hydra-help",
-            "--info",
-            "-i",
-            "--cfg",
-            "-c",
-            "--shell-completion",
-            "-sc",
-        )
-        for a in argv
-    ):
-        try:
-            preflight_argv(argv)
-        except ConfigError as e:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-            sys.exit(EXIT_BAD_INPUT)
+    if not any(a in HYDRA_INFO_FLAGS for a in argv):
+        preflight_argv(argv)
     sys.argv = [sys.argv[0], *argv]
-    try:
-        hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(_task)()
-    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the runner has said what it did
-        print(f"error: interrupted ({str(e) or 'Ctrl-C'}); run the same command again to resume",
-              file=sys.stderr, flush=True)  # fmt: skip
-        sys.exit(EXIT_INTERRUPTED)
+    _TaskResult.error = None
+    hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(_task)()
+    if _TaskResult.error is not None:
+        raise _TaskResult.error
+
+
+def _dispatch(argv: list[str]) -> int | None:
+    if argv and argv[0] == "status":
+        from sweeper.status import status
+
+        status(argv[1:])
+        return 0
+    if argv and argv[0] == "mirror":  # runs that missed MLflow (an outage) -> MLflow, once
+        from sweeper.mirror import mirror
+
+        return mirror(argv[1:])
+    _run_hydra(argv)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    sys.exit(boundary(lambda: _dispatch(argv)))

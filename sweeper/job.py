@@ -1,7 +1,9 @@
-"""One job: validate, claim the run in the store, train (resuming), record, mirror.
+"""One job: claim the run in the store, train it (resuming), record it, mirror it.
 
 :func:`run_job` is what the CLI calls for a single run and what a launcher ships to a
-worker process; it takes the typed :class:`~sweeper.schema.Config`, never a DictConfig.
+worker process (:class:`TrainJob`); it takes the typed :class:`~sweeper.schema.Config`,
+never a DictConfig. The store is the source of truth; MLflow is a best-effort mirror fed
+from a thread of its own; a search trial's metric goes to its Optuna study.
 """
 
 from __future__ import annotations
@@ -11,30 +13,29 @@ import logging
 import os
 import signal
 import sys
-import tempfile
 import threading
 import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
-
-import submitit
-from sqlalchemy.exc import SQLAlchemyError
+from typing import TYPE_CHECKING
 
 from sweeper import provenance
+from sweeper.identity import grid_columns, identity_of, preflight, resolved_config, run_dir_of
 from sweeper.schema import Config
-from sweeper.search import TrialLink, TrialReporter
-from sweeper.store import HEARTBEAT_S, Run, RunStatus, Store
-from sweeper.tracking import MlflowMirror, run_name
-from trainers.config import RunConfig
-from trainers.data import check_data
-from trainers.registry import ConfigError
-from trainers.train import (
-    EpochMetrics,
-    LayerFilterStats,
-    Trainer,
-    resolve_device,
-    resolve_precision,
+from sweeper.store import (
+    HEARTBEAT_S,
+    RunRecord,
+    RunStatus,
+    Store,
+    default_tracking_uri,
+    default_url,
 )
+from trainers.records import EpochMetrics, LayerFilterStats, TrainResult
+
+if TYPE_CHECKING:
+    from sweeper.search import TrialLink, TrialReporter
+    from sweeper.tracking import BackgroundMirror
+    from trainers.train import Trainer
 
 log = logging.getLogger("gradsweep")
 
@@ -43,6 +44,7 @@ STATUS_FOR_MLFLOW = {
     "diverged": "FAILED",
     "failed": "FAILED",
     "pruned": "KILLED",  # stopped by the search's pruner; the status tag says "pruned"
+    "interrupted": "KILLED",
 }
 
 
@@ -55,68 +57,21 @@ class JobOutcome:
 
 
 def store_url(cfg: Config) -> str:
-    return cfg.store.url or f"sqlite:///{Path(cfg.results_dir).resolve() / 'results.db'}"
+    return cfg.store.url or default_url(cfg.results_dir)
 
 
 def tracking_uri(cfg: Config) -> str:
-    return cfg.mlflow.tracking_uri or f"sqlite:///{Path(cfg.results_dir).resolve() / 'mlflow.db'}"
-
-
-def prepare_results_dir(results_dir: str) -> Path:
-    """Create results_dir and prove it is writable, or raise a one-line ConfigError."""
-    path = Path(results_dir)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
-            pass
-    except OSError as e:
-        raise ConfigError(
-            f"results_dir={results_dir} cannot be written ({e.strerror or e})"
-        ) from None
-    return path
+    return cfg.mlflow.tracking_uri or default_tracking_uri(cfg.results_dir)
 
 
 def open_store(cfg: Config) -> Store:
-    url = store_url(cfg)
-    try:
-        return Store(url)
-    except SQLAlchemyError as e:
-        msg = str(e).strip().splitlines()[0]
-        raise ConfigError(f"store.url={url} cannot be opened ({msg})") from None
-
-
-def preflight(cfg: Config) -> None:
-    """Every check that needs no training: run before any row is written."""
-    cfg.validate()
-    prepare_results_dir(cfg.results_dir)
-    check_data(cfg.data)
-    resolve_device(cfg.device)
-
-
-def identity_of(cfg: RunConfig) -> tuple[dict, str]:
-    precision = resolve_precision(cfg.precision, resolve_device(cfg.device))
-    ident = cfg.identity(precision)
-    return ident, provenance.config_hash(ident)
-
-
-def grid_columns(cfg: RunConfig) -> dict:
-    return {
-        "model": cfg.model.name,
-        "method": cfg.method.name,
-        "alpha": cfg.effective_alpha(),
-        "data": cfg.data.name,
-        "batch_size": cfg.batch_size,
-        "epochs": cfg.epochs,
-        "lr": cfg.resolved_lr(),
-        "schedule": cfg.schedule.name,
-        "label_smoothing": cfg.effective_label_smoothing(),
-        "seed": cfg.seed,
-    }
+    """The run's results store, created when missing (StoreError, one line, if unusable)."""
+    return Store(store_url(cfg))
 
 
 class Heartbeat:
     """A daemon thread writing ``runs.heartbeat_at`` every ``every`` seconds while a run
-    trains, so a killed job is detectable (:meth:`Store.expire_leases`). Epochs write it too;
+    trains, so a killed job is detectable (:mod:`sweeper.store.lease`). Epochs write it too;
     this covers long epochs. A failing write warns once and keeps trying."""
 
     def __init__(self, store: Store, run_id: int, every: float = HEARTBEAT_S) -> None:
@@ -152,12 +107,14 @@ class StoreSink:
     def __init__(
         self,
         store: Store,
-        run: Run,
-        mirror: MlflowMirror | None,
+        run: RunRecord,
+        run_dir: Path,
+        mirror: BackgroundMirror | None,
         reporter: TrialReporter | None = None,
         gpus: int = 0,
     ) -> None:
-        self.store, self.run, self.mirror, self.reporter = store, run, mirror, reporter
+        self.store, self.run, self.run_dir = store, run, run_dir
+        self.mirror, self.reporter = mirror, reporter
         self.gpus = gpus  # for the run's GPU-hours
 
     def should_stop(self, m: EpochMetrics) -> bool:
@@ -173,6 +130,7 @@ class StoreSink:
                 "versions": provenance.versions(),
                 "git_sha": provenance.git_sha(),
                 "gpus": self.gpus,
+                "run_dir": str(self.run_dir),
             },
             resume_epoch,
         )
@@ -199,10 +157,11 @@ def run_job(
     ``trial``: the Optuna trial this run serves; each epoch's metric is reported to it and
     its pruner may stop the run early (status ``pruned``).
     """
+    from trainers.train import Trainer
+
     preflight(cfg)
     ident, chash = identity_of(cfg)
-    run_dir = Path(cfg.results_dir) / "runs" / chash[:16]
-    trainer = Trainer(cfg, run_dir, log=log.info, config_hash=chash)
+    trainer = Trainer(cfg, run_dir_of(cfg, chash), log=log.info, config_hash=chash)
     trainer.setup()  # data/model errors (e.g. batch larger than the data) before any row
     store = open_store(cfg)
     try:
@@ -212,56 +171,63 @@ def run_job(
                 return JobOutcome(chash, "skipped", row.id, row.test_acc)
             result = trainer.fit()
             return JobOutcome(chash, result.status, row.id if row else -1)
-        resolved = {**asdict(cfg), "resolved_lr": cfg.resolved_lr(), "identity": ident}
-        run = store.claim_run(chash, grid_columns(cfg), resolved)
+        run = store.claim_run(chash, grid_columns(cfg), resolved_config(cfg, ident))
         if run.status == RunStatus.done:
             log.info(
                 f"run {run.id} ({chash[:12]}) is already done "
                 f"(test_acc {run.test_acc:.2f}%); not training it again"
             )
             return JobOutcome(chash, "skipped", run.id, run.test_acc)
-        reporter = TrialReporter(trial, warn=log.warning) if trial is not None else None
+        reporter = None
+        if trial is not None:
+            from sweeper.search import TrialReporter
+
+            reporter = TrialReporter(trial, warn=log.warning)
         return _train(cfg, store, run, trainer, ident, mlflow_tags or {}, reporter)
     finally:
         store.dispose()
 
 
+def _start_mirror(
+    cfg: Config, store: Store, run: RunRecord, ident: dict, tags: dict[str, str]
+) -> BackgroundMirror | None:
+    if not cfg.mlflow.enabled:
+        return None
+    from sweeper.tracking import BackgroundMirror, MlflowMirror, run_name
+
+    def started(rid: str) -> None:
+        if rid != run.mlflow_run_id:
+            store.set_fields(run.id, mlflow_run_id=rid)
+
+    mirror = BackgroundMirror(
+        MlflowMirror(tracking_uri(cfg), cfg.mlflow.experiment,
+                     Path(cfg.results_dir) / "mlartifacts", warn=log.warning),
+        on_started=started,
+    )  # fmt: skip
+    mirror.start(
+        run.mlflow_run_id,
+        run_name(cfg.model.name, cfg.method.name, cfg.effective_alpha(), cfg.seed),
+        {**ident, "results_run_id": run.id},
+        {"config_hash": run.config_hash, "method": cfg.method.name, "model": cfg.model.name,
+         **tags},
+    )  # fmt: skip
+    return mirror
+
+
 def _train(
     cfg: Config,
     store: Store,
-    run: Run,
+    run: RunRecord,
     trainer: Trainer,
     ident: dict,
     mlflow_tags: dict[str, str],
     reporter: TrialReporter | None = None,
 ) -> JobOutcome:
-    chash, run_dir = trainer.config_hash, trainer.run_dir
-    mirror: MlflowMirror | None = None
-    if cfg.mlflow.enabled:
-        mirror = MlflowMirror(
-            tracking_uri(cfg),
-            cfg.mlflow.experiment,
-            Path(cfg.results_dir) / "mlartifacts",
-            warn=log.warning,
-        )
-        name = run_name(cfg.model.name, cfg.method.name, cfg.effective_alpha(), cfg.seed)
-        mirror.start(
-            run.mlflow_run_id,
-            name,
-            {**ident, "results_run_id": run.id},
-            {
-                "config_hash": chash,
-                "method": cfg.method.name,
-                "model": cfg.model.name,
-                **mlflow_tags,
-            },
-        )
-        if mirror.run_id and mirror.run_id != run.mlflow_run_id:
-            store.set_fields(run.id, mlflow_run_id=mirror.run_id)
+    mirror = _start_mirror(cfg, store, run, ident, mlflow_tags)
     gpus = trainer.dist.world if trainer.device.type == "cuda" else 0
-    trainer.sink = StoreSink(store, run, mirror, reporter, gpus)
+    trainer.sink = StoreSink(store, run, trainer.run_dir, mirror, reporter, gpus)
     log.info(
-        f"run {run.id} ({chash[:12]}): {cfg.model.name} / {cfg.method.name}"
+        f"run {run.id} ({run.config_hash[:12]}): {cfg.model.name} / {cfg.method.name}"
         + (f" alpha={cfg.alpha:g}" if cfg.uses_pgt() else "")
         + f" / {cfg.data.name} / batch {cfg.batch_size} / lr {cfg.resolved_lr():.4g}"
         + f" / {cfg.epochs} epochs / seed {cfg.seed}"
@@ -271,10 +237,11 @@ def _train(
             result = trainer.fit()
     except SystemExit:
         # submitit's time-out / pre-emption handler requeues the job, then exits: the run
-        # is not over, it resumes from its checkpoint when the requeued job starts.
-        store.set_fields(
-            run.id, error="requeued (time-out or pre-emption); resumes from its last checkpoint"
-        )
+        # is not over, it resumes from its checkpoint when the requeued job starts (a
+        # deliberate stop, so not counted as a kill)
+        store.mark_cancelled([run.id], "requeued (time-out or pre-emption)")
+        if mirror is not None:
+            mirror.end("KILLED")
         raise
     except BaseException as e:
         err = traceback.format_exc()
@@ -282,13 +249,26 @@ def _train(
         if isinstance(e, KeyboardInterrupt):  # Ctrl-C, or its sweep was cancelled
             status = RunStatus.interrupted  # not an outcome: a rerun resumes it
             err = (
-                "interrupted (KeyboardInterrupt); a rerun resumes it from its last checkpoint\n"
+                "interrupted (Ctrl-C or a cancelled sweep); a rerun resumes it from its last checkpoint\n"
                 + err
             )
         store.finish_run(run.id, status, error=err)
         if mirror is not None:
-            mirror.end("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+            mirror.end(STATUS_FOR_MLFLOW[status.value])
         raise
+    return _record(cfg, store, run, trainer.run_dir, result, mirror, gpus)
+
+
+def _record(
+    cfg: Config,
+    store: Store,
+    run: RunRecord,
+    run_dir: Path,
+    result: TrainResult,
+    mirror: BackgroundMirror | None,
+    gpus: int,
+) -> JobOutcome:
+    """The run's outcome: final metrics, feature norms, cost; the MLflow run closed."""
     final = result.final
     fields: dict = {"device": result.device, "precision": result.precision}
     if final is not None:
@@ -315,6 +295,8 @@ def _train(
         mirror.log_metrics({"train_seconds": secs, "gpu_hours": secs * gpus / 3600}, step=0)
         mirror.set_tags({"status": result.status})
         mirrored = mirror.end(STATUS_FOR_MLFLOW[result.status])
+        if mirror.run_id is not None:
+            fields["mlflow_run_id"] = mirror.run_id
     fields["mlflow_mirrored"] = mirrored
     store.finish_run(run.id, RunStatus(result.status), **fields)
     if final is not None:
@@ -323,12 +305,13 @@ def _train(
             f"test {final.test_acc:.2f}%  loss {final.test_loss:.4f}  "
             f"|z| {final.logit_norm:.3f}"
         )
-    return JobOutcome(chash, result.status, run.id, final.test_acc if final else None)
+    return JobOutcome(run.config_hash, result.status, run.id, final.test_acc if final else None)
 
 
-class TrainJob(submitit.helpers.Checkpointable):
-    """What a worker process runs. Checkpointable: on Slurm pre-emption or time-out,
-    submitit requeues the same call, and :func:`run_job` resumes from the run's checkpoint."""
+class TrainJob:
+    """What a worker process runs (pickled by submitit). On Slurm pre-emption or time-out
+    submitit requeues the same call (:meth:`checkpoint`), and :func:`run_job` resumes from
+    the run's checkpoint."""
 
     def __call__(
         self,
@@ -337,6 +320,8 @@ class TrainJob(submitit.helpers.Checkpointable):
         threads: int | None,
         trial: TrialLink | None = None,
     ) -> JobOutcome:
+        import submitit
+
         if threading.current_thread() is threading.main_thread():
             # cancelling a local job sends SIGINT; a sweeper started with nohup or in the
             # background of a script hands its children SIGINT *ignored*, so restore Python's
@@ -351,8 +336,6 @@ class TrainJob(submitit.helpers.Checkpointable):
             import torch
 
             torch.set_num_threads(threads)  # share the CPU cores between parallel jobs
-        import logging
-
         logging.basicConfig(
             level=logging.INFO,
             format="[%(asctime)s] %(message)s",
@@ -363,3 +346,9 @@ class TrainJob(submitit.helpers.Checkpointable):
         for name in ("mlflow", "alembic"):
             logging.getLogger(name).setLevel(logging.WARNING)
         return run_job(cfg, mlflow_tags, trial)
+
+    def checkpoint(self, *args: object, **kwargs: object) -> object:
+        """submitit's requeue hook (time-out / pre-emption): the same call again."""
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self, *args, **kwargs)

@@ -19,10 +19,17 @@ import sys
 from dataclasses import fields as dc_fields
 from pathlib import Path
 
-from sweeper.store import Run, RunStatus, Store, engine_url
+from sweeper.store import (
+    RunRecord,
+    RunStatus,
+    Store,
+    default_tracking_uri,
+    default_url,
+    engine_url,
+)
 from sweeper.tracking import MlflowMirror, init_tracking_store, run_name
+from trainers.records import EpochMetrics
 from trainers.registry import ConfigError, first_line
-from trainers.train import EpochMetrics
 
 KEYS = ("results_dir", "store.url", "mlflow.tracking_uri", "mlflow.experiment")
 USAGE = "usage: python -m sweeper mirror [results_dir=DIR] [store.url=URL] " + (
@@ -31,7 +38,7 @@ USAGE = "usage: python -m sweeper mirror [results_dir=DIR] [store.url=URL] " + (
 FINISHED = (RunStatus.done, RunStatus.failed, RunStatus.diverged, RunStatus.pruned)
 
 
-def _wanted(run: Run) -> bool:
+def _wanted(run: RunRecord) -> bool:
     """Finished, not mirrored, and its sweep wanted MLflow (``mlflow.enabled``)."""
     enabled = ((run.config or {}).get("mlflow") or {}).get("enabled", True)
     return not run.mlflow_mirrored and run.status in FINISHED and bool(enabled)
@@ -55,7 +62,7 @@ def parse_args(argv: list[str]) -> dict[str, str]:
     return out
 
 
-def _existing(client: object, experiment: str, run: Run) -> str | None:
+def _existing(client: object, experiment: str, run: RunRecord) -> str | None:
     """The MLflow run already holding this run (id from the store, else by config hash)."""
     if run.mlflow_run_id:
         try:
@@ -72,7 +79,7 @@ def _existing(client: object, experiment: str, run: Run) -> str | None:
     return found[0].info.run_id if found else None
 
 
-def mirror_run(store: Store, run: Run, uri: str, experiment: str, results_dir: Path) -> bool:
+def mirror_run(store: Store, run: RunRecord, uri: str, experiment: str, results_dir: Path) -> bool:
     """Mirror one run; True when MLflow took everything (then the store says so)."""
     from mlflow import MlflowClient
 
@@ -99,7 +106,7 @@ def mirror_run(store: Store, run: Run, uri: str, experiment: str, results_dir: P
     if existing:
         have = {a.path for a in client.list_artifacts(rid)}
         have |= {a.path for a in client.list_artifacts(rid, "filter_norms")}
-    run_dir = results_dir / "runs" / run.config_hash[:16]
+    run_dir = Path(run.run_dir) if run.run_dir else results_dir / "runs" / run.config_hash[:16]
     for f in sorted((run_dir / "filter_norms").glob("epoch_*.npz")):
         if f"filter_norms/{f.name}" not in have:
             m.log_artifact(f, "filter_norms")
@@ -118,15 +125,10 @@ def mirror_run(store: Store, run: Run, uri: str, experiment: str, results_dir: P
 def mirror(argv: list[str]) -> int:
     args = parse_args(argv)
     results_dir = Path(args.get("results_dir", "./results")).resolve()
-    url = args.get("store.url") or f"sqlite:///{results_dir / 'results.db'}"
-    uri = args.get("mlflow.tracking_uri") or f"sqlite:///{results_dir / 'mlflow.db'}"
+    url = args.get("store.url") or default_url(results_dir)
+    uri = args.get("mlflow.tracking_uri") or default_tracking_uri(results_dir)
     experiment = args.get("mlflow.experiment", "gradsweep")
-    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///") :]).exists():
-        raise ConfigError(f"no results store at {url[len('sqlite:///') :]}; {USAGE}")
-    try:
-        store = Store(url)
-    except Exception as e:
-        raise ConfigError(f"the results store {url} cannot be opened: {_first(e)}") from None
+    store = Store(url, create=False, missing_hint=USAGE)
     try:
         todo = [r for r in store.runs() if _wanted(r)]
         if not todo:
@@ -148,12 +150,3 @@ def mirror(argv: list[str]) -> int:
         store.dispose()
     print(f"mirrored {done} of {len(todo)} run(s) into {uri}")
     return 0 if done == len(todo) else 1
-
-
-def main(argv: list[str]) -> None:
-    try:
-        code = mirror(argv)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    sys.exit(code)

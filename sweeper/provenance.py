@@ -1,4 +1,4 @@
-"""What every result row records about where and how it was produced (design.md §6.6)."""
+"""What every result row records about where and how it was produced."""
 
 from __future__ import annotations
 

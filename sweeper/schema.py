@@ -32,5 +32,5 @@ class Config(RunConfig):
 
 
 def register_configs() -> None:
-    """The one place that registers schemas with Hydra (design.md §6.2)."""
+    """The one place that registers schemas with Hydra."""
     ConfigStore.instance().store(name="gradsweep_schema", node=Config)

@@ -1,7 +1,7 @@
 """Optuna search (``hydra/sweeper=optuna``): the space, sampler, pruner, metric and study.
 
 Why not hydra-optuna-sweeper: it pins optuna < 3, whose RDB storage breaks with
-SQLAlchemy 2, and it cannot prune (design.md §4). Here the space is read from Hydra's own
+SQLAlchemy 2, and it cannot prune (docs/architecture.md, "Known traps"). Here the space is read from Hydra's own
 sweep syntax, the study lives in Optuna's RDB storage on the results store's database,
 trials are ordinary runs dispatched by our launchers (:mod:`sweeper.search_runner`), and a
 running job reports each epoch's metric to its trial (:class:`TrialReporter`) so that the
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     import optuna
     from hydra.core.override_parser.types import Override
 
-    from trainers.train import EpochMetrics
+    from trainers.records import EpochMetrics
 
 # Metrics a run records every epoch (epoch_metrics) and so can be reported to a pruner;
 # the objective is the value of the last epoch. None: no natural direction, say it.
@@ -331,7 +331,7 @@ def rdb_storage(url: str) -> optuna.storages.RDBStorage:
     if url.startswith("sqlite"):
         # jobs report while others write: wait for the lock instead of failing at once
         kwargs["connect_args"] = {"timeout": 60}
-    from sweeper.store import engine_url
+    from sweeper.store.url import engine_url
 
     return optuna.storages.RDBStorage(engine_url(url), engine_kwargs=kwargs)
 

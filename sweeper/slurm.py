@@ -75,31 +75,33 @@ class SlurmQueue:
     is only read once it exists.
     """
 
-    def __init__(self, main_id: str, warn: Callable[[str], None]) -> None:
-        self.main_id, self.warn = main_id, warn
+    def __init__(self, main_ids: list[str], warn: Callable[[str], None]) -> None:
+        self.main_ids, self.warn = main_ids, warn  # one per submission (a job or an array)
         self.failing_since: float | None = None
         self.warned = False
 
-    def states(self) -> dict[str, str] | None:
+    def states(self, main_ids: list[str] | None = None) -> dict[str, str] | None:
         """``{job_id: STATE}`` for the jobs squeue still lists (array tasks one by one);
-        ``{}`` when Slurm no longer knows the job at all; None when squeue failed."""
-        cmd = ["squeue", "-h", "-r", "-t", "all", "-o", "%i|%T", "-j", self.main_id]
-        try:
-            q = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            return self._failed(f"{type(e).__name__}: {e}")
-        if q.returncode != 0:
-            if "Invalid job id" in q.stderr:  # purged from the controller: every task ended
-                return {}
-            return self._failed(q.stderr.strip() or f"exit status {q.returncode}")
+        a job Slurm no longer knows is absent; None when squeue failed. One ``squeue`` per
+        submission (a purged id would make squeue refuse a whole list)."""
+        out: dict[str, str] = {}
+        for main_id in self.main_ids if main_ids is None else main_ids:
+            cmd = ["squeue", "-h", "-r", "-t", "all", "-o", "%i|%T", "-j", main_id]
+            try:
+                q = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+            except (OSError, subprocess.TimeoutExpired) as e:
+                return self._failed(f"{type(e).__name__}: {e}")
+            if q.returncode != 0:
+                if "Invalid job id" in q.stderr:  # purged from the controller: all ended
+                    continue
+                return self._failed(q.stderr.strip() or f"exit status {q.returncode}")
+            for line in q.stdout.splitlines():
+                jid, _, state = line.strip().partition("|")
+                if jid:
+                    out[jid] = state.strip().split()[0] if state.strip() else "UNKNOWN"
         if self.warned:
             self.warn("squeue answers again")
         self.failing_since, self.warned = None, False
-        out: dict[str, str] = {}
-        for line in q.stdout.splitlines():
-            jid, _, state = line.strip().partition("|")
-            if jid:
-                out[jid] = state.strip().split()[0] if state.strip() else "UNKNOWN"
         return out
 
     def _failed(self, why: str) -> None:

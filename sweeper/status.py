@@ -12,20 +12,17 @@ while a sweep is running, from any shell, for local and Slurm sweeps alike. Its 
 from __future__ import annotations
 
 import datetime as dt
-import sys
-from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
-from sqlalchemy.exc import SQLAlchemyError
 
-from sweeper.store import Run, RunStatus, Store
+from sweeper.store import RunRecord, RunStatus, Store, default_url, display_url
 from trainers.registry import ConfigError
 
 USAGE = "usage: python -m sweeper status [results_dir=DIR] [store.url=URL] [sweep=ID] [all=true]"
 
 
-def _elapsed(run: Run, now: dt.datetime) -> str:
+def _elapsed(run: RunRecord, now: dt.datetime) -> str:
     if run.started_at is None:
         return "—"
     end = run.ended_at or now
@@ -46,24 +43,22 @@ def parse_args(argv: list[str]) -> dict[str, str]:
 
 
 def status(argv: list[str], console: Console | None = None) -> None:
+    from sqlalchemy.exc import SQLAlchemyError
+
     args = parse_args(argv)
-    results_dir = Path(args.get("results_dir", "./results"))
-    url = args.get("store.url") or f"sqlite:///{results_dir.resolve() / 'results.db'}"
-    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///") :]).exists():
-        raise ConfigError(
-            f"no results store at {url[len('sqlite:///') :]}; run a sweep first "
-            "or pass results_dir=/store.url="
-        )
+    url = args.get("store.url") or default_url(args.get("results_dir", "./results"))
     console = console or Console(width=max(170, Console().width))  # every header in full
-    store = Store(url)
+    store = Store(
+        url, create=False, missing_hint="run a sweep first or pass results_dir=/store.url="
+    )
     try:
         try:
-            store.expire_leases()
+            store.expire_leases()  # killed jobs' runs: interrupted (the one write of status)
         except SQLAlchemyError:  # a read-only or busy store: list it as it is
             pass
         now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
         sweeps = store.sweeps()
-        t = Table(title=f"sweeps in {url}")
+        t = Table(title=f"sweeps in {display_url(url)}")
         for col in (
             "sweep",
             "name",
@@ -150,11 +145,3 @@ def status(argv: list[str], console: Console | None = None) -> None:
         console.print(rt)
     finally:
         store.dispose()
-
-
-def main(argv: list[str]) -> None:
-    try:
-        status(argv)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)

@@ -6,18 +6,23 @@ mirror for the rest of the run, and never loses the run from the results store (
 row keeps ``mlflow_mirrored = false``).
 
 ``mlflow`` is imported lazily: it costs seconds to import and the training hot path never
-needs it (the lent GPU machine does not even have it installed).
+needs it (the lent GPU machine does not even have it installed). A training job talks to
+MLflow through :class:`BackgroundMirror`: the import, the tracking store's set-up and every
+call run in a thread of their own, in order, so the first training step does not wait for
+MLflow and a slow tracking server never stalls an epoch.
 """
 
 from __future__ import annotations
 
+import queue
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sweeper.store import engine_url
+from sweeper.store.url import engine_url
 from trainers.registry import first_line
 
 T = TypeVar("T")
@@ -47,7 +52,7 @@ def init_tracking_store(tracking_uri: str) -> None:
     """Create / migrate the MLflow tracking DB once, in the parent, before jobs start.
 
     Several processes initialising the same SQLite tracking DB at once race on MLflow's
-    schema migration (design.md §4), so the launcher calls this first.
+    schema migration, so the sweeper calls this first (docs/architecture.md, "Known traps").
     """
     from mlflow import MlflowClient
 
@@ -171,3 +176,90 @@ class MlflowMirror:
             return False
         self._guard("end", lambda: self.client.set_terminated(self.run_id, status=status))
         return self.ok
+
+
+class BackgroundMirror:
+    """An :class:`MlflowMirror` driven from a worker thread: calls are queued and return at
+    once; :meth:`end` waits for the queue to drain (at most ``timeout_s``) and says whether
+    everything reached MLflow. ``on_started(run_id)`` is called from the thread once the
+    MLflow run exists (the job records the id in the results store)."""
+
+    def __init__(self, mirror: MlflowMirror, on_started: Callable[[str], None] | None = None,
+                 timeout_s: float = 300.0) -> None:  # fmt: skip
+        self.mirror, self.on_started, self.timeout_s = mirror, on_started, timeout_s
+        self._calls: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._work, name="gradsweep-mlflow", daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        while True:
+            call = self._calls.get()
+            if call is None:
+                return
+            try:
+                call()
+            except Exception as e:  # MlflowMirror guards its calls; this is a last resort
+                self.mirror.ok = False
+                self.mirror.warn(f"warning: MLflow mirror stopped ({type(e).__name__}: {e})")
+
+    def start(self, existing_run_id: str | None, run_name: str, params: dict[str, Any],
+              tags: dict[str, str]) -> None:  # fmt: skip
+        def go() -> None:
+            rid = self.mirror.start(existing_run_id, run_name, params, tags)
+            if rid is not None and self.on_started is not None:
+                self.on_started(rid)
+
+        self._calls.put(go)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self._calls.put(lambda: self.mirror.log_metrics(metrics, step))
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self._calls.put(lambda: self.mirror.log_artifact(path, artifact_path))
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self._calls.put(lambda: self.mirror.set_tags(tags))
+
+    def end(self, status: str) -> bool:
+        """Close the MLflow run; True when everything was mirrored. Waits for the queue."""
+        done: list[bool] = []
+        self._calls.put(lambda: done.append(self.mirror.end(status)))
+        self._calls.put(None)
+        self._thread.join(self.timeout_s)
+        if self._thread.is_alive():
+            self.mirror.warn(
+                f"warning: MLflow did not answer within {self.timeout_s:g} s; the run is kept "
+                "in the results store, not mirrored (python -m sweeper mirror copies it later)"
+            )
+            return False
+        return bool(done and done[0])
+
+    @property
+    def run_id(self) -> str | None:
+        return self.mirror.run_id
+
+
+def open_parent(
+    tracking_uri: str,
+    experiment: str,
+    artifact_root: Path,
+    sweep_name: str,
+    params: dict[str, Any],
+    sweep_id: int,
+    warn: Callable[[str], None],
+) -> MlflowMirror | None:
+    """A sweep's parent run, opened in the sweeper before any job starts: the tracking
+    store is set up here once, because several processes initialising the same SQLite
+    tracking DB at once race on MLflow's schema migration. None (with a warning) when MLflow
+    cannot be used: the runs are then recorded in the results store only."""
+    try:
+        init_tracking_store(tracking_uri)
+    except Exception as e:
+        warn(
+            f"warning: MLflow store {tracking_uri} cannot be initialised ({type(e).__name__}); "
+            "runs are recorded in the results store only"
+        )
+        return None
+    parent = MlflowMirror(tracking_uri, experiment, artifact_root, warn=warn)
+    parent.start(None, sweep_name, params, {"sweep_id": str(sweep_id), "sweep": "parent"})
+    return parent

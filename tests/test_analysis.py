@@ -11,12 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import REPO, cli_env
 from scipy import stats as sps
 
 from analysis.__main__ import main
 from analysis.stats import _t_fallback, t_quantile
-from sweeper.store import Run, RunStatus, Store, SweepRun
-from tests.conftest import REPO, cli_env
+from sweeper.store import RunStatus, Store
+from sweeper.store.models import Run, SweepRun
 
 TOL = 1e-9
 
@@ -335,7 +336,7 @@ def test_error_store_missing_cli(tmp_path: Path) -> None:
         cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 2
-    assert proc.stderr.strip().startswith("error: store file not found")
+    assert proc.stderr.strip().startswith("error: no results store at")
     assert len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "nope").exists()  # analysis never creates a store
 
@@ -353,7 +354,7 @@ def test_error_cases(store_dir: Path, tmp_path: Path, capsys) -> None:
     assert "not writable" in _error(
         capsys, "--results-dir", str(store_dir), "--out", str(blocker / "sub")
     )
-    assert "store file not found" in _error(
+    assert "no results store at" in _error(
         capsys, "--store-url", f"sqlite:///{tmp_path / 'missing.db'}"
     )
 

@@ -1,13 +1,20 @@
-"""The real CLI: every method runs; bad input is refused with one line and no row."""
+"""The real CLI: every method runs; bad input is refused with one line and no row.
+
+Bad input is checked in this process through :func:`sweeper.cli.main` (the CLI's pre-flight
+and its one error boundary: ``SystemExit`` with the status, one line on stderr); a few cases
+go through a real process too, where the exit status and the whole stderr are the point.
+"""
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
-from conftest import run_cli, sql
+from helpers import error_lines, run_cli, sql
 
+from sweeper import cli
 from trainers.methods import known_methods
 
 FAST = ["epochs=2", "filter_stats_every=10"]
@@ -65,42 +72,63 @@ BAD = [
 ]
 
 
+def _main(
+    args: list[str], capsys: pytest.CaptureFixture[str], monkeypatch
+) -> tuple[int, list[str]]:
+    """``python -m sweeper ARGS`` in this process: its exit status and stderr lines."""
+    monkeypatch.setattr(sys, "argv", ["sweeper", *args])
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(args)
+    err = capsys.readouterr().err
+    return int(exit_.value.code or 0), [ln for ln in err.splitlines() if ln.strip()]
+
+
 @pytest.mark.parametrize(("args", "names", "allowed"), BAD, ids=[" ".join(a) for a, _, _ in BAD])
 def test_bad_input_one_line_no_row(
-    args: list[str], names: str, allowed: str, tmp_path: Path
+    args: list[str], names: str, allowed: str, tmp_path: Path, capsys, monkeypatch
 ) -> None:
-    res = run_cli(*args, f"results_dir={tmp_path / 'res'}", cwd=tmp_path)
-    assert res.returncode == 2, res.stderr[-2000:]
-    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, res.stderr
+    monkeypatch.chdir(tmp_path)
+    code, lines = _main([*args, f"results_dir={tmp_path / 'res'}"], capsys, monkeypatch)
+    assert code == 2, lines
+    assert len(lines) == 1, lines
     assert lines[0].startswith("error: ")
     assert names in lines[0] and allowed in lines[0], lines[0]
-    assert "Traceback" not in res.stderr
     assert sql(tmp_path / "res" / "results.db", "SELECT count(*) FROM runs") in ([], [(0,)])
     assert not (tmp_path / "res" / "mlflow.db").exists()
 
 
+@pytest.mark.parametrize(
+    "args", [["alpha=1.5"], ["batch_size=5000"], ["-m", "method=pgt,wat"], ["--cfg", "job", "x=1"]]
+)
+def test_bad_input_through_a_real_process(args: list[str], tmp_path: Path) -> None:
+    res = run_cli(*args, f"results_dir={tmp_path / 'res'}", cwd=tmp_path)
+    assert res.returncode == 2, res.stderr[-2000:]
+    lines = error_lines(res)
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    assert "Traceback" not in res.stderr
+    assert sql(tmp_path / "res" / "results.db", "SELECT count(*) FROM runs") in ([], [(0,)])
+
+
 @pytest.mark.parametrize("kind", ["empty", "wrong_files"])
-def test_dataset_dir_without_data(kind: str, tmp_path: Path) -> None:
+def test_dataset_dir_without_data(kind: str, tmp_path: Path, capsys, monkeypatch) -> None:
     root = tmp_path / "cifar"
     root.mkdir()
     if kind == "wrong_files":
         (root / "readme.txt").write_text("not cifar")
-    res = run_cli(
-        "data=cifar10", f"data.root={root}", f"results_dir={tmp_path / 'res'}", cwd=tmp_path
-    )
-    assert res.returncode == 2
-    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and str(root) in lines[0], res.stderr
+    args = ["data=cifar10", f"data.root={root}", f"results_dir={tmp_path / 'res'}"]
+    code, lines = _main(args, capsys, monkeypatch)
+    assert code == 2
+    assert len(lines) == 1 and str(root) in lines[0], lines
     assert sql(tmp_path / "res" / "results.db", "SELECT count(*) FROM runs") in ([], [(0,)])
 
 
-def test_unwritable_results_dir(tmp_path: Path) -> None:
+def test_unwritable_results_dir(tmp_path: Path, capsys, monkeypatch) -> None:
     # a path below a regular file can be created by nobody, root included
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    res = run_cli(f"results_dir={blocker / 'results'}", cwd=tmp_path)
-    assert res.returncode == 2
-    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    code, lines = _main([f"results_dir={blocker / 'results'}"], capsys, monkeypatch)
+    assert code == 2
     assert len(lines) == 1 and "results_dir=" in lines[0] and "cannot be written" in lines[0]
     assert not (blocker.parent / "results").exists()

@@ -7,7 +7,6 @@ on-disk formats into tmp_path.
 from __future__ import annotations
 
 import dataclasses
-import pickle
 from collections import Counter
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from helpers import write_cifar10, write_cifar100, write_imagefolder, write_pickle
 
 from trainers.data import (
     CIFAR10_MEAN,
@@ -50,91 +49,6 @@ def _meta(b) -> tuple[int, ...]:
 def _unnormalise(x: torch.Tensor, mean, std) -> torch.Tensor:
     m, s = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
     return ((x * s + m) * 255).round().clamp(0, 255).to(torch.uint8)
-
-
-# --- writers of the real on-disk formats ---------------------------------------------------
-def _write_pickle(path: Path, obj: object, protocol: int) -> None:
-    with open(path, "wb") as f:
-        pickle.dump(obj, f, protocol=protocol)
-
-
-def _write_cifar10(parent: Path) -> dict[str, np.ndarray]:
-    """cifar-10-batches-py with 5 x 20 training images and 10 test images."""
-    rng = np.random.default_rng(0)
-    d = parent / "cifar-10-batches-py"
-    d.mkdir()
-    xs, ys = [], []
-    for k in range(1, 6):
-        x = rng.integers(0, 256, (20, 3072), dtype=np.uint8)
-        y = rng.integers(0, 10, 20).tolist()
-        names = [f"img_{k}_{i}.png".encode() for i in range(20)]
-        batch = {
-            b"batch_label": f"training batch {k} of 5".encode(),
-            b"labels": y,
-            b"data": x,
-            b"filenames": names,
-        }
-        _write_pickle(d / f"data_batch_{k}", batch, protocol=2)  # like the py2-era originals
-        xs.append(x)
-        ys += y
-    xt = rng.integers(0, 256, (10, 3072), dtype=np.uint8)
-    yt = rng.integers(0, 10, 10).tolist()
-    test = {
-        b"batch_label": b"testing batch 1 of 1",
-        b"labels": yt,
-        b"data": xt,
-        b"filenames": [f"t{i}.png".encode() for i in range(10)],
-    }
-    _write_pickle(d / "test_batch", test, protocol=2)
-    meta = {
-        b"label_names": [f"c{i}".encode() for i in range(10)],
-        b"num_cases_per_batch": 20,
-        b"num_vis": 3072,
-    }
-    _write_pickle(d / "batches.meta", meta, protocol=2)
-    return {"xtr": np.concatenate(xs), "ytr": np.array(ys), "xte": xt, "yte": np.array(yt)}
-
-
-def _write_cifar100(parent: Path) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(1)
-    d = parent / "cifar-100-python"
-    d.mkdir()
-    out = {}
-    for split, n in (("train", 30), ("test", 10)):
-        x = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
-        fine = rng.integers(0, 60, n).tolist()  # labels present < 100: num_classes is still 100
-        obj = {
-            b"filenames": [f"{split}{i}.png".encode() for i in range(n)],
-            b"batch_label": split.encode(),
-            b"fine_labels": fine,
-            b"coarse_labels": [f // 5 for f in fine],
-            b"data": x,
-        }
-        _write_pickle(d / split, obj, protocol=pickle.DEFAULT_PROTOCOL)
-        out["x" + split[:2]], out["y" + split[:2]] = x, np.array(fine)
-    meta = {
-        b"fine_label_names": [f"f{i}".encode() for i in range(100)],
-        b"coarse_label_names": [f"c{i}".encode() for i in range(20)],
-    }
-    _write_pickle(d / "meta", meta, protocol=pickle.DEFAULT_PROTOCOL)
-    return out
-
-
-def _write_imagefolder(root: Path, classes: dict[str, dict[str, int]]) -> None:
-    """root/<split>/<class>/*.png|jpg; class k images are dominated by colour channel k."""
-    rng = np.random.default_rng(2)
-    for split, counts in classes.items():
-        for k, (cls, n) in enumerate(sorted(counts.items())):
-            d = root / split / cls
-            d.mkdir(parents=True)
-            colour = {"ant": 0, "bee": 1, "cat": 2}[cls]
-            for i in range(n):
-                h, w = 36 + 4 * i, 48 - 2 * i  # varied sizes and aspect ratios
-                img = rng.integers(10, 50, (h, w, 3), dtype=np.uint8)
-                img[..., colour] = 230
-                ext = "png" if (i + k) % 2 else "jpg"
-                Image.fromarray(img).save(d / f"{cls}_{i}.{ext}")
-            (d / "notes.txt").write_text("not an image")  # ImageFolder must skip it
 
 
 # --- digits and synthetic --------------------------------------------------------------------
@@ -188,7 +102,7 @@ def test_synthetic_shapes_and_labels():
 # --- determinism ---------------------------------------------------------------------------
 @pytest.fixture
 def cifar10_root(tmp_path: Path) -> tuple[Path, dict[str, np.ndarray]]:
-    return tmp_path, _write_cifar10(tmp_path)
+    return tmp_path, write_cifar10(tmp_path)
 
 
 def _cfgs(root: Path) -> list[DataConfig]:
@@ -238,7 +152,7 @@ def test_cifar10_real_format(cifar10_root, form):
 
 @pytest.mark.parametrize("form", ["folder", "parent"])
 def test_cifar100_real_format(tmp_path, form):
-    ref = _write_cifar100(tmp_path)
+    ref = write_cifar100(tmp_path)
     root = tmp_path / "cifar-100-python" if form == "folder" else tmp_path
     b = build_data(DataConfig("cifar100", root=str(root)), batch_size=8, seed=0)
     assert (b.num_train, b.num_test, b.num_classes) == (30, 10, 100)
@@ -278,14 +192,14 @@ def test_cifar_augmentation_is_pad4_crop_and_flip(cifar10_root):
 def test_cifar_pickle_with_foreign_globals_is_rejected(cifar10_root):
     root, _ = cifar10_root
     evil = {b"data": np.zeros((1, 3072), np.uint8), b"labels": [print]}  # builtins.print
-    _write_pickle(root / "cifar-10-batches-py" / "test_batch", evil, protocol=2)
+    write_pickle(root / "cifar-10-batches-py" / "test_batch", evil, protocol=2)
     with pytest.raises(ConfigError, match="test_batch"):
         build_data(DataConfig("cifar10", root=str(root)), 4, seed=0)
 
 
 # --- ImageNet (ImageFolder) ----------------------------------------------------------------
 def test_imagenet_imagefolder(tmp_path):
-    _write_imagefolder(
+    write_imagefolder(
         tmp_path, {"train": {"ant": 4, "bee": 4, "cat": 4}, "val": {"ant": 2, "bee": 2, "cat": 2}}
     )
     cfg = DataConfig("imagenet", root=str(tmp_path), image_size=32, num_workers=0)
@@ -313,7 +227,7 @@ def test_imagenet_imagefolder(tmp_path):
 
 
 def test_imagenet_val_uses_train_class_indices(tmp_path):
-    _write_imagefolder(
+    write_imagefolder(
         tmp_path, {"train": {"ant": 2, "bee": 2, "cat": 2}, "val": {"ant": 1, "cat": 2}}
     )
     b = build_data(DataConfig("imagenet", root=str(tmp_path), image_size=16, num_workers=0), 2, 0)
@@ -355,7 +269,7 @@ def test_check_data_errors(tmp_path):
 
 
 def test_imagenet_val_with_unknown_class(tmp_path):
-    _write_imagefolder(tmp_path, {"train": {"ant": 1, "bee": 1}, "val": {"cat": 1}})
+    write_imagefolder(tmp_path, {"train": {"ant": 1, "bee": 1}, "val": {"cat": 1}})
     msg = _config_error(DataConfig("imagenet", root=str(tmp_path)))
     assert "cat" in msg and str(tmp_path / "val") in msg
 

@@ -26,8 +26,9 @@ from torch import Tensor, nn
 from trainers.config import MethodConf, ModelConf, RunConfig
 from trainers.data import CIFAR10_MEAN, CIFAR10_STD, DataConfig
 from trainers.models import build_model
+from trainers.runtime import resolve_compile_mode
 from trainers.schedule import lr_at
-from trainers.train import Trainer, resolve_compile_mode
+from trainers.train import Trainer
 
 N_TRAIN, N_TEST, BATCH, EPOCHS, ALPHA, PAD = 200, 40, 50, 2, 0.3, 4
 

@@ -18,11 +18,11 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import cli_env, poll_sql, run_cli, sql
+from helpers import cli_env, poll_sql, run_cli, sql
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sweeper.cli import preflight_argv
+from sweeper.compose import preflight_argv
 from sweeper.schema import register_configs
 from sweeper.store import Store
 from trainers.registry import ConfigError

@@ -124,7 +124,7 @@ def _paper_hook_grad(z_np: np.ndarray, y_np: np.ndarray, alpha: float, scale: fl
 
 
 def test_paper_hook_reproduces_pgt_only_at_scale_n_squared() -> None:
-    """design.md §2: the official hook is right only when the loss scale S equals N^2."""
+    """The official hook is right only when the loss scale S equals N^2 (docs/architecture.md)."""
     rng = np.random.default_rng(5)
     n, c, alpha = 16, 10, 0.3
     z_np = rng.normal(scale=2.0, size=(n, c))

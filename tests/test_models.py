@@ -8,9 +8,9 @@ import torchvision
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from trainers.imagenet_models import SqueezeExcite
 from trainers.models import (
     MODELS,
-    SqueezeExcite,
     build_model,
     classifier_of,
     count_parameters,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sqlite3
 from pathlib import Path
@@ -17,8 +18,9 @@ from analysis.plots import (
     make_figures,
     zeroed_filters_table,
 )
-from analysis.queries import RunFilter, RunRecord, load_runs, open_engine
-from sweeper.store import FilterStat, Run, RunStatus, Store
+from analysis.queries import RunFilter, load_runs, open_store
+from sweeper.store import FilterStatRecord, RunRecord, RunStatus, Store
+from sweeper.store.models import FilterStat, Run
 
 ALPHAS = (0.1, 0.25, 0.5)
 SEEDS = (0, 1)
@@ -114,11 +116,20 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def records(results: Path) -> list[RunRecord]:
-    engine = open_engine(f"sqlite:///{results / 'results.db'}")
+    store = open_store(f"sqlite:///{results / 'results.db'}")
     try:
-        return load_runs(engine, RunFilter())
+        return load_runs(store, RunFilter())
     finally:
-        engine.dispose()
+        store.dispose()
+
+
+@pytest.fixture(scope="module")
+def last_stats(results: Path, records: list[RunRecord]) -> list[FilterStatRecord]:
+    store = open_store(f"sqlite:///{results / 'results.db'}")
+    try:
+        return store.last_filter_stats([r.id for r in records])
+    finally:
+        store.dispose()
 
 
 def _sql(db: Path, q: str, *params: object) -> list[tuple]:
@@ -172,7 +183,7 @@ def _check_png(f: Figure) -> None:
 
 def test_make_figures(results: Path, records: list[RunRecord], tmp_path: Path) -> None:
     out = tmp_path / "figs"
-    figs = make_figures(records, results, out)
+    figs = make_figures(records, out)
     names = [f.path.name for f in figs]
     for f in figs:
         _check_png(f)
@@ -198,21 +209,27 @@ def test_make_figures(results: Path, records: list[RunRecord], tmp_path: Path) -
     assert "n per α: 2, 2, 2" in grid.caption
 
 
-def test_without_results_dir(records: list[RunRecord], tmp_path: Path) -> None:
-    figs = make_figures(records, None, tmp_path / "o")
+def test_runs_find_their_artifacts_without_a_results_dir(
+    records: list[RunRecord], tmp_path: Path
+) -> None:
+    """Each run's folder comes from the store (where its job wrote it); runs whose folder is
+    gone keep every figure but the norm profiles."""
+    assert all(r.run_dir and Path(r.run_dir).is_dir() for r in records)
+    moved = [dataclasses.replace(r, run_dir=str(tmp_path / "gone")) for r in records]
+    figs = make_figures(moved, tmp_path / "o")
     # records carry logit norm and loss (Fig. 8); only the norm profiles need the artifacts
     assert [f.path.name.split("_")[0] for f in figs] == ["alpha", "fig8", "fig8"]
 
 
 def test_empty(tmp_path: Path) -> None:
-    assert make_figures([], None, tmp_path / "e") == []
-    assert make_figures([], tmp_path, tmp_path / "e") == []
-    assert zeroed_filters_table([], tmp_path) == []
-    assert zeroed_filters_table([], None) == []
+    assert make_figures([], tmp_path / "e") == []
+    assert zeroed_filters_table([], []) == []
 
 
-def test_zeroed_filters_table(results: Path, records: list[RunRecord]) -> None:
-    rows = zeroed_filters_table(records, results)
+def test_zeroed_filters_table(
+    results: Path, records: list[RunRecord], last_stats: list[FilterStatRecord]
+) -> None:
+    rows = zeroed_filters_table(records, last_stats)
     want = _sql(
         results / "results.db",
         "SELECT r.method, r.model, f.layer_index, f.layer_name, f.n_filters, f.n_zero, r.id "

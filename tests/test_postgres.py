@@ -14,11 +14,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from helpers import run_cli
 from pg_server import PgServer, ensure_installed
 from sqlalchemy import create_engine, text
 
-from sweeper.store import SCHEMA_VERSION, Store, engine_url
+from sweeper.store import SCHEMA_VERSION, RunStatus, Store, engine_url
 
 if ensure_installed() is None and not os.environ.get("CI"):
     pytest.skip("PostgreSQL (initdb, pg_ctl) is not installed", allow_module_level=True)
@@ -117,3 +117,102 @@ def test_an_old_postgres_store_is_upgraded(pg: PgServer) -> None:
     assert _rows(url, "SELECT name FROM sweeps") == [("old",)]
     labels = {r[0] for r in _rows(url, "SELECT unnest(enum_range(NULL::run_status))::text")}
     assert "pruned" in labels
+
+
+def test_kills_and_leases_on_postgres(pg: PgServer) -> None:
+    """The conditional UPDATEs of the lease logic (a CASE on PostgreSQL's native enum)."""
+    store = Store(pg.create_db("leases"))
+    try:
+        cols = dict(model="m", method="pgt", alpha=0.3, data="digits", batch_size=8, epochs=3,
+                    lr=0.1, schedule="cosine", label_smoothing=0.0, seed=0)  # fmt: skip
+        run = store.claim_run("p" * 64, cols, {})
+        store.start_run(run.id, {}, 0)
+        assert store.mark_killed([run.id], "signal 9") == 1
+        assert store.get_run_by_id(run.id).status == "interrupted"  # type: ignore[union-attr]
+        store.start_run(run.id, {}, 0)
+        assert store.expire_leases(lease_s=0) == 1  # the second kill, no epoch in between
+        r = store.get_run_by_id(run.id)
+        assert r is not None and r.status == "failed" and "killed twice" in (r.error or "")
+    finally:
+        store.dispose()
+
+
+def _populate(url: str, artifacts: Path) -> None:
+    """The same runs, through the store's own write API, into any store: a grid of baseline
+    and PGT at three α and two seeds, plus a failed run; every done run with epoch rows,
+    filter snapshots (a PGT run zeroes filters) and its norm artifacts in its own folder."""
+    import json
+
+    import numpy as np
+
+    from trainers.records import EpochMetrics, LayerFilterStats
+
+    rng = np.random.default_rng(7)
+    store = Store(url)
+    try:
+        sweep = store.create_sweep("grid", "-m method=baseline,pgt", "local", 14)
+        layers = [("conv1", 4), ("layer1.conv", 6), ("fc", 3)]
+        specs = [("baseline", None, s) for s in (0, 1)]
+        specs += [("pgt", a, s) for a in (0.1, 0.25, 0.5) for s in (0, 1)]
+        for i, (method, alpha, seed) in enumerate([*specs, ("pgt", 0.25, 9)]):
+            cols = dict(model="resnet20", method=method, alpha=alpha, data="cifar10",
+                        batch_size=128, epochs=2, lr=0.05, schedule="cosine",
+                        label_smoothing=0.0, seed=seed)  # fmt: skip
+            run = store.claim_run(f"{i:04d}" + "cd" * 30, cols, {"i": i})
+            store.link_run(sweep.id, run.id, f"method={method} alpha={alpha} seed={seed}")
+            run_dir = artifacts / run.config_hash[:16]
+            store.start_run(run.id, {"host": "h", "gpus": 0, "run_dir": str(run_dir)}, 0)
+            if seed == 9:
+                store.finish_run(run.id, RunStatus.failed, error="Traceback: boom")
+                continue
+            base = 90.0 + 4 * (alpha or 0.0)
+            for e in range(2):
+                acc = base - 5 * (1 - e) + float(rng.normal(0, 0.3))
+                m = EpochMetrics(e, 10 * (e + 1), 0.5, acc + 5, 0.4, acc, 99.0, 40 + 30 * (alpha or 1),
+                                 5.0, 0.05, 2.0, 500.0, 1.0, 0.9)  # fmt: skip
+                dead = 2 if (method == "pgt" and e == 1) else 0
+                stats = [LayerFilterStats(10 * (e + 1), e, li, name, nf, dead if li == 2 else 0,
+                                          0.0 if dead and li == 2 else 0.1, 0.5, 1.0)
+                         for li, (name, nf) in enumerate(layers, start=1)]  # fmt: skip
+                store.record_epoch(run.id, m, stats)
+            (run_dir / "filter_norms").mkdir(parents=True, exist_ok=True)
+            arrays = {f"L{li:03d}": rng.uniform(0.5, 2, (1, nf)) for li, (_, nf) in
+                      enumerate(layers, start=1)}  # fmt: skip
+            np.savez_compressed(run_dir / "filter_norms" / "epoch_0001.npz", steps=np.array([20]),
+                                names=np.asarray([n for n, _ in layers]), **arrays)  # fmt: skip
+            (run_dir / "feature_norms.json").write_text(json.dumps(list(rng.uniform(0, 1, 8))))
+            store.finish_run(run.id, RunStatus.done, train_acc=m.train_acc, test_acc=m.test_acc,
+                             test_loss=0.0107 * m.logit_norm + 0.26, logit_norm=m.logit_norm)  # fmt: skip
+    finally:
+        store.dispose()
+
+
+def test_a_report_over_postgres_equals_the_report_over_sqlite(pg: PgServer, tmp_path: Path) -> None:
+    """`python -m analysis --store-url URL` alone: every table, the zeroed filters and the norm
+    figures, found where each run wrote its artifacts, whichever store holds the runs."""
+    artifacts = tmp_path / "artifacts"  # where the runs' jobs wrote them: no results dir
+    urls = {"sqlite": f"sqlite:///{tmp_path / 'elsewhere' / 'results.db'}",
+            "postgres": pg.create_db("report")}  # fmt: skip
+    (tmp_path / "elsewhere").mkdir()
+    reports = {}
+    for kind, url in urls.items():
+        _populate(url, artifacts)  # the same folders: each run points at its own
+        out = tmp_path / f"report_{kind}"
+        res = run_cli("--store-url", url, "--out", str(out), cwd=tmp_path, module="analysis")
+        assert res.returncode == 0, res.stderr[-3000:]
+        reports[kind] = out
+    sq, pq = reports["sqlite"], reports["postgres"]
+    names = sorted(p.name for p in sq.iterdir())
+    assert names == sorted(p.name for p in pq.iterdir())
+    assert "zeroed_filters.csv" in names
+    for name in names:
+        if name.endswith((".csv", ".tex", ".md")):
+            assert (sq / name).read_text() == (pq / name).read_text(), name
+    md = (sq / "report.md").read_text()
+    assert "Zeroed filters per layer x method" in md
+    figures = sorted(p.name for p in (sq / "figures").iterdir())
+    assert figures == sorted(p.name for p in (pq / "figures").iterdir())
+    assert sum(f.startswith("filter_norms_grid_") for f in figures) == 2  # baseline, pgt
+    assert "feature_norms.png" in figures and any(f.startswith("alpha_grid_") for f in figures)
+    zeroed = (sq / "zeroed_filters.csv").read_text().splitlines()
+    assert any(line.startswith("resnet20,pgt,2,layer1.conv,6,2.00,2,6") for line in zeroed), zeroed

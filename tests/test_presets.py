@@ -11,7 +11,7 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from sweeper.cli import CONF_DIR, to_config
+from sweeper.compose import CONF_DIR, to_config
 from sweeper.schema import Config, register_configs
 
 PAPER = Path(__file__).resolve().parent.parent / "analysis" / "paper"

@@ -24,7 +24,8 @@ import numpy as np
 import pytest
 
 from analysis.__main__ import main
-from sweeper.store import Run, RunStatus, Store
+from sweeper.store import RunStatus, Store
+from sweeper.store.models import Run
 
 PROBE = """<script>
 window.addEventListener("load", function () {

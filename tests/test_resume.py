@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import cli_env, poll_sql, run_cli, sql
+from helpers import cli_env, poll_sql, run_cli, sql, train
 
 from trainers.config import RunConfig
 from trainers.train import EpochMetrics, NullSink, Trainer
@@ -79,13 +79,13 @@ def test_sigkill_then_resume_gives_identical_metrics(tmp_path: Path) -> None:
     assert sql(db, final) == sql(ref_dir / "results.db", final)
 
 
-def test_finished_run_is_not_trained_again(tmp_path: Path) -> None:
-    first = run_cli("epochs=1", "mlflow.enabled=false", f"results_dir={tmp_path}", cwd=tmp_path)
-    assert first.returncode == 0
-    again = run_cli("epochs=1", "mlflow.enabled=false", f"results_dir={tmp_path}", cwd=tmp_path)
-    assert again.returncode == 0
-    assert "already done" in again.stdout + again.stderr
-    assert "epoch   1/1" not in again.stdout + again.stderr
+def test_finished_run_is_not_trained_again(tmp_path: Path, caplog) -> None:
+    args = ("epochs=1", "mlflow.enabled=false", f"results_dir={tmp_path}")
+    assert train(*args).status == "done"
+    caplog.clear()
+    with caplog.at_level("INFO", logger="gradsweep"):
+        assert train(*args).status == "skipped"
+    assert "already done" in caplog.text and "epoch   1/1" not in caplog.text
     assert sql(tmp_path / "results.db", "SELECT count(*) FROM runs") == [(1,)]
 
 
@@ -173,3 +173,107 @@ def test_corrupt_checkpoint_falls_back_with_a_warning(
         assert (run_dir / "checkpoint.bad.pt").exists()
         assert torch.load(prev, weights_only=True)["epoch"] == 2  # a good one
     assert not (tmp_path / "pwned").exists()
+
+
+# ------------------------------------------------ a job killed while its sweeper is alive
+KILL_GRID = ["-m", "seed=0", "method=pgt", "epochs=5", "batch_size=16", "mlflow.enabled=false"]
+
+
+def _wait(db: Path, query: str, ok, what: str, timeout: float = 180) -> list[tuple]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        rows = poll_sql(db, query)
+        if rows and ok(rows):
+            return rows
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # it ended meanwhile
+            continue
+        if int(fields[1]) == pid:  # field 4 of /proc/PID/stat: the parent's pid
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _sweep_and_kill(cwd: Path, results: Path, when: str) -> subprocess.CompletedProcess[str]:
+    """Start the one-point sweep, SIGKILL its job (not the sweeper) ``when`` it has finished
+    an epoch ("epoch") or as soon as it has started training ("start"); the sweeper goes on
+    and reports."""
+    db = results / "results.db"
+    sweeps_before = len(poll_sql(db, "SELECT id FROM sweeps"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sweeper", *KILL_GRID, f"results_dir={results}"], cwd=cwd,
+        env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        sweep = sweeps_before + 1
+        q = ("SELECT l.job_id, r.status, r.epoch, r.started_at FROM sweep_runs l "
+             f"JOIN runs r ON r.id = l.run_id WHERE l.sweep_id = {sweep}")  # fmt: skip
+        # the job has a process and has (re)started its run in this sweep
+        first = _wait(db, q, lambda r: r[0][0] is not None and r[0][1] == "running", "a job")
+        if when == "epoch":  # two: the row of an epoch is written just before its checkpoint
+            epoch0 = first[0][2]
+            first = _wait(db, q, lambda r: r[0][2] >= epoch0 + 2, "two epochs")
+        # a local job's id is the pid of submitit's controller; the training process is its
+        # child (what the OOM killer or a `kill -9` of the job hits)
+        (task,) = _children(int(first[0][0]))
+        os.kill(task, signal.SIGKILL)
+        out, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def test_a_job_killed_under_a_live_sweeper_is_interrupted_and_resumes(tmp_path: Path) -> None:
+    results = tmp_path / "res"
+    res = _sweep_and_kill(tmp_path, results, "epoch")
+    assert res.returncode == 1, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "interrupted" in res.stdout  # its progress line
+    (err,) = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert "interrupted points" in err and "the same command resumes them" in err
+    db = results / "results.db"
+    ((status, epoch, error),) = sql(db, "SELECT status, epoch, error FROM runs")
+    assert status == "interrupted" and epoch >= 1, error  # not failed: it was killed
+    assert "ended without recording an outcome" in error
+
+    again = run_cli(*KILL_GRID, f"results_dir={results}", cwd=tmp_path, timeout=600)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert "1 to run, 0 already finished" in again.stdout
+    logs = "".join(p.read_text() for p in (results / "logs" / "jobs" / "sweep2").glob("*_log.*"))
+    # from its last checkpoint: the killed epoch's or, killed between the epoch's row and its
+    # checkpoint, the one before
+    assert (
+        f"resuming after epoch {epoch}/5" in logs or f"resuming after epoch {epoch - 1}/5" in logs
+    )
+    assert sql(db, "SELECT status, epoch FROM runs") == [("done", 5)]
+
+
+def test_a_job_killed_twice_without_progress_is_failed(tmp_path: Path) -> None:
+    results = tmp_path / "res"
+    first = _sweep_and_kill(tmp_path, results, "epoch")
+    assert first.returncode == 1
+    db = results / "results.db"
+    ((epoch,),) = sql(db, "SELECT epoch FROM runs")
+    second = _sweep_and_kill(tmp_path, results, "start")  # killed again before an epoch ends
+    assert second.returncode == 1, second.stdout[-2000:] + second.stderr[-2000:]
+    ((status, epoch2, error),) = sql(db, "SELECT status, epoch, error FROM runs")
+    if epoch2 > epoch:  # the resumed job was fast enough to finish an epoch: try once more
+        second = _sweep_and_kill(tmp_path, results, "start")
+        ((status, epoch2, error),) = sql(db, "SELECT status, epoch, error FROM runs")
+    assert status == "failed" and "killed twice without progress" in error, error
+    (err,) = [ln for ln in second.stderr.splitlines() if ln.startswith("error:")]
+    assert "failed points" in err
+    # a failed point is not retried by the same command, only when asked
+    again = run_cli(*KILL_GRID, f"results_dir={results}", cwd=tmp_path)
+    assert again.returncode == 0 and "0 to run, 1 already finished" in again.stdout
+    retry = run_cli(*KILL_GRID, "hydra.launcher.retry_failed=true", f"results_dir={results}",
+                    cwd=tmp_path, timeout=600)  # fmt: skip
+    assert retry.returncode == 0, retry.stderr[-2000:]
+    assert sql(db, "SELECT status, epoch FROM runs") == [("done", 5)]

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, cli_env, run_cli, sql
+from helpers import REPO, cli_env, sql, train
 
 from trainers.data import DataConfig, build_data
 from trainers.models import build_model
@@ -23,9 +23,9 @@ STEPS_PER_EPOCH = 1437 // 64  # digits train split, drop_last
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One real run (a job in this process, as the CLI composes it), MLflow included."""
     res_dir = tmp_path_factory.mktemp("records")
-    res = run_cli(*ARGS, f"results_dir={res_dir}", cwd=res_dir)
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert train(*ARGS, f"results_dir={res_dir}").status == "done"
     return res_dir
 
 
@@ -230,7 +230,7 @@ def test_mlflow_has_the_run(finished: Path) -> None:
 
 
 @pytest.mark.parametrize("outage", ["unreachable", "read_only"])
-def test_mlflow_failure_does_not_lose_the_run(outage: str, tmp_path: Path) -> None:
+def test_mlflow_failure_does_not_lose_the_run(outage: str, tmp_path: Path, caplog) -> None:
     back = tmp_path / "mlflow_back.db"
     if outage == "unreachable":
         blocker = tmp_path / "not_a_dir"
@@ -241,15 +241,11 @@ def test_mlflow_failure_does_not_lose_the_run(outage: str, tmp_path: Path) -> No
 
         MlflowClient(tracking_uri=f"sqlite:///{back}").search_experiments()
         uri = f"sqlite:///file:{back}?mode=ro&uri=true"
-    res = run_cli(
-        "epochs=2",
-        "filter_stats_every=10",
-        f"results_dir={tmp_path}",
-        f"mlflow.tracking_uri='{uri}'",
-        cwd=tmp_path,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "warning: MLflow" in res.stderr + res.stdout
+    with caplog.at_level("WARNING", logger="gradsweep"):
+        out = train("epochs=2", "filter_stats_every=10", f"results_dir={tmp_path}",
+                    f"mlflow.tracking_uri='{uri}'")  # fmt: skip
+    assert out.status == "done"
+    assert "warning: MLflow" in caplog.text
     assert sql(tmp_path / "results.db", "SELECT status, mlflow_mirrored, epoch FROM runs") == [
         ("done", 0, 2)
     ]

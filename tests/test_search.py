@@ -11,15 +11,15 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import run_cli, sql
+from helpers import run_cli, sql
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from sweeper.cli import CONF_DIR
+from sweeper.compose import CONF_DIR
 from sweeper.schema import register_configs
 from sweeper.search import SearchParams, build_sampler, parse_space
-from sweeper.store import Store
+from sweeper.store import SCHEMA_VERSION, Store
 from trainers.registry import ConfigError
 
 SEED = 3
@@ -151,8 +151,9 @@ def test_continued_study_does_not_replay_the_seed() -> None:
 
 
 # --------------------------------------------------------------- the store's schema
-V3_COLUMNS = {"runs": ["gpus", "train_seconds", "gpu_hours", "images_per_s", "peak_gpu_mem_mb"],
-              "epoch_metrics": ["peak_mem_mb"]}  # fmt: skip
+V3_COLUMNS = {"runs": ["gpus", "train_seconds", "gpu_hours", "images_per_s", "peak_gpu_mem_mb",
+                       "heartbeat_at", "run_dir", "killed_at_epoch"],
+              "epoch_metrics": ["peak_mem_mb"]}  # fmt: skip  # columns added after schema 1
 
 
 def _make_version_1(db: Path) -> None:
@@ -183,20 +184,20 @@ def test_a_version_1_store_is_upgraded(tmp_path: Path) -> None:
     for table, want in V3_COLUMNS.items():
         have = [r[1] for r in sql(db, f"PRAGMA table_info({table})")]
         assert set(want) <= set(have), (table, have)
-    assert sql(db, "SELECT schema_version FROM store_info") == [(3,)]
+    assert sql(db, "SELECT schema_version FROM store_info") == [(SCHEMA_VERSION,)]
     assert sql(db, "SELECT name FROM sweeps") == [("old",)]
 
 
 def test_analysis_upgrades_an_old_store_before_reading(tmp_path: Path) -> None:
     """The report selects the v3 cost columns: an old store is migrated, not an error."""
-    from analysis.queries import RunFilter, load_runs, open_engine
+    from analysis.queries import RunFilter, load_runs, open_store
 
     db = tmp_path / "results.db"
     _make_version_1(db)
-    engine = open_engine(f"sqlite:///{db}")
-    assert load_runs(engine, RunFilter()) == []
-    engine.dispose()
-    assert sql(db, "SELECT schema_version FROM store_info") == [(3,)]
+    store = open_store(f"sqlite:///{db}")
+    assert load_runs(store, RunFilter()) == []
+    store.dispose()
+    assert sql(db, "SELECT schema_version FROM store_info") == [(SCHEMA_VERSION,)]
 
 
 # ------------------------------------------------------- a real search, end to end

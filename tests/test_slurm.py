@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import cli_env, poll_sql, run_cli, sql
+from helpers import cli_env, poll_sql, run_cli, sql
 from slurm_cluster import SlurmCluster, slurm_cluster_fixture  # noqa: F401 (the fixture)
 
 pytestmark = pytest.mark.slow
@@ -179,11 +179,12 @@ def test_unknown_partition_refused_before_anything(
     assert not (tmp_path / "res" / "results.db").exists()
 
 
-def test_job_dying_without_an_outcome_is_failed_with_its_stderr(
+def test_job_dying_without_an_outcome_is_interrupted_with_its_stderr(
     slurm_cluster: SlurmCluster, tmp_path: Path
 ) -> None:
     """A job killed outside Python (here: scancel) leaves its run `running`; the launcher
-    sees it gone from squeue and records it failed, naming the job and its log."""
+    sees it gone from squeue and records it killed (`interrupted`: the same command resumes
+    it), naming the job, its Slurm state and its log."""
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -221,7 +222,7 @@ def test_job_dying_without_an_outcome_is_failed_with_its_stderr(
             proc.communicate()
     assert proc.returncode == 1, out[-3000:] + err[-3000:]
     ((status, error),) = sql(db, "SELECT status, error FROM runs")
-    assert status == "failed"
+    assert status == "interrupted"  # killed, not failed: the same command resumes it
     assert f"Slurm job {job_id} ended" in error and "without recording an outcome" in error
     assert "CANCELLED" in error
-    assert "failed 1" in out and "error: failed points" in err
+    assert "interrupted 1" in out and "error: interrupted points" in err

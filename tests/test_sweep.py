@@ -8,8 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import cli_env, poll_sql, run_cli, sql
-from test_data import _write_imagefolder
+from helpers import cli_env, poll_sql, run_cli, sql, write_imagefolder
 
 SMOKE = ["-m", "method=pgt", "alpha=0.05,0.25,0.3", "+experiment=smoke"]
 
@@ -72,8 +71,8 @@ def test_status_lists_sweeps_and_runs(smoke: tuple[Path, subprocess.CompletedPro
 def test_failing_point_is_recorded_and_named(tmp_path: Path) -> None:
     good, bad = tmp_path / "good", tmp_path / "bad"
     # five training images in each; batch 5 reads them all (drop_last cannot skip the bad one)
-    _write_imagefolder(good, {"train": {"ant": 3, "bee": 2}, "val": {"ant": 1, "bee": 1}})
-    _write_imagefolder(bad, {"train": {"ant": 2, "bee": 2}, "val": {"ant": 1, "bee": 1}})
+    write_imagefolder(good, {"train": {"ant": 3, "bee": 2}, "val": {"ant": 1, "bee": 1}})
+    write_imagefolder(bad, {"train": {"ant": 2, "bee": 2}, "val": {"ant": 1, "bee": 1}})
     (bad / "train" / "ant" / "broken.jpg").write_bytes(b"this is not a JPEG")
     res = run_cli(
         "-m",

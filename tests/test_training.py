@@ -1,4 +1,7 @@
-"""Trainer behaviour: real datasets through the CLI, divergence, schedules, run identity."""
+"""Trainer behaviour: real datasets through a job, divergence, schedules, run identity.
+
+Runs here go through :func:`sweeper.job.run_job` in this process (composed like the CLI
+does): the process itself is not what these tests are about."""
 
 from __future__ import annotations
 
@@ -6,19 +9,18 @@ import math
 from pathlib import Path
 
 import pytest
-from conftest import run_cli, sql
-from test_data import _write_cifar10, _write_imagefolder
+from helpers import sql, train, write_cifar10, write_imagefolder
 
-from sweeper.job import identity_of
+from sweeper.identity import identity_of
 from trainers.config import MethodConf, ModelConf, RunConfig, ScheduleConf
 from trainers.data import DataConfig
 from trainers.schedule import lr_at
 from trainers.train import Trainer
 
 
-def test_cifar10_files_train_through_the_cli(tmp_path: Path) -> None:
-    _write_cifar10(tmp_path)  # the real python-pickle format, 100 train / 10 test images
-    res = run_cli(
+def test_cifar10_files_train_through_a_job(tmp_path: Path) -> None:
+    write_cifar10(tmp_path)  # the real python-pickle format, 100 train / 10 test images
+    out = train(
         "data=cifar10",
         f"data.root={tmp_path}",
         "model=resnet20",
@@ -27,19 +29,18 @@ def test_cifar10_files_train_through_the_cli(tmp_path: Path) -> None:
         "method=ls_pgt",
         "mlflow.enabled=false",
         f"results_dir={tmp_path / 'res'}",
-        cwd=tmp_path,
     )
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert out.status == "done"
     assert sql(
         tmp_path / "res" / "results.db", "SELECT data, model, status, n_features FROM runs"
     ) == [("cifar10", "resnet20", "done", 64)]
 
 
-def test_imagefolder_trains_through_the_cli(tmp_path: Path) -> None:
-    _write_imagefolder(
+def test_imagefolder_trains_through_a_job(tmp_path: Path) -> None:
+    write_imagefolder(
         tmp_path, {"train": {"ant": 4, "bee": 4, "cat": 4}, "val": {"ant": 2, "bee": 2, "cat": 2}}
     )
-    res = run_cli(
+    out = train(
         "data=imagenet",
         f"data.root={tmp_path}",
         "data.image_size=32",
@@ -49,20 +50,18 @@ def test_imagefolder_trains_through_the_cli(tmp_path: Path) -> None:
         "batch_size=4",
         "mlflow.enabled=false",
         f"results_dir={tmp_path / 'res'}",
-        cwd=tmp_path,
     )
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert out.status == "done"
     assert sql(tmp_path / "res" / "results.db", "SELECT status, n_features FROM runs") == [
         ("done", 512)
     ]
 
 
-def test_divergence_is_recorded_not_a_crash(tmp_path: Path) -> None:
-    res = run_cli(
-        "lr=1e6", "epochs=3", "mlflow.enabled=false", f"results_dir={tmp_path}", cwd=tmp_path
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "non-finite" in res.stdout + res.stderr
+def test_divergence_is_recorded_not_a_crash(tmp_path: Path, caplog) -> None:
+    with caplog.at_level("INFO", logger="gradsweep"):
+        out = train("lr=1e6", "epochs=3", "mlflow.enabled=false", f"results_dir={tmp_path}")
+    assert out.status == "diverged"
+    assert "non-finite" in caplog.text
     ((status, step, error),) = sql(
         tmp_path / "results.db", "SELECT status, diverged_step, error FROM runs"
     )

@@ -3,6 +3,10 @@
 These dataclasses are the schema Hydra checks overrides against (the sweeper registers them
 with Hydra's ConfigStore) and the typed object everything below the CLI receives. Values
 live in ``conf/*.yaml``; defaults here only make the dataclasses usable from Python.
+
+This module imports no torch: the CLI composes, prints and hashes configs without it
+(``python -m sweeper --help`` answers at once). Only :meth:`RunConfig.validate` looks up the
+model and data registries, which import torch, when a run is about to be started.
 """
 
 from __future__ import annotations
@@ -12,10 +16,8 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from trainers.data import DataConfig, known_datasets
-from trainers.methods import METHODS, MethodSpec
-from trainers.models import known_models
 from trainers.registry import ConfigError
+from trainers.specs import METHODS, MethodSpec
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # torch.compile modes; auto: reduce-overhead (CUDA graphs) for a single-process CUDA run,
@@ -23,6 +25,21 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # all-reduce hooks CUDA graphs do not capture)
 COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 DEVICES_HELP = "auto, cpu, cuda or cuda:N"
+
+
+@dataclass  # mutable: it is also Hydra's schema for the `data` group (overrides write to it)
+class DataConfig:
+    name: str = "digits"  # digits | synthetic | cifar10 | cifar100 | imagenet
+    root: str | None = None  # directory for cifar10/cifar100/imagenet
+    download: bool = False  # cifar only: opt-in torchvision download into root
+    augment: bool = True  # apply the dataset's standard training augmentation
+    image_size: int = 32  # synthetic: side; imagenet: train crop (test: resize size*8/7, crop)
+    num_classes: int = 10  # synthetic only
+    channels: int = 3  # synthetic only
+    num_train: int = 1024  # synthetic only
+    num_test: int = 256  # synthetic only
+    data_seed: int = 0  # synthetic generation + digits split; NOT the run seed
+    num_workers: int = 2  # imagenet DataLoader workers
 
 
 @dataclass
@@ -147,6 +164,9 @@ class RunConfig:
     # ---------------------------------------------------------------------- validation
     def validate(self) -> None:
         """Raise ConfigError (one line: the bad value and what is allowed) on bad input."""
+        from trainers.data import known_datasets  # the registries import torch
+        from trainers.models import known_models
+
         if self.model.name not in known_models():
             raise ConfigError(
                 f"unknown model {self.model.name!r}; known: {', '.join(known_models())}"

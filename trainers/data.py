@@ -22,27 +22,15 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from trainers.config import DataConfig
 from trainers.registry import ConfigError, Registry
+
+__all__ = ["DataConfig", "DataBundle", "TensorLoader", "build_data", "check_data", "known_datasets"]
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CIFAR_PAD = 4  # He et al. 2016: 4-pixel zero padding, random 32x32 crop, random flip
-
-
-@dataclass  # mutable: it is also Hydra's schema for the `data` group (overrides write to it)
-class DataConfig:
-    name: str = "digits"  # digits | synthetic | cifar10 | cifar100 | imagenet
-    root: str | None = None  # directory for cifar10/cifar100/imagenet
-    download: bool = False  # cifar only: opt-in torchvision download into root
-    augment: bool = True  # apply the dataset's standard training augmentation
-    image_size: int = 32  # synthetic: side; imagenet: train crop (test: resize size*8/7, crop)
-    num_classes: int = 10  # synthetic only
-    channels: int = 3  # synthetic only
-    num_train: int = 1024  # synthetic only
-    num_test: int = 256  # synthetic only
-    data_seed: int = 0  # synthetic generation + digits split; NOT the run seed
-    num_workers: int = 2  # imagenet DataLoader workers
 
 
 class Loader(Protocol):
@@ -217,15 +205,9 @@ def _no_check(cfg: DataConfig) -> None:
 
 
 def _build_digits(cfg: DataConfig, batch_size: int, seed: int, device: torch.device) -> DataBundle:
-    from sklearn.datasets import load_digits  # ships inside scikit-learn: offline
-    from sklearn.model_selection import train_test_split
+    from trainers.digits import digits_split  # scikit-learn's bundled file, read without sklearn
 
-    d = load_digits()
-    x = np.rint(d.data * (255 / 16)).astype(np.uint8).reshape(-1, 1, 8, 8)
-    split = train_test_split(
-        x, d.target, test_size=0.2, random_state=cfg.data_seed, stratify=d.target
-    )
-    xtr, xte, ytr, yte = (torch.from_numpy(np.ascontiguousarray(a)) for a in split)
+    xtr, xte, ytr, yte = (torch.from_numpy(a) for a in digits_split(cfg.data_seed))
     # No augmentation whatever cfg.augment says: the paper has no digits recipe, and the digits
     # are centred 8x8 glyphs where crops destroy information (and flips change the digit).
     arrays = (xtr, ytr.long(), xte, yte.long())

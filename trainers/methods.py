@@ -1,4 +1,4 @@
-"""Backward-pass gradient methods: PGT, label smoothing, GC, AGC, ZNorm (design.md §2).
+"""Backward-pass gradient methods: PGT, label smoothing, GC, AGC, ZNorm.
 
 The public functions are usable in any PyTorch loop:
 
@@ -7,26 +7,21 @@ The public functions are usable in any PyTorch loop:
 * :func:`adaptive_clip_grad_` -- AGC, unit-wise (Brock et al. 2021, NFNets).
 * :func:`znorm_` -- ZNorm, per-tensor Z-score of the gradient (Yun 2024).
 
-:data:`METHODS` maps each method name of the CLI (``baseline, gc, agc, pgt, ls, znorm,
-gc_pgt, agc_pgt, ls_pgt``) to a :class:`MethodSpec` that says which pieces it combines.
+:data:`METHODS` (from :mod:`trainers.specs`) maps each method name of the CLI to the
+pieces it combines.
 
-Order inside one training step (design.md §2): forward -> loss (PGT/LS act here) ->
+Order inside one training step: forward -> loss (PGT/LS act here) ->
 backward -> AMP unscale -> gradient transform (GC/AGC/ZNorm act here) -> optimiser step.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-from trainers.registry import Registry
-
-GradTransform = Literal["none", "gc", "agc", "znorm"]
 
 
 # --------------------------------------------------------------------------- loss side
@@ -198,7 +193,7 @@ def _agc_segmented(params: list[Tensor], clip_factor: float, eps: float) -> None
     """All tensors at once with a constant number of kernels (about 15, whatever the model).
 
     On a GPU the per-tensor loop is launch-bound: timm's takes ~10 launches per tensor,
-    ~1,600 for a ResNet-50, 21 ms on an H200 (design.md §5). Here every weight and gradient
+    ~1,600 for a ResNet-50, 21 ms on an H200 (docs/architecture.md, measured facts). Here every weight and gradient
     is flattened into one vector, every unit's sum of squares is one segmented reduction
     (CUB), and the per-unit scales are expanded back and applied by one multi-tensor
     ``_foreach_mul_``. Squares are summed in float64 so that the different summation order
@@ -277,45 +272,21 @@ def znorm_(parameters: Iterable[Tensor], eps: float = 1e-8) -> None:
 
 
 # ------------------------------------------------------------------------ registry
-@dataclass(frozen=True)
-class MethodSpec:
-    """What a method combines: the loss-side pieces and one gradient transform."""
+# What each method name combines lives in the torch-free trainers.specs (configs validate and
+# hash without torch); re-exported here, where the pieces it names are implemented.
+from trainers.specs import METHODS, GradTransform, MethodSpec, known_methods  # noqa: E402
 
-    name: str
-    pgt: bool = False
-    label_smoothing: bool = False
-    grad_transform: GradTransform = "none"
-
-    def knobs(self) -> list[str]:
-        """The ``method.*`` config keys that matter for this method (others are ignored)."""
-        keys: list[str] = []
-        if self.pgt:
-            keys.append("pgt_impl")
-        if self.label_smoothing:
-            keys.append("label_smoothing")
-        keys += {
-            "none": [],
-            "gc": ["gc_max_norm"],
-            "agc": ["agc_clip_factor", "agc_eps"],
-            "znorm": ["znorm_eps"],
-        }[self.grad_transform]
-        return keys
-
-
-METHODS: Registry[MethodSpec] = Registry("method")
-for _spec in (
-    MethodSpec("baseline"),
-    MethodSpec("gc", grad_transform="gc"),
-    MethodSpec("agc", grad_transform="agc"),
-    MethodSpec("pgt", pgt=True),
-    MethodSpec("ls", label_smoothing=True),
-    MethodSpec("znorm", grad_transform="znorm"),
-    MethodSpec("gc_pgt", pgt=True, grad_transform="gc"),
-    MethodSpec("agc_pgt", pgt=True, grad_transform="agc"),
-    MethodSpec("ls_pgt", pgt=True, label_smoothing=True),
-):
-    METHODS.register(_spec.name, _spec)
-
-
-def known_methods() -> list[str]:
-    return METHODS.names()
+__all__ = [
+    "METHODS",
+    "GradTransform",
+    "MethodSpec",
+    "adaptive_clip_grad_",
+    "clip_grad_norm_",
+    "cross_entropy",
+    "global_grad_norm",
+    "known_methods",
+    "pgt_cross_entropy",
+    "register_paper_pgt_hook",
+    "smoothed_targets",
+    "znorm_",
+]

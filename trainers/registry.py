@@ -1,4 +1,4 @@
-"""Name -> object registries with errors that list the known names (design.md §6.5)."""
+"""Name -> object registries with errors that list the known names."""
 
 from __future__ import annotations
 

@@ -1,20 +1,26 @@
-"""Hydra plugins of gradsweep: thin shims over sweeper/launch.py.
+"""Hydra plugins of gradsweep: thin shims over the sweeper package.
+
+Hydra imports every module of every ``hydra_plugins`` package at plugin discovery, for any
+Hydra app in the environment, so these modules import only Hydra and light dataclasses
+(:mod:`sweeper.settings`, :mod:`sweeper.search`); the sweep machinery (submitit, the store,
+torch) is imported when a sweep starts, as Hydra's own submitit plugin does. The plugins
+raise (:class:`~trainers.registry.ConfigError`, :class:`~sweeper.errors.Failed`); the CLI's
+boundary prints and exits.
 
 No `from __future__ import annotations` here: Hydra executes this module during plugin
 discovery without registering it in sys.modules, and dataclasses then cannot resolve
 string annotations.
 
-Hydra finds plugins in the ``hydra_plugins`` namespace package. Registered here:
-``hydra/sweeper=gradsweep`` (the default for ``-m``: grids), ``hydra/sweeper=optuna``
-(searches) and ``hydra/launcher=local|slurm``.
+Registered here: ``hydra/sweeper=gradsweep`` (the default for ``-m``: grids),
+``hydra/sweeper=optuna`` (searches) and ``hydra/launcher=local|slurm``.
 """
 
 from dataclasses import dataclass
 
 from hydra.core.config_store import ConfigStore
 
-from sweeper.launch import LauncherParams
 from sweeper.search import SearchParams
+from sweeper.settings import LauncherParams
 
 
 @dataclass

@@ -1,26 +1,21 @@
-"""``hydra/launcher=local|slurm``: compose each point, hand them to sweeper.launch."""
+"""``hydra/launcher=local|slurm``: compose each point, hand the grid to :mod:`sweeper.grid`."""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from sweeper.cli import _one_line, to_config
-from sweeper.launch import (
-    LauncherParams,
-    SweepRunner,
-    format_command,
-    summary_table,
-    validate_points,
-)
-from sweeper.schema import Config
+from sweeper.settings import LauncherParams
 from trainers.registry import ConfigError
+
+if TYPE_CHECKING:
+    from sweeper.schema import Config
 
 
 class GradsweepLauncher(Launcher):
@@ -37,6 +32,8 @@ class GradsweepLauncher(Launcher):
 
     def compose(self, overrides: list[str]) -> Config:
         """One point's typed config: the sweep's config with these overrides applied."""
+        from sweeper.compose import hydra_error_line, to_config
+
         try:
             sc = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
             with open_dict(sc):
@@ -45,40 +42,30 @@ class GradsweepLauncher(Launcher):
         except ConfigError:
             raise
         except Exception as e:
-            raise ConfigError(_one_line(e)) from None
+            raise ConfigError(hydra_error_line(e)) from None
 
     def launch(
         self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
     ) -> Sequence[JobReturn]:
+        from sweeper.grid import format_command, run_grid, validate_points
+
         self.params.validate()
-        labels = _labels(job_overrides)
         points = []
-        for label, ov in zip(labels, job_overrides, strict=True):
+        for label, ov in zip(_labels(job_overrides), job_overrides, strict=True):
             try:
                 points.append((label, self.compose(list(ov))))
             except ConfigError as e:
                 raise ConfigError(f"point [{label}]: {e}") from None
         validated = validate_points(points)
         name = validated[0].cfg.sweep_name
-        runner = SweepRunner(validated, self.params, format_command(sys.argv[1:]), name)
-        finished = runner.run()
-        print(summary_table(finished), flush=True)
-        failed = [p for p in finished if p.status == "failed"]
+        finished = run_grid(validated, self.params, format_command(sys.argv[1:]), name)
         rets = []
         for p in finished:
             r = JobReturn()
             r.overrides = p.label.split()
-            r.status = JobStatus.FAILED if p.status == "failed" else JobStatus.COMPLETED
+            r.status = JobStatus.COMPLETED
             r._return_value = p.status
             rets.append(r)
-        if failed:
-            print(
-                "error: failed points: "
-                + "; ".join(f"[{p.label}] (run {p.run.id})" for p in failed),
-                file=sys.stderr,
-                flush=True,
-            )
-            sys.exit(1)
         return rets
 
 

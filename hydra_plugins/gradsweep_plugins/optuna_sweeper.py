@@ -1,8 +1,8 @@
-"""``hydra/sweeper=optuna``: read the search space, hand the study to sweeper.search_runner.
+"""``hydra/sweeper=optuna``: read the search space, hand the study to :mod:`sweeper.study`.
 
-A thin shim: parsing and validation live in :mod:`sweeper.search`, the ask / dispatch /
-tell loop in :mod:`sweeper.search_runner`; trials go through our own launcher
-(``hydra/launcher=local|slurm``), whose settings apply unchanged.
+A thin shim: parsing and validation live in :mod:`sweeper.search`, the ask / tell source in
+:mod:`sweeper.study`; trials go through our own launcher (``hydra/launcher=local|slurm``),
+whose settings apply unchanged.
 """
 
 from __future__ import annotations
@@ -16,8 +16,7 @@ from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
-from sweeper.search import SearchParams, default_study_name, parse_space
-from sweeper.search_runner import run_search
+from sweeper.search import SearchParams
 from trainers.registry import ConfigError
 
 _MISSING = object()
@@ -39,13 +38,11 @@ class OptunaSweeper(Sweeper):
         )
 
     def sweep(self, arguments: list[str]) -> Any:
-        try:
-            return self._sweep(arguments)
-        except ConfigError as e:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-            sys.exit(2)
+        from sweeper.compose import hydra_error_line
+        from sweeper.grid import format_command
+        from sweeper.search import default_study_name, parse_space
+        from sweeper.study import run_search
 
-    def _sweep(self, arguments: list[str]) -> Any:
         self.search.validate()
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         try:
@@ -55,9 +52,7 @@ class OptunaSweeper(Sweeper):
             preset = [f"{k}={v}" for k, v in (self.search.params or {}).items() if k not in keys]
             overrides = [*parser.parse_overrides(preset), *given]
         except Exception as e:
-            from sweeper.cli import _one_line
-
-            raise ConfigError(_one_line(e)) from None
+            raise ConfigError(hydra_error_line(e)) from None
 
         def value_of(key: str) -> Any:
             value = OmegaConf.select(self.config, key, default=_MISSING)
@@ -71,16 +66,6 @@ class OptunaSweeper(Sweeper):
             or self.config.get("sweep_name")
             or default_study_name(dims, fixed, self.search)
         )
-        runner = run_search(
-            dims,
-            fixed,
-            self.launcher.compose,
-            self.search,
-            self.launcher.params,
-            name,
-            sys.argv[1:],
-        )
-        if runner.best() is None:  # every trial failed or was pruned: nothing to report
-            print(f"error: no trial of study {name!r} completed", file=sys.stderr, flush=True)
-            sys.exit(1)
-        return runner.outcomes
+        source = run_search(dims, fixed, self.launcher.compose, self.search,
+                            self.launcher.params, name, format_command(sys.argv[1:]))  # fmt: skip
+        return source.outcomes

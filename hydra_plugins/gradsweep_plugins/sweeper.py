@@ -6,7 +6,6 @@ launcher has validated every point, and it refuses an empty grid.
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
@@ -29,10 +28,5 @@ class GradsweepSweeper(BasicSweeper):
         batches = self.split_arguments(overrides, None)
         points = batches[0] if batches else []
         if not points:
-            print("error: the grid is empty: no point to run", file=sys.stderr, flush=True)
-            sys.exit(2)
-        try:
-            return [self.launcher.launch(points, initial_job_idx=0)]
-        except ConfigError as e:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-            sys.exit(2)
+            raise ConfigError("the grid is empty: no point to run")
+        return [self.launcher.launch(points, initial_job_idx=0)]

@@ -1,0 +1,183 @@
+"""Composing configs with Hydra, and checking the command line before Hydra starts.
+
+:func:`preflight_argv` composes the same config through Hydra's compose API and runs every
+check that needs no training, before Hydra starts (and creates its output directory), so
+bad input ends with one line and nothing is written. :func:`to_config` is the one boundary
+where a DictConfig becomes the typed :class:`~sweeper.schema.Config`.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from sweeper.schema import Config
+from trainers.registry import ConfigError, first_line
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+GROUPS = ("model", "method", "data", "schedule", "experiment")
+# hydra's own groups that we replace: Hydra's basic launcher/sweeper bypass the store
+HYDRA_GROUPS = {"hydra/launcher": ["local", "slurm"], "hydra/sweeper": ["gradsweep", "optuna"]}
+
+
+def group_options(group: str) -> list[str]:
+    if group in HYDRA_GROUPS:
+        return HYDRA_GROUPS[group]
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def to_config(cfg: DictConfig) -> Config:
+    """The one boundary where a DictConfig becomes the typed Config."""
+    _reject_extra_keys(cfg)
+    obj = OmegaConf.to_object(cfg)
+    assert isinstance(obj, Config)
+    return obj
+
+
+def compose(overrides: list[str]) -> Config:
+    """The typed config of ``python -m sweeper OVERRIDES`` (Hydra's compose API)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from sweeper.schema import register_configs
+
+    register_configs()  # idempotent: the schema the config files are checked against
+    try:
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            dcfg = hydra_compose("config", overrides=overrides)
+        return to_config(dcfg)
+    except ConfigError:
+        raise
+    except Exception as e:  # Hydra/OmegaConf composition or type errors
+        raise ConfigError(hydra_error_line(e)) from None
+
+
+def hydra_error_line(e: BaseException) -> str:
+    """Hydra / OmegaConf errors are multi-line; keep what names the bad value."""
+    text = str(e).strip()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    key = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("full_key:")), "")
+    m = re.search(r"Could not override '([^']+)'", text)
+    if m and re.search(r"Key '[^']+' (is )?not in", text + str(e.__cause__ or "")):
+        return unknown_key_message(m.group(1))
+    m = re.search(r"Missing mandatory value: ?(\S+)", text)
+    if m or "MissingMandatoryValue" in type(e).__name__:
+        k = m.group(1) if m else key
+        return f"{k} is required (no default); set it on the command line, e.g. {k}=/path"
+    first = lines[0] if lines else type(e).__name__
+    cause = e.__cause__
+    if cause is not None and str(cause).strip():  # Hydra wraps the OmegaConf error that says why
+        first = f"{first.rstrip('.')}: {first_line(cause)}"
+    return f"{key}: {first}" if key and key not in first else first
+
+
+def unknown_key_message(path: str) -> str:
+    """'unknown key X; known ...' listing the keys allowed where X was put."""
+    node: Any = Config
+    parts = path.lstrip("+~").split(".")
+    for part in parts[:-1]:
+        fields = getattr(node, "__dataclass_fields__", {})
+        if part not in fields:
+            break
+        node = _schema_class(fields[part].type)
+    fields = getattr(node, "__dataclass_fields__", None) or Config.__dataclass_fields__
+    where = "top-level keys" if len(parts) == 1 else f"keys of {'.'.join(parts[:-1])}"
+    return f"unknown key {path.lstrip('+~')!r}; known {where}: {', '.join(fields)}"
+
+
+def _schema_class(name: object) -> Any:
+    """Field types are strings under `from __future__ import annotations`: resolve them."""
+    import trainers.config as tc
+
+    for mod in (tc, sys.modules[Config.__module__]):
+        if isinstance(name, str) and hasattr(mod, name):
+            return getattr(mod, name)
+    return name
+
+
+def _reject_extra_keys(cfg: DictConfig, schema: Any = Config, prefix: str = "") -> None:
+    """``+colour=blue`` adds a key Hydra accepts but nothing reads: refuse it."""
+    fields = schema.__dataclass_fields__
+    for k in cfg.keys():
+        if k not in fields:
+            raise ConfigError(unknown_key_message(prefix + str(k)))
+        sub = _schema_class(fields[k].type)
+        if hasattr(sub, "__dataclass_fields__") and isinstance(cfg[k], DictConfig):
+            _reject_extra_keys(cfg[k], sub, f"{prefix}{k}.")
+
+
+def check_group_choices(overrides: list[str]) -> None:
+    """Unknown group options -> one line listing the known ones (Hydra prints a page)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception as e:
+        raise ConfigError(hydra_error_line(e)) from None
+    for ov in parsed:
+        group = ov.key_or_group.lstrip("+~")
+        if (group not in GROUPS and group not in HYDRA_GROUPS) or ov.is_delete():
+            continue
+        if ov.is_sweep_override() and type(ov.value()).__name__ != "ChoiceSweep":
+            raise ConfigError(
+                f"{ov.input_line}: {group} is a config group; list its options or use choice(...)"
+            )
+        values = (
+            list(ov.sweep_string_iterator())
+            if ov.is_sweep_override()
+            else [ov.get_value_element_as_str()]
+        )
+        if not values:
+            raise ConfigError(f"empty choice for {group}; known: {', '.join(group_options(group))}")
+        known = group_options(group)
+        for v in values:
+            if v not in known:
+                raise ConfigError(f"unknown {group} {v!r}; known: {', '.join(known)}")
+
+
+def check_sweeper_settings(overrides: list[str]) -> None:
+    """``hydra.sweeper.*`` of a search (sampler, pruner, metric, a wrong type), checked
+    before Hydra starts: one line, no sweep directory, no study."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    fixed = [ov.input_line for ov in parsed if not ov.is_sweep_override() and ov.input_line]
+    try:
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            dcfg = hydra_compose("config", overrides=fixed, return_hydra_config=True)
+        node = OmegaConf.to_container(dcfg.hydra.sweeper)
+    except Exception as e:
+        msg = hydra_error_line(e)
+        if "not in 'SweeperConf'" in str(e) + str(e.__cause__ or ""):
+            msg += " (search settings need hydra/sweeper=optuna on the command line)"
+        raise ConfigError(msg) from None
+    assert isinstance(node, dict)
+    if str(node.get("_target_", "")).endswith("OptunaSweeper"):
+        from sweeper.search import SearchParams
+
+        SearchParams(**{k: v for k, v in node.items() if k != "_target_"}).validate()
+
+
+def preflight_argv(argv: list[str]) -> Config | None:
+    """Compose and validate a single run's config from the command line.
+
+    Returns the typed Config, or None for a multirun (each point is checked by the
+    sweeper). Raises ConfigError with a one-line message on bad input.
+    """
+    from sweeper.identity import preflight
+
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    overrides = [a for a in argv if not a.startswith("-")]
+    check_group_choices(overrides)
+    if multirun:
+        check_sweeper_settings(overrides)
+        return None
+    cfg = compose([a for a in overrides if not a.startswith(("hydra.", "hydra/", "+hydra"))])
+    preflight(cfg)
+    return cfg

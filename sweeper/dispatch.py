@@ -1,0 +1,279 @@
+"""One dispatcher for grids and searches: claim each point, run its job, read its outcome.
+
+A *source* hands out points (:mod:`sweeper.grid`: a fixed grid; :mod:`sweeper.study`: an
+Optuna study that asks for the next trial whenever a slot frees up); a *backend*
+(:mod:`sweeper.backends`: local processes or Slurm) runs their jobs. The dispatcher owns
+what both share:
+
+* :meth:`Dispatcher.claim` -- the one decision for a point: start it, resume it, retry it,
+  skip it (done, or failed and not retried), leave it to a live job elsewhere, or share the
+  run of an identical point of this dispatch;
+* :meth:`Dispatcher.run` -- slots, submit, poll, the outcome of each ended job (read from
+  the store, where each job records its own), and cancel: Ctrl-C or SIGTERM stops the jobs,
+  their runs end ``interrupted``, and the same command resumes them;
+* a job whose process vanished without recording an outcome (a signal, a lost node) is
+  recorded killed: ``interrupted`` (resumed by the same command) or, killed twice without
+  progress, ``failed`` (:mod:`sweeper.store.lease`). A job that raised before recording
+  anything is ``failed`` with its error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import enum
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from sweeper.backends import Backend, Submission, make_backend
+from sweeper.identity import grid_columns, resolved_config
+from sweeper.schema import Config
+from sweeper.settings import LauncherParams
+from sweeper.store import LEASE_S, RunRecord, RunStatus, Store
+
+# what a job records as its outcome; a pruned run is not final for a grid (asked for again,
+# it resumes from its checkpoint to the last epoch)
+OUTCOMES = {RunStatus.done, RunStatus.failed, RunStatus.diverged, RunStatus.pruned}
+
+
+class Decision(enum.Enum):
+    START = "start"  # a new (queued) run
+    RESUME = "resume"  # interrupted or pruned: continues from its checkpoint
+    RETRY = "retry"  # failed / diverged, retried (requeued)
+    DONE = "done"  # already done: never trained again
+    FINISHED = "finished"  # failed / diverged, not retried
+    LIVE = "live"  # being trained by a live job elsewhere: never started twice
+    SHARED = "shared"  # the same configuration as a point of this dispatch
+
+    @property
+    def dispatch(self) -> bool:
+        return self in (Decision.START, Decision.RESUME, Decision.RETRY)
+
+
+@dataclass
+class Point:
+    """One configuration of a grid or one trial of a search, and what became of it."""
+
+    label: str  # the point's overrides, as typed
+    cfg: Config
+    config_hash: str
+    identity: dict[str, Any]
+    run: RunRecord | None = None
+    status: str = "queued"  # then running, or the run's outcome, or skipped / shared
+    started: float = 0.0
+    sub: Submission | None = None
+    twin: Point | None = None  # SHARED: the point whose run this one shares
+    mlflow_tags: dict[str, str] = field(default_factory=dict)
+    trial: Any = None  # searches: the Optuna trial (sweeper.study.Trial)
+    trial_link: Any = None  # searches: what the job reports to (sweeper.search.TrialLink)
+
+    @property
+    def job_id(self) -> str | None:
+        return str(self.sub.job.job_id) if self.sub is not None and self.sub.job else None
+
+
+class Source(Protocol):
+    """Where points come from."""
+
+    def next_point(self) -> Point | None:
+        """The next point to dispatch (claimed: its decision says dispatch), or None when
+        there is none now (a search asks again when a slot frees up)."""
+        ...
+
+    def finished(self, p: Point) -> None:
+        """``p``'s job ended; ``p.status`` is its outcome (``p.run`` re-read)."""
+        ...
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM on the sweeper (``kill``, a closing login session, a batch system ending the
+    allocation the sweeper runs in) is handled like Ctrl-C: running jobs are cancelled,
+    record themselves ``interrupted``, and the same command resumes the sweep. Without this,
+    SIGTERM would kill the sweeper alone and leave its local jobs orphaned."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(f"received {signal.Signals(signum).name}")
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+class Dispatcher:
+    """Claims points in one sweep's record and runs their jobs through a backend."""
+
+    def __init__(
+        self,
+        store: Store,
+        params: LauncherParams,
+        cfg0: Config,
+        sweep_name: str,
+        command: str,
+        launcher_label: str,
+        n_points: int,
+        out: Callable[[str], None],
+    ) -> None:
+        self.store, self.params, self.cfg0 = store, params, cfg0
+        self.name, self.command, self.out = sweep_name, command, out
+        lost = store.expire_leases()  # killed jobs of earlier sweeps: resumed when asked
+        if lost:
+            out(f"{lost} run(s) whose job was killed marked interrupted; resuming them")
+        self.sweep = store.create_sweep(sweep_name, command, launcher_label, n_points)
+        self.parent: Any = None  # the sweep's MLflow parent run
+        self.base_tags: dict[str, str] = {"sweep_id": str(self.sweep.id), "sweep_name": sweep_name}
+        self.running: list[Point] = []
+
+    # ------------------------------------------------------------------- claiming
+    def claim(
+        self, p: Point, retry_failed: bool, twins: dict[str, Point], trial: int | None = None
+    ) -> Decision:
+        """The one decision for a point: see :class:`Decision`. ``twins`` maps the config
+        hashes this dispatch already holds to their point (a grid: every earlier point; a
+        search: the running ones)."""
+        twin = twins.get(p.config_hash)
+        if twin is not None and twin is not p:
+            p.twin, p.run = twin, twin.run
+            if twin.run is not None:
+                self.store.link_run(self.sweep.id, twin.run.id, p.label, trial=trial)
+            return Decision.SHARED
+        run = self.store.claim_run(p.config_hash, grid_columns(p.cfg),
+                                   resolved_config(p.cfg, p.identity))  # fmt: skip
+        self.store.link_run(self.sweep.id, run.id, p.label, trial=trial)
+        p.run = run
+        st = run.status
+        if st == RunStatus.done:
+            return Decision.DONE
+        if st == RunStatus.running and self.store.lease_alive(run):
+            # its job is alive (another sweep, or a job that outlived a killed sweeper):
+            # starting it twice would race on its checkpoint and rows
+            return Decision.LIVE
+        if st in (RunStatus.failed, RunStatus.diverged):
+            if not retry_failed:
+                return Decision.FINISHED
+            self.store.requeue_run(run.id)
+            return Decision.RETRY
+        if st == RunStatus.queued:
+            return Decision.START
+        return Decision.RESUME  # interrupted, pruned, or running with a lapsed lease
+
+    def live_message(self, p: Point) -> str:
+        assert p.run is not None
+        return (f"point [{p.label}]: run {p.run.id} is being trained by a live job "
+                f"(heartbeat within {LEASE_S:g} s); not starting it twice")  # fmt: skip
+
+    # -------------------------------------------------------------------- running
+    def job_folder(self) -> Path:
+        folder = Path(self.cfg0.results_dir) / "logs" / "jobs" / f"sweep{self.sweep.id}"
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def open_mlflow_parent(self, n_points: int) -> None:
+        """The sweep's parent run in MLflow (its jobs' runs are its children)."""
+        if not self.cfg0.mlflow.enabled:
+            return
+        from sweeper.job import tracking_uri
+        from sweeper.tracking import open_parent
+
+        self.parent = open_parent(tracking_uri(self.cfg0), self.cfg0.mlflow.experiment,
+                                  Path(self.cfg0.results_dir) / "mlartifacts", self.name,
+                                  {"sweep_command": self.command, "n_points": n_points},
+                                  self.sweep.id, self.out)  # fmt: skip
+        if self.parent is not None and self.parent.run_id:
+            self.store.set_sweep_fields(self.sweep.id, mlflow_parent_run_id=self.parent.run_id)
+            self.base_tags["mlflow.parentRunId"] = self.parent.run_id
+
+    def run(self, source: Source, cap: int | None = None, batch: bool = True) -> None:
+        """Dispatch the source's points until none is left and every job has ended.
+        ``cap``: at most this many jobs in flight (a search's n_jobs). ``batch``: points
+        available together go out as one submission (on Slurm, one job array: a grid);
+        else one job each (a search's trials)."""
+        folder = self.job_folder()
+        self.out(f"job logs: {folder}")
+        backend = make_backend(self.params, folder, self.name, cap, self.out)
+        with terminate_as_interrupt():
+            try:
+                self._loop(source, backend, batch)
+            except KeyboardInterrupt:
+                self._cancel(backend)
+                raise
+
+    def _loop(self, source: Source, backend: Backend, together: bool) -> None:
+        while True:
+            batch: list[Point] = []
+            while len(self.running) + len(batch) < backend.capacity:
+                p = source.next_point()
+                if p is None:
+                    break
+                batch.append(p)
+            for group in [batch] if together else [[p] for p in batch]:
+                if group:
+                    self._submit(group, backend)
+            if not self.running:
+                return
+            time.sleep(self.params.poll_s)
+            gone = backend.gone([p.sub for p in self.running if p.sub is not None])
+            for p in [q for q in self.running if q.sub in gone]:
+                self.running.remove(p)
+                self._outcome(p, backend)
+                backend.release(p.sub)  # type: ignore[arg-type]
+                source.finished(p)
+
+    def _submit(self, batch: list[Point], backend: Backend) -> None:
+        for p in batch:
+            tags = {**self.base_tags, **p.mlflow_tags}
+            p.sub = Submission((p.cfg, tags, backend.threads, p.trial_link))
+        backend.submit([p.sub for p in batch])  # type: ignore[misc]
+        for p in batch:
+            self.running.append(p)  # from here on a signal cancels it too
+            p.started, p.status = time.monotonic(), "running"
+            assert p.run is not None
+            self.store.set_job_id(self.sweep.id, p.run.id, str(p.job_id))
+
+    def _outcome(self, p: Point, backend: Backend) -> None:
+        """A job is over when its process is gone; its outcome is its run's row."""
+        assert p.run is not None and p.sub is not None
+        run = self.store.get_run_by_id(p.run.id)
+        assert run is not None
+        if run.status in OUTCOMES:
+            p.status = run.status.value
+        elif run.status == RunStatus.interrupted:  # it recorded its own stop
+            p.status = "interrupted"
+        elif backend.ended_without_result(p.sub):  # vanished: a signal, a lost node
+            why = f"its job {p.job_id} ended without recording an outcome (killed or lost)"
+            self.store.mark_killed([run.id], why, backend.error(p.sub))
+            run = self.store.get_run_by_id(run.id)
+            assert run is not None
+            p.status = "interrupted" if run.status == RunStatus.interrupted else run.status.value
+        else:  # it raised before it could record anything (e.g. while loading the data)
+            self.store.finish_run(run.id, RunStatus.failed, error=backend.error(p.sub))
+            p.status = "failed"
+        p.run = self.store.get_run_by_id(run.id)
+
+    def _cancel(self, backend: Backend) -> None:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one: finish cleaning up
+        backend.cancel([p.sub for p in self.running if p.sub is not None])
+        # a job SIGKILLed by submitit's controller before it could record: say it here, so a
+        # rerun resumes it at once instead of waiting for its lease to run out
+        self.store.mark_cancelled([p.run.id for p in self.running if p.run is not None],
+                                  "its sweep was interrupted")  # fmt: skip
+        self.close(failed=True)
+
+    def close(self, failed: bool) -> None:
+        """The sweep's end time and its MLflow parent run's status."""
+        now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+        self.store.set_sweep_fields(self.sweep.id, ended_at=now)
+        if self.parent is not None:
+            self.parent.end("FAILED" if failed else "FINISHED")
+            self.parent = None

@@ -1,0 +1,71 @@
+"""The one error boundary: how any failure becomes one line and an exit status.
+
+Library code and the Hydra plugins *raise* (never print or exit): :class:`ConfigError` for
+bad input (exit 2), :class:`Failed` when work ran and did not succeed (exit 1),
+``KeyboardInterrupt`` for Ctrl-C or SIGTERM (exit 130). :func:`boundary`, called by each
+entry point (``python -m sweeper`` and its subcommands, ``python -m analysis``), turns them
+into ``error: <one line>`` on stderr and the exit status. Anything else is a bug or a crash
+of the job: its traceback is printed and the status is 1.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from collections.abc import Callable
+
+from trainers.registry import ConfigError, first_line
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130  # like a shell: 128 + SIGINT
+
+__all__ = [
+    "EXIT_BAD_INPUT",
+    "EXIT_FAILED",
+    "EXIT_INTERRUPTED",
+    "EXIT_OK",
+    "ConfigError",
+    "Failed",
+    "boundary",
+    "first_line",
+]
+
+
+class Failed(Exception):
+    """Work ran and did not succeed (a failed run, failed sweep points, a study without a
+    complete trial). The message is one line; the details are in the store."""
+
+
+def _is_config_exception(e: BaseException) -> bool:
+    """Hydra's and OmegaConf's own errors about the command line or the config files."""
+    mod = type(e).__module__ or ""
+    return mod.startswith(("hydra.errors", "omegaconf.errors", "hydra.core.override_parser"))
+
+
+def boundary(main: Callable[[], int | None]) -> int:
+    """Run an entry point; return its exit status after printing any error in one line."""
+    try:
+        return main() or EXIT_OK
+    except ConfigError as e:
+        _say(first_line(e))
+        return EXIT_BAD_INPUT
+    except Failed as e:
+        _say(first_line(e))
+        return EXIT_FAILED
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the runner has said what it did
+        _say(f"interrupted ({str(e) or 'Ctrl-C'}); run the same command again to resume")
+        return EXIT_INTERRUPTED
+    except Exception as e:
+        if _is_config_exception(e):
+            from sweeper.compose import hydra_error_line
+
+            _say(hydra_error_line(e))
+            return EXIT_BAD_INPUT
+        traceback.print_exc()
+        return EXIT_FAILED
+
+
+def _say(line: str) -> None:
+    print(f"error: {line}", file=sys.stderr, flush=True)

@@ -1,0 +1,84 @@
+"""A run's identity: which values define its result, their hash, and the row that records it.
+
+The config hash (sha256 of :meth:`~trainers.config.RunConfig.identity`) is what makes a run
+the same run across sweeps, searches, machines and gradsweep versions: a configuration whose
+hash is ``done`` in the store is never trained again. ``tests/fixtures/config_hashes.json``
+pins the hashes, so a change that would move them fails the tests.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from sweeper import provenance
+from sweeper.schema import Config
+from trainers.config import RunConfig
+from trainers.registry import ConfigError
+
+
+def resolved_precision(cfg: RunConfig) -> str:
+    """``precision=auto`` resolved on this machine (bf16 on CUDA, fp32 on CPU): part of the
+    identity, so the device decides it (this imports torch)."""
+    from trainers.runtime import resolve_device, resolve_precision
+
+    return resolve_precision(cfg.precision, resolve_device(cfg.device))
+
+
+def identity_of(cfg: RunConfig) -> tuple[dict[str, Any], str]:
+    """The values that define the run's result, and their config hash."""
+    ident = cfg.identity(resolved_precision(cfg))
+    return ident, provenance.config_hash(ident)
+
+
+def resolved_config(cfg: Config, identity: dict[str, Any]) -> dict[str, Any]:
+    """What ``runs.config`` records: the whole config, the resolved lr and the identity."""
+    return {**asdict(cfg), "resolved_lr": cfg.resolved_lr(), "identity": identity}
+
+
+def grid_columns(cfg: RunConfig) -> dict[str, Any]:
+    """The grid keys the ``runs`` table has as columns (to GROUP BY in SQL)."""
+    return {
+        "model": cfg.model.name,
+        "method": cfg.method.name,
+        "alpha": cfg.effective_alpha(),
+        "data": cfg.data.name,
+        "batch_size": cfg.batch_size,
+        "epochs": cfg.epochs,
+        "lr": cfg.resolved_lr(),
+        "schedule": cfg.schedule.name,
+        "label_smoothing": cfg.effective_label_smoothing(),
+        "seed": cfg.seed,
+    }
+
+
+def prepare_results_dir(results_dir: str) -> Path:
+    """Create results_dir and prove it is writable, or raise a one-line ConfigError."""
+    path = Path(results_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise ConfigError(
+            f"results_dir={results_dir} cannot be written ({e.strerror or e})"
+        ) from None
+    return path
+
+
+def preflight(cfg: Config) -> None:
+    """Every check that needs no training: run before any row is written."""
+    from trainers.data import check_data
+    from trainers.runtime import resolve_device
+
+    cfg.validate()
+    prepare_results_dir(cfg.results_dir)
+    check_data(cfg.data)
+    resolve_device(cfg.device)
+
+
+def run_dir_of(cfg: Config, config_hash: str) -> Path:
+    """The run's folder (checkpoint, norm artifacts): ``<results_dir>/runs/<hash[:16]>``."""
+    return Path(cfg.results_dir).expanduser().resolve() / "runs" / config_hash[:16]

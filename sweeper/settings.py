@@ -1,0 +1,69 @@
+"""``hydra/launcher=local|slurm`` settings: a plain dataclass, light to import (Hydra's plugin
+discovery reads it; nothing here imports torch, submitit or the store)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from trainers.registry import ConfigError
+
+
+@dataclass
+class LauncherParams:
+    """``hydra.launcher.*`` (README: Launchers)."""
+
+    kind: str = "local"  # local | slurm
+    max_parallel: int | None = None  # local: None -> (GPUs x jobs_per_gpu) or 1 on CPU
+    jobs_per_gpu: int = 1  # local: pack several small jobs on one GPU
+    retry_failed: bool = False  # re-run points whose run ended failed / diverged
+    timeout_min: int = 60 * 24 * 3  # per job (local and Slurm time limit)
+    poll_s: float = 0.5
+    # Slurm
+    partition: str | None = None
+    gpus_per_job: int = 0  # GPUs per job (DDP over them when > 1); local and Slurm
+    tasks_per_job: int | None = None  # processes per job (DDP); None -> max(1, gpus_per_job)
+    cpus_per_task: int = 2
+    mem_gb: int = 8
+    array_parallelism: int = 64
+    max_requeues: int = 3  # pre-emption / time-out requeues per job (submitit checkpointing)
+    setup: list[str] = field(default_factory=list)  # shell lines run before each Slurm job
+    additional: dict[str, Any] = field(default_factory=dict)  # extra sbatch parameters
+
+    def validate(self) -> None:
+        """One line naming the bad setting; for Slurm, also that the cluster answers."""
+        if self.kind not in ("local", "slurm"):
+            raise ConfigError(
+                f"hydra.launcher.kind={self.kind} is not allowed; expected local or slurm"
+            )
+        if self.max_parallel is not None and self.max_parallel < 1:
+            raise ConfigError(
+                f"hydra.launcher.max_parallel={self.max_parallel} is not allowed; expected >= 1"
+            )
+        for key, low in (
+            ("jobs_per_gpu", 1),
+            ("timeout_min", 1),
+            ("cpus_per_task", 1),
+            ("mem_gb", 1),
+            ("gpus_per_job", 0),
+            ("array_parallelism", 1),
+            ("max_requeues", 0),
+            ("tasks", 1),
+        ):
+            if getattr(self, key) < low:
+                raise ConfigError(
+                    f"hydra.launcher.{key}={getattr(self, key)} is not allowed; expected >= {low}"
+                )
+        if not self.poll_s > 0:
+            raise ConfigError(
+                f"hydra.launcher.poll_s={self.poll_s} is not allowed; expected a number > 0"
+            )
+        if self.kind == "slurm":
+            from sweeper.slurm import check_slurm
+
+            check_slurm(self.partition)
+
+    @property
+    def tasks(self) -> int:
+        """Processes per job: one per GPU for DDP, or tasks_per_job (e.g. gloo on CPUs)."""
+        return self.tasks_per_job if self.tasks_per_job is not None else max(1, self.gpus_per_job)

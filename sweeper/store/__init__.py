@@ -1,0 +1,57 @@
+"""The results store: the source of truth for every run (SQLite by default, any SQLAlchemy
+URL, PostgreSQL for clusters). Imports neither torch nor submitit.
+
+One object, :class:`Store`, with one concern per module:
+
+* :mod:`~sweeper.store.models` -- the tables; :mod:`~sweeper.store.migrations` -- numbered
+  schema upgrades; :mod:`~sweeper.store.db` -- opening a store (create or require).
+* :mod:`~sweeper.store.lifecycle` -- a run's writes: claimed, started, epochs, finished;
+  sweeps and the runs they ask for.
+* :mod:`~sweeper.store.lease` -- heartbeats and leases: a dead job's run is ``interrupted``.
+* :mod:`~sweeper.store.read` -- the read API, returning plain frozen records
+  (:mod:`~sweeper.store.records`): runs, epochs, filter stats, sweeps.
+* :func:`default_url` -- where the store is when ``store.url`` is not given.
+"""
+
+from __future__ import annotations
+
+from sweeper.store.db import StoreError
+from sweeper.store.lease import HEARTBEAT_S, KILLED_TWICE, LEASE_S, Leases
+from sweeper.store.lifecycle import Lifecycle
+from sweeper.store.migrations import SCHEMA_VERSION
+from sweeper.store.models import RunStatus
+from sweeper.store.read import Reads, RunQuery
+from sweeper.store.records import (
+    EpochRecord,
+    FilterStatRecord,
+    RunRecord,
+    SweepRecord,
+    SweepRunRecord,
+)
+from sweeper.store.url import default_tracking_uri, default_url, display_url, engine_url
+
+
+class Store(Lifecycle, Leases, Reads):
+    """A results store at any SQLAlchemy URL. ``Store(url)`` creates a missing store;
+    ``Store(url, create=False)`` requires an existing one (readers)."""
+
+
+__all__ = [
+    "HEARTBEAT_S",
+    "KILLED_TWICE",
+    "LEASE_S",
+    "SCHEMA_VERSION",
+    "EpochRecord",
+    "FilterStatRecord",
+    "RunQuery",
+    "RunRecord",
+    "RunStatus",
+    "Store",
+    "StoreError",
+    "SweepRecord",
+    "SweepRunRecord",
+    "default_tracking_uri",
+    "default_url",
+    "display_url",
+    "engine_url",
+]

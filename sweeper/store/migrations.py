@@ -1,0 +1,73 @@
+"""Numbered schema migrations: a store written by an older gradsweep is upgraded in place.
+
+Each migration is idempotent (it checks before it alters) and race-safe, so jobs that open
+an old store at the same moment cannot break it: one alters, the others see the change and
+only record the version. ``store_info.schema_version`` says where a store is.
+
+1. the first schema (runs, epoch_metrics, filter_stats, sweeps, sweep_runs)
+2. ``sweep_runs.trial`` and the ``pruned`` run status (Optuna searches)
+3. cost columns, ``runs.heartbeat_at``, the ``interrupted`` run status
+4. ``runs.run_dir`` (where a run's artifacts are) and ``runs.killed_at_epoch``
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from sqlalchemy import inspect, text
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError
+
+SCHEMA_VERSION = 4
+
+
+def _add_columns(engine: Engine, table: str, columns: dict[str, str]) -> None:
+    """ALTER TABLE ... ADD COLUMN for each column not there yet (idempotent, race-safe)."""
+    for name, sql_type in columns.items():
+        if name in {c["name"] for c in inspect(engine).get_columns(table)}:
+            continue
+        try:
+            with engine.begin() as c:
+                c.execute(text(f"ALTER TABLE {table} ADD COLUMN {name} {sql_type}"))
+        except DBAPIError:  # another process added it a moment ago
+            if name not in {c["name"] for c in inspect(engine).get_columns(table)}:
+                raise
+
+
+def _add_status(engine: Engine, value: str) -> None:
+    """PostgreSQL keeps the run status as a native ENUM; SQLite stores plain text."""
+    if engine.dialect.name == "postgresql":
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
+            c.execute(text(f"ALTER TYPE run_status ADD VALUE IF NOT EXISTS '{value}'"))
+
+
+def _real(engine: Engine) -> str:
+    return "DOUBLE PRECISION" if engine.dialect.name == "postgresql" else "FLOAT"
+
+
+def _to_2(engine: Engine) -> None:
+    _add_columns(engine, "sweep_runs", {"trial": "INTEGER"})
+    _add_status(engine, "pruned")
+
+
+def _to_3(engine: Engine) -> None:
+    real = _real(engine)
+    _add_columns(
+        engine,
+        "runs",
+        {"gpus": "INTEGER", "train_seconds": real, "gpu_hours": real, "images_per_s": real,
+         "peak_gpu_mem_mb": real},
+    )  # fmt: skip
+    _add_columns(engine, "epoch_metrics", {"peak_mem_mb": real})
+    stamp = "TIMESTAMP WITHOUT TIME ZONE" if engine.dialect.name == "postgresql" else "DATETIME"
+    _add_columns(engine, "runs", {"heartbeat_at": stamp})
+    _add_status(engine, "interrupted")
+
+
+def _to_4(engine: Engine) -> None:
+    # run_dir stays NULL for older runs: the read API finds their folder where the default
+    # layout put it (sweeper.store.records.artifact_dir); nothing is rewritten
+    _add_columns(engine, "runs", {"run_dir": "TEXT", "killed_at_epoch": "INTEGER"})
+
+
+MIGRATIONS: dict[int, Callable[[Engine], None]] = {2: _to_2, 3: _to_3, 4: _to_4}

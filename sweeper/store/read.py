@@ -1,0 +1,135 @@
+"""The store's read API: every query anyone outside the store needs, returning plain
+records (status, the sweeper, the MLflow mirror and the analysis all read through here)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from sqlalchemy import func, select
+
+from sweeper.store.db import Database
+from sweeper.store.models import EpochMetric, FilterStat, Run, Sweep, SweepRun
+from sweeper.store.records import (
+    EpochRecord,
+    FilterStatRecord,
+    RunRecord,
+    SweepRecord,
+    SweepRunRecord,
+    epoch_record,
+    filter_record,
+    run_record,
+    sweep_record,
+    sweep_run_record,
+)
+
+
+@dataclass(frozen=True)
+class RunQuery:
+    """Which runs: equality filters, an empty list means no filter on that key."""
+
+    sweeps: Sequence[int] = field(default_factory=list)
+    models: Sequence[str] = field(default_factory=list)
+    methods: Sequence[str] = field(default_factory=list)
+    datas: Sequence[str] = field(default_factory=list)
+    statuses: Sequence[str] = field(default_factory=list)
+
+
+class Reads(Database):
+    def get_run(self, config_hash: str) -> RunRecord | None:
+        with self.session() as s:
+            row = s.scalar(select(Run).where(Run.config_hash == config_hash))
+            return run_record(row, self.db_dir) if row is not None else None
+
+    def get_run_by_id(self, run_id: int) -> RunRecord | None:
+        with self.session() as s:
+            row = s.get(Run, run_id)
+            return run_record(row, self.db_dir) if row is not None else None
+
+    def runs(self, query: RunQuery | None = None) -> list[RunRecord]:
+        """Runs matching ``query`` (any status by default), ordered by id."""
+        q = select(Run).order_by(Run.id)
+        if query is not None:
+            if query.sweeps:
+                in_sweep = select(SweepRun.run_id).where(SweepRun.sweep_id.in_(list(query.sweeps)))
+                q = q.where(Run.id.in_(in_sweep))
+            for col, values in ((Run.model, query.models), (Run.method, query.methods),
+                                (Run.data, query.datas), (Run.status, query.statuses)):  # fmt: skip
+                if values:
+                    q = q.where(col.in_(list(values)))
+        with self.session() as s:
+            return [run_record(r, self.db_dir) for r in s.scalars(q)]
+
+    def count_runs(self) -> int:
+        with self.session() as s:
+            return int(s.scalar(select(func.count()).select_from(Run)) or 0)
+
+    def epoch_metrics(self, run_id: int) -> list[EpochRecord]:
+        with self.session() as s:
+            q = select(EpochMetric).where(EpochMetric.run_id == run_id).order_by(EpochMetric.epoch)
+            return [epoch_record(r) for r in s.scalars(q)]
+
+    def last_epochs(self, run_ids: Sequence[int]) -> dict[int, EpochRecord]:
+        """Each run's last recorded epoch (for runs whose final columns are empty)."""
+        if not run_ids:
+            return {}
+        with self.session() as s:
+            last = (
+                select(EpochMetric.run_id, func.max(EpochMetric.epoch).label("ep"))
+                .where(EpochMetric.run_id.in_(list(run_ids)))
+                .group_by(EpochMetric.run_id)
+                .subquery()
+            )
+            q = select(EpochMetric).join(
+                last, (EpochMetric.run_id == last.c.run_id) & (EpochMetric.epoch == last.c.ep)
+            )
+            return {r.run_id: epoch_record(r) for r in s.scalars(q)}
+
+    def filter_stats(self, run_id: int) -> list[FilterStatRecord]:
+        with self.session() as s:
+            q = (
+                select(FilterStat)
+                .where(FilterStat.run_id == run_id)
+                .order_by(FilterStat.step, FilterStat.layer_index)
+            )
+            return [filter_record(r) for r in s.scalars(q)]
+
+    def last_filter_stats(self, run_ids: Sequence[int]) -> list[FilterStatRecord]:
+        """Each run's last filter snapshot (every layer at its highest step)."""
+        if not run_ids:
+            return []
+        with self.session() as s:
+            last = (
+                select(FilterStat.run_id, func.max(FilterStat.step).label("last_step"))
+                .where(FilterStat.run_id.in_(list(run_ids)))
+                .group_by(FilterStat.run_id)
+                .subquery()
+            )
+            q = (
+                select(FilterStat)
+                .join(
+                    last,
+                    (FilterStat.run_id == last.c.run_id) & (FilterStat.step == last.c.last_step),
+                )  # fmt: skip
+                .order_by(FilterStat.run_id, FilterStat.layer_index)
+            )
+            return [filter_record(r) for r in s.scalars(q)]
+
+    def sweeps(self, ids: Sequence[int] | None = None) -> list[SweepRecord]:
+        q = select(Sweep).order_by(Sweep.id)
+        if ids is not None:
+            q = q.where(Sweep.id.in_(list(ids)))
+        with self.session() as s:
+            return [sweep_record(r) for r in s.scalars(q)]
+
+    def sweep_runs(self, sweep_id: int) -> list[tuple[SweepRunRecord, RunRecord]]:
+        with self.session() as s:
+            q = (
+                select(SweepRun, Run)
+                .join(Run, Run.id == SweepRun.run_id)
+                .where(SweepRun.sweep_id == sweep_id)
+                .order_by(SweepRun.id)
+            )
+            return [
+                (sweep_run_record(a), run_record(b, self.db_dir)) for a, b in s.execute(q).all()
+            ]

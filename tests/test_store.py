@@ -1,0 +1,221 @@
+"""The results store: what a store written by an older gradsweep keeps, the pinned config
+hashes, the read API, kills and leases, and what importing the store costs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import REPO, cli_env, compose, run_cli, sql
+
+from sweeper.identity import identity_of
+from sweeper.store import (
+    KILLED_TWICE,
+    SCHEMA_VERSION,
+    RunQuery,
+    RunRecord,
+    RunStatus,
+    Store,
+    StoreError,
+    default_url,
+)
+from trainers.records import EpochMetrics, LayerFilterStats
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+HASHES = json.loads((FIXTURES / "config_hashes.json").read_text())
+
+
+@pytest.mark.parametrize("case", list(HASHES), ids=lambda c: c or "(defaults)")
+def test_config_hash_is_what_older_versions_computed(case: str) -> None:
+    """Every hash pinned by tests/fixtures/make_fixtures.py at the commit before the store
+    and trainer were restructured: a store written then finds its runs done now."""
+    cfg = compose(*case.split(), "device=cpu")
+    assert identity_of(cfg)[1] == HASHES[case]
+
+
+@pytest.fixture
+def old_store(tmp_path: Path) -> Path:
+    """A copy of the schema-3 store (3 done digits runs) written by the older version."""
+    d = tmp_path / "results"
+    shutil.copytree(FIXTURES / "store_v3", d)
+    return d
+
+
+def test_an_older_store_opens_upgraded_with_its_runs_done(old_store: Path) -> None:
+    assert sql(old_store / "results.db", "SELECT schema_version FROM store_info") == [(3,)]
+    store = Store(default_url(old_store), create=False)
+    try:
+        assert store.schema_version == SCHEMA_VERSION
+        runs = store.runs()
+        assert [(r.method, r.status) for r in runs] == [
+            ("baseline", "done"), ("pgt", "done"), ("agc_pgt", "done")
+        ]  # fmt: skip
+        # their artifacts are found where their job wrote them: beside the SQLite store
+        for r in runs:
+            assert r.run_dir == str(old_store / "runs" / r.config_hash[:16])
+            assert (Path(r.run_dir) / "feature_norms.json").is_file()
+        assert len(store.epoch_metrics(runs[0].id)) == 1
+        assert {f.run_id for f in store.last_filter_stats([r.id for r in runs])} == {1, 2, 3}
+    finally:
+        store.dispose()
+
+
+def test_the_same_sweep_over_an_older_store_trains_nothing(old_store: Path) -> None:
+    """The README's promise across versions, through the real CLI."""
+    command = (old_store / "command.txt").read_text().split()
+    res = run_cli(*command, f"results_dir={old_store}", cwd=old_store)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "0 to run, 3 already finished" in res.stdout and "nothing to start" in res.stdout
+    assert sql(old_store / "results.db", "SELECT count(*), sum(status='done') FROM runs") == [
+        (3, 3)
+    ]
+    assert not (old_store / "logs" / "jobs").exists()  # no job was started
+
+
+COLUMNS = dict(model="m", method="baseline", alpha=None, data="digits", batch_size=8,
+               epochs=3, lr=0.1, schedule="cosine", label_smoothing=0.0, seed=0)  # fmt: skip
+
+
+def _epoch(e: int) -> EpochMetrics:
+    return EpochMetrics(e, 10 * (e + 1), 1.0, 50.0, 1.0, 40.0, 90.0, 2.0, 10.0, 0.1, 1.0,
+                        100.0, 1.0, 1.0)  # fmt: skip
+
+
+def _stats(e: int) -> list[LayerFilterStats]:
+    return [LayerFilterStats(10 * (e + 1), e, i, f"l{i}", 4, 0, 0.1, 0.2, 0.3) for i in (1, 2)]
+
+
+def test_read_api_hands_out_frozen_records(tmp_path: Path) -> None:
+    store = Store(default_url(tmp_path))
+    try:
+        run = store.claim_run("h" * 64, COLUMNS, {"results_dir": str(tmp_path)})
+        assert isinstance(run, RunRecord) and run.status == RunStatus.queued
+        assert store.claim_run("h" * 64, COLUMNS, {}).id == run.id  # never a second row
+        store.start_run(run.id, {"host": "x", "run_dir": str(tmp_path / "r")}, 0)
+        for e in range(2):
+            store.record_epoch(run.id, _epoch(e), _stats(e))
+        got = store.get_run_by_id(run.id)
+        assert got is not None and got.epoch == 2 and got.run_dir == str(tmp_path / "r")
+        assert got.train_seconds == pytest.approx(2.0)
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            got.status = RunStatus.done  # type: ignore[misc]
+        assert [m.epoch for m in store.epoch_metrics(run.id)] == [0, 1]
+        assert {(f.step, f.layer_index) for f in store.last_filter_stats([run.id])} == {
+            (20, 1), (20, 2)
+        }  # fmt: skip
+        assert store.runs(RunQuery(methods=["pgt"])) == []
+        assert [r.id for r in store.runs(RunQuery(methods=["baseline"]))] == [run.id]
+        assert f"{got.status}" == "running"  # records print their status as the word
+    finally:
+        store.dispose()
+
+
+def test_a_job_killed_twice_without_progress_ends_failed(tmp_path: Path) -> None:
+    store = Store(default_url(tmp_path))
+    try:
+        run = store.claim_run("k" * 64, COLUMNS, {})
+        store.start_run(run.id, {}, 0)
+        store.record_epoch(run.id, _epoch(0), [])
+        assert store.mark_killed([run.id], "signal 9") == 1  # first kill, after epoch 1
+        r = store.get_run_by_id(run.id)
+        assert r is not None and r.status == RunStatus.interrupted and "signal 9" in (r.error or "")
+        store.start_run(run.id, {}, 1)  # resumed ...
+        store.record_epoch(run.id, _epoch(1), [])  # ... and made progress
+        store.mark_killed([run.id], "signal 9")
+        assert store.get_run_by_id(run.id).status == RunStatus.interrupted  # type: ignore[union-attr]
+        store.start_run(run.id, {}, 2)  # resumed, killed again before finishing an epoch
+        store.mark_killed([run.id], "signal 9")
+        r = store.get_run_by_id(run.id)
+        assert r is not None and r.status == RunStatus.failed and KILLED_TWICE in (r.error or "")
+        assert store.mark_killed([run.id], "again") == 0  # only running runs are touched
+        store.requeue_run(run.id)  # a retry starts with a clean slate
+        assert store.get_run_by_id(run.id).killed_at_epoch is None  # type: ignore[union-attr]
+        # a deliberate stop is never counted as a kill
+        store.start_run(run.id, {}, 2)
+        store.mark_cancelled([run.id], "its sweep was interrupted")
+        store.start_run(run.id, {}, 2)
+        store.mark_cancelled([run.id], "its sweep was interrupted")
+        assert store.get_run_by_id(run.id).status == RunStatus.interrupted  # type: ignore[union-attr]
+    finally:
+        store.dispose()
+
+
+def test_a_lapsed_lease_is_a_kill(tmp_path: Path) -> None:
+    store = Store(default_url(tmp_path))
+    try:
+        run = store.claim_run("l" * 64, COLUMNS, {})
+        store.start_run(run.id, {}, 0)
+        assert store.lease_alive(store.get_run_by_id(run.id))  # type: ignore[arg-type]
+        assert store.expire_leases(lease_s=60) == 0
+        assert store.expire_leases(lease_s=0) == 1
+        r = store.get_run_by_id(run.id)
+        assert r is not None and r.status == RunStatus.interrupted and r.killed_at_epoch == 0
+        assert "no heartbeat" in (r.error or "")
+        store.heartbeat(run.id)  # only stalled: its next heartbeat takes the run back
+        assert store.get_run_by_id(run.id).status == RunStatus.running  # type: ignore[union-attr]
+    finally:
+        store.dispose()
+
+
+def test_readers_never_create_a_store(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="no results store at"):
+        Store(default_url(tmp_path / "nowhere"), create=False)
+    assert not (tmp_path / "nowhere").exists()
+    (tmp_path / "empty.db").write_bytes(b"")
+    with pytest.raises(StoreError, match="not a gradsweep results store"):
+        Store(f"sqlite:///{tmp_path / 'empty.db'}", create=False)
+    with pytest.raises(StoreError, match="cannot be opened"):
+        Store("postgresql://nobody:secret@127.0.0.1:1/none")
+    try:
+        Store("postgresql://nobody:secret@127.0.0.1:1/none")
+    except StoreError as e:
+        assert "secret" not in str(e)  # a password is never printed
+
+
+LIGHT = """
+import sys
+import {modules}
+heavy = sorted(m for m in ("torch", "torchvision", "submitit", "mlflow", "optuna", "sklearn")
+               if m in sys.modules)
+print(",".join(heavy))
+"""
+
+
+@pytest.mark.parametrize(
+    "modules",
+    [
+        "sweeper.store",  # the store: tables, migrations, leases, writes, reads
+        "sweeper.status",  # python -m sweeper status
+        "sweeper.cli",  # python -m sweeper --help / --cfg job
+        "analysis.__main__",  # python -m analysis --help
+        "hydra_plugins.gradsweep_plugins, hydra_plugins.gradsweep_plugins.launcher, "
+        "hydra_plugins.gradsweep_plugins.sweeper, hydra_plugins.gradsweep_plugins.optuna_sweeper",
+    ],
+    ids=["store", "status", "cli", "analysis", "plugins"],
+)
+def test_light_modules_import_no_heavy_library(modules: str) -> None:
+    """Start-up is part of the interface: these answer at once, and Hydra's plugin discovery
+    (which imports our plugins for every Hydra app in the environment) stays light."""
+    res = subprocess.run([sys.executable, "-c", LIGHT.format(modules=modules)], cwd=REPO,
+                         env=cli_env(), capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "", f"{modules} imported {res.stdout.strip()}"
+
+
+def test_a_bare_hydra_app_discovers_our_plugins_without_heavy_imports(tmp_path: Path) -> None:
+    app = tmp_path / "app.py"
+    app.write_text(
+        "import sys\nimport hydra\nfrom hydra.core.plugins import Plugins\n"
+        "from hydra.plugins.launcher import Launcher\n"
+        "names = [p.__name__ for p in Plugins.instance().discover(Launcher)]\n"
+        "assert 'GradsweepLauncher' in names, names\n" + LIGHT.format(modules="sys")
+    )
+    res = subprocess.run([sys.executable, str(app)], cwd=tmp_path, env=cli_env(),
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == ""

@@ -1,0 +1,69 @@
+"""Where and how a run computes: device, precision, torch.compile mode, autocast, optimiser
+parameter groups. Pure resolution rules, shared by the trainer and the sweeper's pre-flight."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from trainers.config import RunConfig
+from trainers.registry import ConfigError
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; a CUDA name on a machine without one is a
+    ConfigError (bad input, refused before anything is written)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={name} is not available on this machine; use device=cpu or auto")
+    return dev
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto``: bf16 autocast on CUDA, fp32 on CPU. Part of a run's identity."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def resolve_compile_mode(cfg: RunConfig, device: torch.device, distributed: bool) -> str | None:
+    """The torch.compile mode to use, or None for eager (compile=false).
+
+    auto: ``reduce-overhead`` (CUDA graphs: a ResNet-20 step is ~100 small kernels, launch-
+    bound on a big GPU) for a single-process CUDA run; ``default`` on CPU, where there are
+    no CUDA graphs, and under DDP, whose gradient all-reduce hooks a graph cannot capture.
+    """
+    if not cfg.compile:
+        return None
+    if cfg.compile_mode != "auto":
+        return cfg.compile_mode
+    return "reduce-overhead" if device.type == "cuda" and not distributed else "default"
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        return f"cuda:{idx} {torch.cuda.get_device_name(idx)}"
+    return "cpu"
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16/fp16 autocast on ``device``; nothing for fp32."""
+    if precision in ("bf16", "fp16"):
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        return torch.autocast(device.type, dtype=dtype)
+    return contextlib.nullcontext()
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on tensors with ndim > 1 only (official PGT code; no decay on BN/bias)."""
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
