@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from analysis.paper import PaperRow, paper_of
 from analysis.stats import Comparison, Summary
 from analysis.tables import Cost, Excluded, Row, Table
+from trainers.registry import first_line
 
 DASH = "—"
 LABELS = {
@@ -169,7 +170,7 @@ def _excluded_rows(ex: Excluded) -> list[list[str]]:
             fmt_key(r.alpha),
             str(r.seed),
             r.status,
-            (r.error or "").strip().splitlines()[0] if (r.error or "").strip() else DASH,
+            first_line(r.error, DASH),
         ]
         for r in ex.runs
     ]
@@ -253,7 +254,7 @@ def csv_excluded(ex: Excluded) -> str:
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(EXCLUDED_COLUMNS)
     for r in ex.runs:
-        err = (r.error or "").strip().splitlines()[0] if (r.error or "").strip() else ""
+        err = first_line(r.error)
         w.writerow([r.id, r.model, r.method, _num(r.alpha), r.seed, r.status, err])
     return buf.getvalue()
 

@@ -20,6 +20,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from analysis.errors import AnalysisError
 from sweeper.store import engine_url
+from trainers.registry import first_line
 
 DPI = 110
 STUDIES_HEADER = [
@@ -149,7 +150,7 @@ def _summary(study: Any) -> StudySummary:
             imp = optuna.importance.get_param_importances(study, evaluator=evaluator)
             summary.importances = {k: float(v) for k, v in imp.items()}
         except Exception as e:  # e.g. every complete trial at the same value
-            summary.importance_note = f"not computable ({str(e).splitlines()[0]})"
+            summary.importance_note = f"not computable ({first_line(e)})"
     return summary
 
 

@@ -34,7 +34,8 @@ sys.path.insert(0, str(REPO))
 
 from analysis.queries import RunFilter  # noqa: E402
 from analysis.report import FORMATS, ReportRequest, make_report  # noqa: E402
-from sweeper.store import Run, RunStatus, Store  # noqa: E402
+from sweeper.store import RunStatus, Store  # noqa: E402
+from sweeper.store.models import Run  # noqa: E402
 
 GOAL_S = 10.0
 MODELS = ["resnet18", "resnet50", "resnet101", "seresnet18", "seresnet50"]
@@ -149,7 +150,6 @@ def build_report(results_dir: Path) -> list[Path]:
         formats=list(FORMATS),
         flt=RunFilter(),
         alpha="best",
-        results_dir=results_dir,
     )
     with contextlib.redirect_stdout(io.StringIO()):
         return make_report(req)

@@ -10,7 +10,9 @@ at discovery: what installing gradsweep costs other Hydra apps); a job's start-u
 start -> first optimiser step, for ``python -m sweeper results_dir=NEW`` and with ``epochs=1``
 <= 3 s (a probe imports torch, hooks the first optimiser step, then runs the module; every run
 gets a fresh results dir, so pays its stores' first-time set-up). Rows without a goal:
-``import torch`` alone (a lower bound for a job's start-up) and the whole ``epochs=1`` run
+``import torch`` alone; a plain PyTorch script's start -> first ``torch.optim.SGD`` step (the
+floor of any job's start-up: the first call into ``torch.optim`` imports ``torch._dynamo``,
+1.6 s on the 2-core machine, whether or not anything is compiled); the whole ``epochs=1`` run
 (not with ``--quick``). A run whose Hydra plugin fails to import counts as failed.
 
 The baseline is a ``git worktree`` of REF (default dfa0ccf, before the restructuring) with a
@@ -68,6 +70,17 @@ runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
 """
 
 
+FLOOR = """import os, time
+import torch
+model = torch.nn.Linear(8, 2)
+opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+model(torch.ones(4, 8)).sum().backward()
+with open(os.environ["PROBE_OUT"], "w") as f:
+    f.write(repr(time.time() - float(os.environ["PROBE_T0"])))
+opt.step()
+"""
+
+
 class Failed(Exception):
     """A measured command failed: its message names the command and ends with stderr's tail."""
 
@@ -102,16 +115,19 @@ def run(cmd: list[str], cwd: Path, env: dict[str, str], tmp: Path) -> float:
     return took
 
 
-def fresh_job(side: Side, tmp: Path, overrides: list[str], probe: Path | None) -> float:
-    """A job in a new results dir: seconds to its first step (probe) or to its exit."""
+def fresh_job(side: Side, tmp: Path, overrides: list[str], probe: Path | None,
+              script: Path | None = None) -> float:  # fmt: skip
+    """A job in a new results dir: seconds to its first step (probe) or to its exit; with
+    ``script``, that plain script's seconds to its first step instead."""
     d = Path(tempfile.mkdtemp(dir=tmp))
     try:
         args = [f"results_dir={d / 'results'}", *overrides]
-        if probe is None:
+        if probe is None and script is None:
             return run([sys.executable, "-m", "sweeper", *args], side.root, side.env, d)
         out = d / "probe.txt"
         env = dict(side.env, PROBE_OUT=str(out), PROBE_T0=str(time.time()))
-        run([sys.executable, str(probe), "sweeper", *args], side.root, env, d)
+        argv = [str(script)] if script is not None else [str(probe), "sweeper", *args]
+        run([sys.executable, *argv], side.root, env, d)
         if not out.exists():
             tail = (d / "stderr.txt").read_text(errors="replace")[-1500:].strip()
             raise Failed(f"job exited without an optimiser step:\n{tail}")
@@ -130,10 +146,11 @@ class Figure:
 
 
 def figures(tmp: Path, quick: bool) -> list[Figure]:
-    app, probe = tmp / "app", tmp / "probe.py"
+    app, probe, floor = tmp / "app", tmp / "probe.py", tmp / "floor.py"
     app.mkdir()
     (app / "app.py").write_text(APP)
     probe.write_text(PROBE)
+    floor.write_text(FLOOR)
     py = sys.executable
 
     def cmd(*args: str, in_app: bool = False) -> Callable[[Side], float]:
@@ -148,6 +165,11 @@ def figures(tmp: Path, quick: bool) -> list[Figure]:
 
     figs = [
         Figure("import torch (reference)", None, cmd("-c", "import torch", in_app=True)),
+        Figure(
+            "plain torch: start -> 1st SGD step (floor)",
+            None,
+            lambda s: fresh_job(s, tmp, [], None, floor),
+        ),  # fmt: skip
         Figure("sweeper --help", 1.5, cmd("-m", "sweeper", "--help")),
         Figure("sweeper --cfg job", 1.5, cmd("-m", "sweeper", "--cfg", "job")),
         Figure(

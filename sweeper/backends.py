@@ -30,7 +30,10 @@ from sweeper.settings import LauncherParams
 from sweeper.slurm import SlurmQueue, job_error, job_gone
 from trainers.registry import ConfigError, first_line
 
-SLURM_GONE_GRACE_S = 15.0
+# A Slurm job that looks gone (an ended state, or no longer listed) while its run has no
+# outcome must look gone this long before it is taken for killed: a requeue after
+# pre-emption and squeue itself lag a little. GRADSWEEP_SLURM_GRACE_S overrides it (tests).
+SLURM_GONE_GRACE_S = float(os.environ.get("GRADSWEEP_SLURM_GRACE_S", "15"))
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""The Hydra schema: the run's typed config plus where results go (registered once)."""
+"""The Hydra schema: the run's typed config plus where results go, and the settings of our
+sweeper and launcher plugins (all registered once, by :func:`register_configs`)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,11 @@ from dataclasses import dataclass, field
 
 from hydra.core.config_store import ConfigStore
 
+from sweeper.search import SearchParams
+from sweeper.settings import LauncherParams
 from trainers.config import RunConfig
+
+_PLUGINS = "hydra_plugins.gradsweep_plugins"
 
 
 @dataclass
@@ -31,6 +36,37 @@ class Config(RunConfig):
     mlflow: MlflowConf = field(default_factory=MlflowConf)
 
 
+@dataclass
+class LocalLauncherConf(LauncherParams):
+    _target_: str = f"{_PLUGINS}.launcher.GradsweepLauncher"
+    kind: str = "local"
+
+
+@dataclass
+class SlurmLauncherConf(LauncherParams):
+    _target_: str = f"{_PLUGINS}.launcher.GradsweepLauncher"
+    kind: str = "slurm"
+    poll_s: float = 5.0
+
+
+@dataclass
+class SweeperConf:
+    _target_: str = f"{_PLUGINS}.sweeper.GradsweepSweeper"
+    params: dict | None = None  # grid given in a preset: {key: "v1,v2,..."}
+
+
+@dataclass
+class OptunaSweeperConf(SearchParams):
+    _target_: str = f"{_PLUGINS}.optuna_sweeper.OptunaSweeper"
+
+
 def register_configs() -> None:
-    """The one place that registers schemas with Hydra."""
-    ConfigStore.instance().store(name="gradsweep_schema", node=Config)
+    """The one place that registers schemas with Hydra: the run's config, and
+    ``hydra/sweeper=gradsweep|optuna``, ``hydra/launcher=local|slurm`` (registered here, by
+    our CLI, rather than at plugin discovery: see ``hydra_plugins/gradsweep_plugins``)."""
+    cs = ConfigStore.instance()
+    cs.store(name="gradsweep_schema", node=Config)
+    cs.store(group="hydra/launcher", name="local", node=LocalLauncherConf, provider="gradsweep")
+    cs.store(group="hydra/launcher", name="slurm", node=SlurmLauncherConf, provider="gradsweep")
+    cs.store(group="hydra/sweeper", name="gradsweep", node=SweeperConf, provider="gradsweep")
+    cs.store(group="hydra/sweeper", name="optuna", node=OptunaSweeperConf, provider="gradsweep")

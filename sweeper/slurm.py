@@ -23,7 +23,7 @@ SLURM_COMMANDS = ("sbatch", "srun", "squeue", "scancel", "sinfo")
 # RUNNING, REQUEUED, REQUEUE_HOLD, CONFIGURING, COMPLETING, SUSPENDED, SPECIAL_EXIT, ...) is
 # alive: a requeued job passes through REQUEUED and PENDING before it runs again. PREEMPTED
 # is here because it ends a job under PreemptMode=CANCEL; under REQUEUE it is followed by
-# PENDING, which the grace period below waits for.
+# PENDING, which the grace period of sweeper.backends waits for.
 SLURM_ENDED = {
     "BOOT_FAIL",
     "CANCELLED",
@@ -36,9 +36,6 @@ SLURM_ENDED = {
     "REVOKED",
     "TIMEOUT",
 }
-# A Slurm job that looks gone (ended state, or no longer listed) while its run has no final
-# status yet must look gone for this long before the run is marked failed: the job's own
-# store writes, a requeue after pre-emption and squeue itself all lag a little.
 
 
 def check_slurm(partition: str | None) -> None:

@@ -21,7 +21,9 @@ def cli_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONUNBUFFERED"] = "1"
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env.setdefault("OMP_NUM_THREADS", "2")
+    # one torch thread a process: two test files run at once on two cores, and a job's own
+    # thread count (TrainJob sets it) never oversubscribes the machine
+    env["OMP_NUM_THREADS"] = "1"
     env.update(extra)
     return env
 
@@ -42,6 +44,23 @@ def run_cli(
 
 def error_lines(res: subprocess.CompletedProcess[str]) -> list[str]:
     return [ln for ln in res.stderr.splitlines() if ln.strip()]
+
+
+def main_in_process(args: list[str], capsys, monkeypatch) -> tuple[int, list[str]]:  # noqa: ANN001
+    """``python -m sweeper ARGS`` in this process, through the CLI's own entry and error
+    boundary (:func:`sweeper.cli.main`): its exit status and its stderr lines. For bad input,
+    where the process itself is not what is tested."""
+    import pytest
+
+    from sweeper import cli
+
+    monkeypatch.setattr(sys, "argv", ["sweeper", *args])
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(args)
+    err = capsys.readouterr().err
+    return int(exit_.value.code or 0), [ln for ln in err.splitlines() if ln.strip()]
 
 
 # ----------------------------------------------------------- configs and runs, in process

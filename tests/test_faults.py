@@ -30,7 +30,7 @@ from trainers.registry import ConfigError
 
 # ------------------------------------------------------------- SIGTERM on the sweeper
 def test_sigterm_on_the_sweeper_cancels_its_jobs_and_a_rerun_resumes(tmp_path: Path) -> None:
-    args = ["-m", "method=baseline,pgt", "alpha=0.3", "epochs=6", "batch_size=16",
+    args = ["-m", "method=baseline,pgt", "alpha=0.3", "epochs=5", "batch_size=32",
             "hydra.launcher.max_parallel=2", "mlflow.enabled=false", f"results_dir={tmp_path}"]  # fmt: skip
     env = {**cli_env(), "GRADSWEEP_HEARTBEAT_S": "1"}
     proc = subprocess.Popen(
@@ -65,16 +65,16 @@ def test_sigterm_on_the_sweeper_cancels_its_jobs_and_a_rerun_resumes(tmp_path: P
                    cwd=tmp_path, env=env, capture_output=True, timeout=120)  # fmt: skip
     rows = sql(db, "SELECT status, epoch, error FROM runs ORDER BY id")
     assert [r[0] for r in rows] == ["interrupted", "interrupted"], rows  # none left running
-    assert all(1 <= r[1] < 6 for r in rows)
+    assert all(1 <= r[1] < 5 for r in rows)
     assert any("KeyboardInterrupt" in r[2] for r in rows), rows  # the jobs saw the cancel
     cut = [r[1] for r in rows]
 
     again = run_cli(*args, cwd=tmp_path, timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert sql(db, "SELECT status, epoch FROM runs ORDER BY id") == [("done", 6), ("done", 6)]
+    assert sql(db, "SELECT status, epoch FROM runs ORDER BY id") == [("done", 5), ("done", 5)]
     logs = "".join(p.read_text() for p in (tmp_path / "logs" / "jobs").rglob("*_log.*"))
     for k in cut:  # each resumed from its checkpoint, not from scratch
-        assert f"resuming after epoch {k}/6" in logs or f"resuming after epoch {k + 1}/6" in logs
+        assert f"resuming after epoch {k}/5" in logs or f"resuming after epoch {k + 1}/5" in logs
 
 
 # --------------------------------------------------------------------- a busy store

@@ -16,10 +16,13 @@ class ConfigError(ValueError):
     """
 
 
-def first_line(e: BaseException) -> str:
-    """An exception's first line (tracebacks and SQL are multi-line), or its type name."""
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+def first_line(e: BaseException | str | None, default: str = "") -> str:
+    """The first line of an exception's message (tracebacks and SQL are multi-line), or its
+    type name; of a text (e.g. a stored traceback), or ``default`` when it is empty."""
+    text = (str(e) if e is not None else "").strip()
+    if text:
+        return text.splitlines()[0]
+    return type(e).__name__ if isinstance(e, BaseException) else default
 
 
 class Registry(Generic[T]):
