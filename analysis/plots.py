@@ -22,11 +22,16 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing as mp
+import os
 import re
+import threading
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -233,73 +238,81 @@ def _alpha_figure(s: AlphaSeries, out_dir: Path) -> Figure:
 
 
 # ----------------------------------------------------------------------------- Fig. 8
-def _fig8(records: Sequence[RunRecord], out_dir: Path) -> list[Figure]:
-    figs: list[Figure] = []
-    groups: dict[GroupKey, list[tuple[RunRecord, float, float]]] = defaultdict(list)
+# (method, alpha, logit norm, test loss) of one done baseline or PGT run
+Fig8Point = tuple[str, float | None, float, float]
+
+
+def _fig8_groups(records: Sequence[RunRecord]) -> list[tuple[GroupKey, list[Fig8Point]]]:
+    """Per group, the done baseline and PGT runs with a finite logit norm and test loss."""
+    groups: dict[GroupKey, list[Fig8Point]] = defaultdict(list)
     for r in _done(records):
         if not (_finite(r.logit_norm) and _finite(r.test_loss)):
             continue
         if r.method in ("pgt", "baseline"):
-            groups[_group(r)].append((r, float(r.logit_norm), float(r.test_loss)))  # type: ignore[arg-type]
-    for g in sorted(groups):
-        pts = groups[g]
-        slug = _slug(*g)
-        by_alpha: dict[float, list[tuple[float, float]]] = defaultdict(list)
-        for r, ln, tl in pts:
-            if r.method == "pgt" and r.alpha is not None:
-                by_alpha[float(r.alpha)].append((ln, tl))
-        if len(by_alpha) >= 2:
-            alphas = sorted(by_alpha)
-            fig, axes = plt.subplots(1, 2, figsize=(9.6, 3.8))
-            for ax, col, name in ((axes[0], 0, "logit norm"), (axes[1], 1, "test loss")):
-                sums = [summarize([p[col] for p in by_alpha[a]]) for a in alphas]
-                _errbar(ax, alphas, [s.mean for s in sums], [s.std for s in sums],
-                        marker="o", color="C0", label="PGT")  # fmt: skip
-                base = [(ln, tl) for r, ln, tl in pts if r.method == "baseline"]
-                if base:
-                    ax.axhline(float(np.mean([b[col] for b in base])), color="k", ls="--",
-                               lw=1, label="baseline")  # fmt: skip
-                ax.set_xlabel("PGT α")
-                ax.set_ylabel(name)
-                ax.grid(alpha=0.3)
-                ax.legend(fontsize=8)
-            title = f"Logit norm and test loss vs α: {_group_label(g)}"
-            fig.suptitle(title, fontsize=9)
-            path = _save(fig, out_dir / f"fig8_alpha_{slug}.png")
-            caption = (
-                "Final logit norm (mean L2 norm of the logit vector over the test set) and final "
-                "test cross-entropy loss vs PGT α, mean over seeds with sample std "
-                "(the paper's Fig. 8)."
-            )
-            figs.append(Figure(path, title, caption))
-        x = [ln for _, ln, _ in pts]
-        y = [tl for _, _, tl in pts]
-        if len(pts) < 3 or np.ptp(x) == 0:
-            continue
-        reg = logit_norm_regression(x, y)
-        fig, ax = plt.subplots(figsize=(6.4, 4.2))
-        for method, color in (("baseline", "k"), ("pgt", "C0")):
-            xs = [ln for r, ln, _ in pts if r.method == method]
-            ys = [tl for r, _, tl in pts if r.method == method]
-            if xs:
-                ax.scatter(xs, ys, color=color, s=22, label=method)
-        xx = np.linspace(min(x), max(x), 50)
-        ax.plot(xx, reg.slope * xx + reg.intercept, color="C3",
-                label=f"fit: {reg.slope:.4g} x + {reg.intercept:.4g}")  # fmt: skip
-        ax.set_xlabel("logit norm")
-        ax.set_ylabel("test loss")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        title = f"Test loss vs logit norm: {_group_label(g)}"
-        ax.set_title(title, fontsize=9)
-        path = _save(fig, out_dir / f"fig8_regression_{slug}.png")
+            groups[_group(r)].append((r.method, r.alpha, float(r.logit_norm), float(r.test_loss)))  # type: ignore[arg-type]
+    return sorted(groups.items())
+
+
+def _fig8(g: GroupKey, pts: list[Fig8Point], out_dir: Path) -> list[Figure]:
+    """One group's Fig. 8: logit norm and test loss vs α, and loss against logit norm."""
+    figs: list[Figure] = []
+    slug = _slug(*g)
+    by_alpha: dict[float, list[tuple[float, float]]] = defaultdict(list)
+    for method, alpha, ln, tl in pts:
+        if method == "pgt" and alpha is not None:
+            by_alpha[float(alpha)].append((ln, tl))
+    if len(by_alpha) >= 2:
+        alphas = sorted(by_alpha)
+        fig, axes = plt.subplots(1, 2, figsize=(9.6, 3.8))
+        for ax, col, name in ((axes[0], 0, "logit norm"), (axes[1], 1, "test loss")):
+            sums = [summarize([p[col] for p in by_alpha[a]]) for a in alphas]
+            _errbar(ax, alphas, [s.mean for s in sums], [s.std for s in sums],
+                    marker="o", color="C0", label="PGT")  # fmt: skip
+            base = [(ln, tl) for method, _, ln, tl in pts if method == "baseline"]
+            if base:
+                ax.axhline(float(np.mean([b[col] for b in base])), color="k", ls="--",
+                           lw=1, label="baseline")  # fmt: skip
+            ax.set_xlabel("PGT α")
+            ax.set_ylabel(name)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        title = f"Logit norm and test loss vs α: {_group_label(g)}"
+        fig.suptitle(title, fontsize=9)
+        path = _save(fig, out_dir / f"fig8_alpha_{slug}.png")
         caption = (
-            f"Final test loss against final logit norm of done baseline and PGT runs "
-            f"(n {reg.n}) with the least-squares line: slope {reg.slope:.4g}, intercept "
-            f"{reg.intercept:.4g}, r {reg.r:.3g} (paper's Fig. 8: "
-            f"{PAPER_FIT[0]} x + {PAPER_FIT[1]})."
+            "Final logit norm (mean L2 norm of the logit vector over the test set) and final "
+            "test cross-entropy loss vs PGT α, mean over seeds with sample std "
+            "(the paper's Fig. 8)."
         )
         figs.append(Figure(path, title, caption))
+    x = [p[2] for p in pts]
+    y = [p[3] for p in pts]
+    if len(pts) < 3 or np.ptp(x) == 0:
+        return figs
+    reg = logit_norm_regression(x, y)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for method, color in (("baseline", "k"), ("pgt", "C0")):
+        xs = [p[2] for p in pts if p[0] == method]
+        ys = [p[3] for p in pts if p[0] == method]
+        if xs:
+            ax.scatter(xs, ys, color=color, s=22, label=method)
+    xx = np.linspace(min(x), max(x), 50)
+    ax.plot(xx, reg.slope * xx + reg.intercept, color="C3",
+            label=f"fit: {reg.slope:.4g} x + {reg.intercept:.4g}")  # fmt: skip
+    ax.set_xlabel("logit norm")
+    ax.set_ylabel("test loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    title = f"Test loss vs logit norm: {_group_label(g)}"
+    ax.set_title(title, fontsize=9)
+    path = _save(fig, out_dir / f"fig8_regression_{slug}.png")
+    caption = (
+        f"Final test loss against final logit norm of done baseline and PGT runs "
+        f"(n {reg.n}) with the least-squares line: slope {reg.slope:.4g}, intercept "
+        f"{reg.intercept:.4g}, r {reg.r:.3g} (paper's Fig. 8: "
+        f"{PAPER_FIT[0]} x + {PAPER_FIT[1]})."
+    )
+    figs.append(Figure(path, title, caption))
     return figs
 
 
@@ -472,8 +485,12 @@ def make_figures(records: Sequence[RunRecord], out_dir: Path) -> list[Figure]:
     sizes = Counter(_group(r) for r in done)
     shown = {g for g, _ in sizes.most_common(MAX_GROUPS)}
     capped = [r for r in done if _group(r) in shown]
-    figs = [_alpha_figure(s, out_dir) for s in alpha_series(capped)]
-    figs += _fig8(capped, out_dir)
+    runs = _profile_runs(done)
+    tasks: list[_Task] = [(_alpha_figures, (s, out_dir)) for s in alpha_series(capped)]
+    tasks += [(_fig8, (g, pts, out_dir)) for g, pts in _fig8_groups(capped)]
+    tasks += [(_norm_figures, (r, d, out_dir)) for r, d in runs]
+    tasks.append((_feature_figures, (runs, out_dir)))
+    figs = _draw(tasks)
     if len(sizes) > MAX_GROUPS and figs:
         figs[0] = replace(
             figs[0],
@@ -483,10 +500,36 @@ def make_figures(records: Sequence[RunRecord], out_dir: Path) -> list[Figure]:
                 "narrow the report with --model, --data, --method or --sweep for the others."
             ),
         )
-    runs = _profile_runs(done)
-    for r, d in runs:
-        figs += _norm_figures(r, d, out_dir)
-    feat = _feature_figure(runs, out_dir)
-    if feat is not None:
-        figs.append(feat)
     return figs
+
+
+_Task = tuple[Callable[..., list[Figure]], tuple[Any, ...]]
+
+
+def _alpha_figures(s: AlphaSeries, out_dir: Path) -> list[Figure]:
+    return [_alpha_figure(s, out_dir)]
+
+
+def _feature_figures(runs: list[tuple[RunRecord, Path]], out_dir: Path) -> list[Figure]:
+    f = _feature_figure(runs, out_dir)
+    return [] if f is None else [f]
+
+
+def _draw(tasks: list[_Task]) -> list[Figure]:
+    """Run the figure tasks in order and concatenate their figures.
+
+    Why processes: matplotlib draws one figure at a time under the GIL, ~0.2 s each on the
+    2-core machine, and the figures were 8.5 of the 10.5 s of a 10,000-run report
+    (benchmarks/analysis_report.py). Each task writes its own files, so forked workers
+    (the parent's imports and data come for free) draw them side by side. Serial when
+    there is one CPU, few tasks, no ``fork`` (macOS/Windows default to spawn, whose
+    start-up costs more than it saves here) or other threads in this process (forking a
+    threaded process can deadlock on a lock held by a thread that does not exist in the
+    child).
+    """
+    workers = min(os.cpu_count() or 1, len(tasks) // 2, 4)
+    if workers < 2 or threading.active_count() > 1 or "fork" not in mp.get_all_start_methods():
+        return [f for fn, args in tasks for f in fn(*args)]
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
+        futures = [pool.submit(fn, *args) for fn, args in tasks]
+        return [f for fut in futures for f in fut.result()]

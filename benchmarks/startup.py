@@ -6,7 +6,8 @@ one untimed warm-up per side (.pyc files, page cache); sides alternate A B A B .
 cancels. Goals: ``python -m sweeper --help``, ``--cfg job``, ``status results_dir=S`` (S a
 copy of tests/fixtures/store_v3 per side) and ``python -m analysis --help`` <= 1.5 s each; a
 bare five-line Hydra app's ``--help`` <= 0.6 s (Hydra imports every ``hydra_plugins`` plugin
-at discovery: what installing gradsweep costs other Hydra apps); a job's start-up, process
+at discovery: what installing gradsweep costs other Hydra apps; the same app with gradsweep
+taken off the import system is the reference row); a job's start-up, process
 start -> first optimiser step, for ``python -m sweeper results_dir=NEW`` and with ``epochs=1``
 <= 3 s (a probe imports torch, hooks the first optimiser step, then runs the module; every run
 gets a fresh results dir, so pays its stores' first-time set-up). Rows without a goal:
@@ -160,6 +161,14 @@ def figures(tmp: Path, quick: bool) -> list[Figure]:
 
         return go
 
+    shim = tmp / "shim-only"  # an environment where gradsweep is not installed at all
+    shim.mkdir(exist_ok=True)
+    (shim / "sitecustomize.py").write_text(SHIM)
+
+    def bare_without(s: Side) -> float:
+        env = dict(s.env, PYTHONPATH=str(shim))
+        return run([py, "app.py", "--help"], app, env, tmp)
+
     def job(*overrides: str, to_step: bool = True) -> Callable[[Side], float]:
         return lambda s: fresh_job(s, tmp, list(overrides), probe if to_step else None)
 
@@ -177,11 +186,14 @@ def figures(tmp: Path, quick: bool) -> list[Figure]:
         ),
         Figure("analysis --help", 1.5, cmd("-m", "analysis", "--help")),
         Figure("bare Hydra app --help", 0.6, cmd("app.py", "--help", in_app=True)),
+        Figure("  same, gradsweep not installed (reference)", None, bare_without),
         Figure("job: start -> 1st step", 3.0, job()),
         Figure("job epochs=1: start -> 1st step", 3.0, job("epochs=1")),
     ]
     if not quick:
         figs.append(Figure("job epochs=1: whole run", None, job("epochs=1", to_step=False)))
+        figs.append(Figure("  same, mlflow.enabled=false", None,
+                           job("epochs=1", "mlflow.enabled=false", to_step=False)))  # fmt: skip
     return figs
 
 

@@ -36,7 +36,7 @@ from trainers.registry import ConfigError, first_line
 SLURM_GONE_GRACE_S = float(os.environ.get("GRADSWEEP_SLURM_GRACE_S", "15"))
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity
 class Submission:
     """One job to start: what it runs and where its handle goes."""
 

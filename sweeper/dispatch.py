@@ -222,8 +222,8 @@ class Dispatcher:
             if not self.running:
                 return
             time.sleep(self.params.poll_s)
-            gone = backend.gone([p.sub for p in self.running if p.sub is not None])
-            for p in [q for q in self.running if q.sub in gone]:
+            gone = {id(sub) for sub in backend.gone([p.sub for p in self.running if p.sub])}
+            for p in [q for q in self.running if id(q.sub) in gone]:
                 self.running.remove(p)
                 self._outcome(p, backend)
                 backend.release(p.sub)  # type: ignore[arg-type]

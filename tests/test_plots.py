@@ -209,6 +209,34 @@ def test_make_figures(results: Path, records: list[RunRecord], tmp_path: Path) -
     assert "n per α: 2, 2, 2" in grid.caption
 
 
+def test_figures_drawn_in_worker_processes_equal_serial(
+    records: list[RunRecord], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The report draws figures in forked workers where it can: same figures, same order,
+    same pixels as drawing them one by one in this process."""
+    import analysis.plots as plots
+
+    seen: list[int] = []
+    real = plots.ProcessPoolExecutor
+
+    def pool(workers: int, **kw):  # noqa: ANN202
+        seen.append(workers)
+        return real(workers, **kw)
+
+    monkeypatch.setattr(plots, "ProcessPoolExecutor", pool)
+    monkeypatch.setattr(plots.os, "cpu_count", lambda: 2)
+    forked = make_figures(records, tmp_path / "forked")
+    assert seen == [2]  # 5 tasks: 1 α grid, 1 Fig. 8 group, 2 runs' norms, the features
+    monkeypatch.setattr(plots.os, "cpu_count", lambda: 1)
+    serial = make_figures(records, tmp_path / "serial")
+    assert seen == [2]
+    assert [(f.path.name, f.title, f.caption) for f in forked] == [
+        (f.path.name, f.title, f.caption) for f in serial
+    ]
+    for a, b in zip(forked, serial, strict=True):
+        assert np.array_equal(mpimg.imread(a.path), mpimg.imread(b.path)), a.path.name
+
+
 def test_runs_find_their_artifacts_without_a_results_dir(
     records: list[RunRecord], tmp_path: Path
 ) -> None:

@@ -219,3 +219,24 @@ def test_a_bare_hydra_app_discovers_our_plugins_without_heavy_imports(tmp_path: 
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == ""
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["-m", "sweeper", "--help"],
+        ["-m", "sweeper", "--cfg", "job"],
+        ["-m", "analysis", "--help"],
+    ],  # fmt: skip
+    ids=["sweeper --help", "sweeper --cfg job", "analysis --help"],
+)
+def test_the_cli_answers_without_heavy_imports(args: list[str], tmp_path: Path) -> None:
+    """What `python -X importtime` says these commands import: no torch, submitit, MLflow or
+    Optuna (their times are in benchmarks/startup.py)."""
+    res = subprocess.run([sys.executable, "-X", "importtime", *args], cwd=tmp_path,
+                         env=cli_env(), capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    imported = {ln.rsplit("|", 1)[1].strip() for ln in res.stderr.splitlines() if "|" in ln}
+    assert imported, res.stderr[-500:]
+    heavy = sorted(imported & {"torch", "torchvision", "submitit", "mlflow", "optuna", "sklearn"})
+    assert heavy == [], heavy

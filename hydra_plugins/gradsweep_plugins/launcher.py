@@ -11,15 +11,14 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from sweeper.settings import LauncherParams
-from trainers.registry import ConfigError
-
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # imported when a sweep starts, not at Hydra's plugin discovery
     from sweeper.schema import Config
 
 
 class GradsweepLauncher(Launcher):
     def __init__(self, **kwargs: Any) -> None:
+        from sweeper.settings import LauncherParams
+
         kwargs = {
             k: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v for k, v in kwargs.items()
         }
@@ -33,6 +32,7 @@ class GradsweepLauncher(Launcher):
     def compose(self, overrides: list[str]) -> Config:
         """One point's typed config: the sweep's config with these overrides applied."""
         from sweeper.compose import hydra_error_line, to_config
+        from trainers.registry import ConfigError
 
         try:
             sc = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
@@ -48,6 +48,7 @@ class GradsweepLauncher(Launcher):
         self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
     ) -> Sequence[JobReturn]:
         from sweeper.grid import format_command, run_grid, validate_points
+        from trainers.registry import ConfigError
 
         self.params.validate()
         points = []

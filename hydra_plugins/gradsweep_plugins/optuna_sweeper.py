@@ -16,14 +16,13 @@ from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
-from sweeper.search import SearchParams
-from trainers.registry import ConfigError
-
 _MISSING = object()
 
 
 class OptunaSweeper(Sweeper):
     def __init__(self, **kwargs: Any) -> None:
+        from sweeper.search import SearchParams
+
         kwargs = {
             k: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v for k, v in kwargs.items()
         }
@@ -42,6 +41,7 @@ class OptunaSweeper(Sweeper):
         from sweeper.grid import format_command
         from sweeper.search import default_study_name, parse_space
         from sweeper.study import run_search
+        from trainers.registry import ConfigError
 
         self.search.validate()
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)

@@ -11,8 +11,6 @@ from typing import Any
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from trainers.registry import ConfigError
-
 
 class GradsweepSweeper(BasicSweeper):
     def __init__(self, params: dict[str, str] | None = None) -> None:
@@ -28,5 +26,7 @@ class GradsweepSweeper(BasicSweeper):
         batches = self.split_arguments(overrides, None)
         points = batches[0] if batches else []
         if not points:
+            from trainers.registry import ConfigError
+
             raise ConfigError("the grid is empty: no point to run")
         return [self.launcher.launch(points, initial_job_idx=0)]

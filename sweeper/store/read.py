@@ -11,6 +11,7 @@ from sqlalchemy import func, select
 from sweeper.store.db import Database
 from sweeper.store.models import EpochMetric, FilterStat, Run, Sweep, SweepRun
 from sweeper.store.records import (
+    RUN_COLUMNS,
     EpochRecord,
     FilterStatRecord,
     RunRecord,
@@ -19,6 +20,7 @@ from sweeper.store.records import (
     epoch_record,
     filter_record,
     run_record,
+    run_record_from_columns,
     sweep_record,
     sweep_run_record,
 )
@@ -48,7 +50,7 @@ class Reads(Database):
 
     def runs(self, query: RunQuery | None = None) -> list[RunRecord]:
         """Runs matching ``query`` (any status by default), ordered by id."""
-        q = select(Run).order_by(Run.id)
+        q = select(*RUN_COLUMNS).order_by(Run.id)
         if query is not None:
             if query.sweeps:
                 in_sweep = select(SweepRun.run_id).where(SweepRun.sweep_id.in_(list(query.sweeps)))
@@ -58,7 +60,7 @@ class Reads(Database):
                 if values:
                     q = q.where(col.in_(list(values)))
         with self.session() as s:
-            return [run_record(r, self.db_dir) for r in s.scalars(q)]
+            return [run_record_from_columns(r, self.db_dir) for r in s.execute(q)]
 
     def count_runs(self) -> int:
         with self.session() as s:

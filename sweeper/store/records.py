@@ -7,6 +7,9 @@ open, never lazy-load, and cannot write by accident.
 from __future__ import annotations
 
 import datetime as dt
+import functools
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -117,14 +120,35 @@ class SweepRunRecord:
     trial: int | None = None
 
 
+@functools.cache
+def _names(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in fields(cls))
+
+
 def _copy(cls: type, row: object, **extra: Any) -> Any:
-    return cls(
-        **{f.name: getattr(row, f.name) for f in fields(cls) if f.name not in extra}, **extra
-    )
+    return cls(**{n: getattr(row, n) for n in _names(cls) if n not in extra}, **extra)
+
+
+# The columns a RunRecord is made of, for bulk reads that skip the ORM: building 10,000 ORM
+# objects and then copying them cost ~1 s of the 10,000-run report (benchmarks/analysis_report.py).
+RUN_COLUMNS = tuple(Run.__table__.c[n] for n in _names(RunRecord))
+
+
+_AT = {n: i for i, n in enumerate(_names(RunRecord))}
+_RUN_DIR, _HASH, _CONFIG = _AT["run_dir"], _AT["config_hash"], _AT["config"]
 
 
 def run_record(row: Run, db_dir: Path | None = None) -> RunRecord:
-    return _copy(RunRecord, row, run_dir=artifact_dir(row, db_dir))
+    return _copy(
+        RunRecord, row, run_dir=artifact_dir(row.run_dir, row.config_hash, row.config, db_dir)
+    )
+
+
+def run_record_from_columns(values: Sequence[Any], db_dir: Path | None = None) -> RunRecord:
+    """A RunRecord from a row selected as :data:`RUN_COLUMNS` (positional, no attribute lookups)."""
+    v = list(values)
+    v[_RUN_DIR] = artifact_dir(v[_RUN_DIR], v[_HASH], v[_CONFIG], db_dir)
+    return RunRecord(*v)
 
 
 def epoch_record(row: EpochMetric) -> EpochRecord:
@@ -143,7 +167,9 @@ def sweep_run_record(row: SweepRun) -> SweepRunRecord:
     return _copy(SweepRunRecord, row)
 
 
-def artifact_dir(row: Run, db_dir: Path | None) -> str | None:
+def artifact_dir(
+    run_dir: str | None, config_hash: str | None, config: dict | None, db_dir: Path | None
+) -> str | None:
     """Where a run's checkpoint and norm artifacts are.
 
     Runs started by schema-4 code record it (``runs.run_dir``). For older runs it is found
@@ -151,16 +177,17 @@ def artifact_dir(row: Run, db_dir: Path | None) -> str | None:
     SQLite file (the default store lives in the results dir), then under the results dir
     named in the run's resolved config (when absolute). None when neither exists.
     """
-    if row.run_dir:
-        return row.run_dir
-    leaf = Path("runs") / (row.config_hash or "")[:16]
+    if run_dir:
+        return run_dir
+    # os.path, not pathlib: this runs once per run of a 10,000-run report.
+    leaf = os.path.join("runs", (config_hash or "")[:16])
     candidates = []
     if db_dir is not None:
-        candidates.append(db_dir / leaf)
-    rd = (row.config or {}).get("results_dir")
-    if isinstance(rd, str) and Path(rd).is_absolute():
-        candidates.append(Path(rd) / leaf)
+        candidates.append(os.path.join(db_dir, leaf))
+    rd = (config or {}).get("results_dir")
+    if isinstance(rd, str) and os.path.isabs(rd):
+        candidates.append(os.path.join(rd, leaf))
     for c in candidates:
-        if c.is_dir():
-            return str(c)
+        if os.path.isdir(c):
+            return c
     return None
