@@ -224,6 +224,8 @@ def _train(
     reporter: TrialReporter | None = None,
 ) -> JobOutcome:
     mirror = _start_mirror(cfg, store, run, ident, mlflow_tags)
+    if mirror is not None and not mirror.wait_started():
+        log.warning("warning: MLflow has not answered in 120 s; training goes on, mirroring later")
     gpus = trainer.dist.world if trainer.device.type == "cuda" else 0
     trainer.sink = StoreSink(store, run, trainer.run_dir, mirror, reporter, gpus)
     log.info(
