@@ -14,7 +14,7 @@ the first optimiser step, then runs the module; every run gets a fresh results d
 its stores' first-time set-up. Rows without a goal:
 ``import torch`` alone; a plain PyTorch script's start -> first ``torch.optim.SGD`` step (the
 floor of any job's start-up: the first call into ``torch.optim`` imports ``torch._dynamo``,
-1.6 s on the 2-core machine, whether or not anything is compiled); the whole ``epochs=1`` run
+0.8 s on the 2-core machine (floor minus import torch), whether or not anything is compiled); the whole ``epochs=1`` run
 (not with ``--quick``). A run whose Hydra plugin fails to import counts as failed.
 
 The baseline is a ``git worktree`` of REF (default dfa0ccf, before the restructuring) with a
