@@ -107,8 +107,8 @@ def _same(a: object, b: object) -> bool:
 
 def match(table_name: str, row: Row) -> PaperRow | None:
     """The paper row matching ``row`` of our table ``table_name``, if any."""
-    if row.keys.get("data") != PAPER_DATA:
-        return None
+    if row.keys.get("data") != PAPER_DATA or row.keys.get("optimizer", "sgd") != "sgd":
+        return None  # the paper trained ImageNet with SGD only
     cols = MATCH.get(table_name, {})
     for p in paper_rows(table_name):
         if all(ours in row.keys and _same(row.keys[ours], p.keys[theirs])

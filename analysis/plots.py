@@ -119,7 +119,9 @@ def _done(records: Sequence[RunRecord]) -> list[RunRecord]:
 
 
 def _group(r: RunRecord) -> GroupKey:
-    return (r.data, r.model, r.epochs, r.batch_size, r.schedule)
+    # runs of another optimiser than the paper's SGD are a setting of their own
+    sched = r.schedule if r.optimizer == "sgd" else f"{r.schedule}, {r.optimizer}"
+    return (r.data, r.model, r.epochs, r.batch_size, sched)
 
 
 def _group_label(g: GroupKey) -> str:

@@ -119,6 +119,12 @@ def _sort_key(key: Key) -> tuple[object, ...]:
     return tuple(out)
 
 
+def _optimizer_col(runs: Sequence[RunRecord]) -> list[str]:
+    """``["optimizer"]`` when the runs used more than one optimiser (each is a setting of its
+    own, compared with its own baseline); no column for SGD-only stores (the paper's)."""
+    return ["optimizer"] if len({r.optimizer for r in runs}) > 1 else []
+
+
 def _group(runs: Sequence[RunRecord], key: Callable[[RunRecord], Key]) -> dict[Key, list]:
     groups: dict[Key, list[RunRecord]] = defaultdict(list)
     for r in runs:
@@ -167,6 +173,7 @@ def _compared_table(
 ) -> Table:
     """Rows per setting × method × alpha, each compared with the setting's baseline."""
     runs = [r for r in done if r.label_smoothing == 0]
+    setting_cols = [*setting_cols, *_optimizer_col(runs)]
     by_setting = _group(runs, lambda r: tuple(getattr(r, c) for c in setting_cols))
     rows: list[Row] = []
     for setting in sorted(by_setting, key=_sort_key):
@@ -214,7 +221,8 @@ def table2(done: Sequence[RunRecord], alpha: str = "best") -> Table:
 def table3(done: Sequence[RunRecord]) -> Table:
     """Ablation: schedule × label smoothing × alpha, with the train - test gap."""
     runs = [r for r in done if r.method in ABLATION_METHODS]
-    cols = ["data", "model", "epochs", "batch_size", "schedule", "label_smoothing", "alpha"]
+    cols = ["data", "model", "epochs", "batch_size", "schedule", *_optimizer_col(runs),
+            "label_smoothing", "alpha"]  # fmt: skip
     cells = _group(runs, lambda r: tuple(getattr(r, c) for c in cols))
     metrics = [*METRICS, "gap"]
     rows = [

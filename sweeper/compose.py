@@ -19,7 +19,7 @@ from sweeper.schema import Config
 from trainers.registry import ConfigError, first_line
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-GROUPS = ("model", "method", "data", "schedule", "experiment")
+GROUPS = ("model", "method", "data", "schedule", "optimizer", "experiment")
 # hydra's own groups that we replace: Hydra's basic launcher/sweeper bypass the store
 HYDRA_GROUPS = {"hydra/launcher": ["local", "slurm"], "hydra/sweeper": ["gradsweep", "optuna"]}
 

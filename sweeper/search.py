@@ -258,7 +258,9 @@ def parse_space(
 
 
 def _is_int_key(key: str, value_of: Callable[[str], Any], text: str) -> bool:
-    if key.lstrip("+") in _GROUPS:
+    from sweeper.compose import GROUPS
+
+    if key.lstrip("+") in GROUPS:
         raise ConfigError(f"{text}: {key} is a config group; search it with choice(...)")
     try:
         value = value_of(key)
@@ -267,9 +269,6 @@ def _is_int_key(key: str, value_of: Callable[[str], Any], text: str) -> bool:
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise ConfigError(f"{text}: {key} is not a number; search names or flags with choice(...)")
     return isinstance(value, int)
-
-
-_GROUPS = ("model", "method", "data", "schedule", "experiment")
 
 
 def _check_bounds(text: str, low: float, high: float, log: bool) -> None:

@@ -64,6 +64,9 @@ BAD = [
     (["method.gc_max=2"], "method.gc_max", "gc_max_norm"),
     (["method=ls", "method.label_smoothing=1.5"], "1.5", "(0, 1)"),
     (["compile=true", "compile_mode=fast"], "compile_mode=fast", "reduce-overhead"),
+    (["optimizer=adam"], "'adam'", "adamw, sgd"),
+    (["optimizer=adamw", "optimizer.betas=[0.9,1.2]"], "optimizer.betas=[0.9, 1.2]", "[0, 1)"),
+    (["optimizer=adamw", "optimizer.eps=0"], "optimizer.eps=0", "> 0"),
 ]
 
 

@@ -64,6 +64,22 @@ class MethodConf:
         return METHODS.get(self.name)
 
 
+OPTIMIZERS = ("sgd", "adamw")
+
+
+@dataclass
+class OptimizerConf:
+    """The ``optimizer`` group. ``sgd`` (the paper's; its knobs are the top-level ``momentum``
+    and ``nesterov``) or ``adamw`` (Loshchilov & Hutter: Adam with decoupled weight decay).
+    Both use the top-level ``lr`` rule (:meth:`RunConfig.resolved_lr`) and ``weight_decay``,
+    applied to tensors with ndim > 1 only; ``conf/optimizer/adamw.yaml`` sets AdamW's usual
+    lr 1e-3 without batch scaling and weight decay 0.05."""
+
+    name: str = "sgd"
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw only
+    eps: float = 1e-8  # adamw only
+
+
 @dataclass
 class ScheduleConf:
     """Per-step learning-rate schedule: linear warm-up, then cosine or step decay."""
@@ -86,6 +102,7 @@ class RunConfig:
     method: MethodConf = field(default_factory=MethodConf)
     data: DataConfig = field(default_factory=lambda: DataConfig(name="digits"))
     schedule: ScheduleConf = field(default_factory=ScheduleConf)
+    optimizer: OptimizerConf = field(default_factory=OptimizerConf)
     alpha: float = 0.25  # PGT's alpha, 0 < alpha <= 1; used by methods containing PGT
     batch_size: int = 64  # global batch
     epochs: int = 30
@@ -130,7 +147,9 @@ class RunConfig:
         Left out on purpose: where results go (results_dir, store, MLflow), speed-only
         switches (compile, compile_mode, channels_last, check_every, num_workers, download), and knobs the
         method does not use, including alpha for methods without PGT -- so a grid over
-        alpha does not run the baseline once per alpha.
+        alpha does not run the baseline once per alpha. The optimizer appears only when it is
+        not SGD (SGD runs keep the hashes they had before there was a choice); AdamW has no
+        momentum or nesterov.
         """
         spec = self.method.spec
         data = asdict(self.data)
@@ -141,7 +160,7 @@ class RunConfig:
         # starts new runs; record the absolute path so relative spellings agree.
         if data.get("root"):
             data["root"] = os.path.abspath(os.path.expanduser(data["root"]))
-        return {
+        ident: dict[str, Any] = {
             "model": self.model.name,
             "method": {"name": spec.name, **{k: getattr(self.method, k) for k in spec.knobs()}},
             "data": data,
@@ -160,6 +179,14 @@ class RunConfig:
             "precision": precision,
             "filter_stats_every": self.filter_stats_every,
         }
+        if self.optimizer.name != "sgd":
+            del ident["momentum"], ident["nesterov"]
+            ident["optimizer"] = {
+                "name": self.optimizer.name,
+                "betas": [float(b) for b in self.optimizer.betas],
+                "eps": self.optimizer.eps,
+            }
+        return ident
 
     # ---------------------------------------------------------------------- validation
     def validate(self) -> None:
@@ -199,6 +226,15 @@ class RunConfig:
         _check(self.lr_ref_batch > 0, "lr_ref_batch", self.lr_ref_batch, "an integer >= 1")
         _check(0.0 <= self.momentum < 1.0, "momentum", self.momentum, "a number in [0, 1)")
         _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0")
+        o = self.optimizer
+        _check(o.name in OPTIMIZERS, "optimizer.name", o.name, " or ".join(OPTIMIZERS))
+        _check(
+            len(o.betas) == 2 and all(_finite(b) and 0.0 <= b < 1.0 for b in o.betas),
+            "optimizer.betas",
+            list(o.betas),
+            "two numbers in [0, 1)",
+        )
+        _check(_finite(o.eps) and o.eps > 0, "optimizer.eps", o.eps, "a number > 0")
         _check(self.precision in PRECISIONS, "precision", self.precision, ", ".join(PRECISIONS))
         _check(
             self.compile_mode in COMPILE_MODES,

@@ -67,3 +67,19 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+
+
+def build_optimizer(cfg: RunConfig, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    """The run's optimiser over :func:`param_groups` (decay on ndim > 1 only), at peak ``lr``.
+
+    SGD: momentum and Nesterov from the top-level keys (the paper's). AdamW: betas and eps
+    from ``optimizer``; torch's AdamW decays decoupled from the gradient,
+    ``p <- p - lr * weight_decay * p`` before the Adam step (Loshchilov & Hutter 2019).
+    """
+    groups = param_groups(model, cfg.weight_decay)
+    o = cfg.optimizer
+    if o.name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=(o.betas[0], o.betas[1]), eps=o.eps)
+    if o.name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    raise ConfigError(f"unknown optimizer {o.name!r}; known: sgd, adamw")

@@ -46,8 +46,8 @@ from trainers.records import (
 from trainers.registry import ConfigError
 from trainers.runtime import (
     autocast,
+    build_optimizer,
     describe_device,
-    param_groups,
     resolve_compile_mode,
     resolve_device,
     resolve_precision,
@@ -135,12 +135,7 @@ class Trainer:
         # AGC excludes the final classifier (NFNets; the official code drops fc weight/bias)
         self.agc_params = [p for p in self.params if id(p) not in fc_params]
         self.peak_lr = cfg.resolved_lr()
-        self.opt = torch.optim.SGD(
-            param_groups(model, cfg.weight_decay),
-            lr=self.peak_lr,
-            momentum=cfg.momentum,
-            nesterov=cfg.nesterov,
-        )
+        self.opt = build_optimizer(cfg, model, self.peak_lr)
         self.steps_per_epoch = len(self.data.train)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
         self._owns_group = distributed.init(info, self.device)

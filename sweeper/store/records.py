@@ -64,6 +64,12 @@ class RunRecord:
     run_dir: str | None = None
     killed_at_epoch: int | None = None
 
+    @property
+    def optimizer(self) -> str:
+        """The run's optimiser (``sgd`` for runs from before there was a choice)."""
+        opt = (self.config or {}).get("optimizer")
+        return str(opt.get("name", "sgd")) if isinstance(opt, dict) else "sgd"
+
 
 @dataclass(frozen=True)
 class EpochRecord:
