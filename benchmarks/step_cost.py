@@ -50,9 +50,9 @@ from trainers.train import Trainer
 
 GOAL = 1.01  # step time of a method / baseline
 METHODS = {  # what the sweeps run; alpha from the paper's ResNet-18 choice
-    "baseline": MethodConf(name="baseline"),
-    "pgt": MethodConf(name="pgt"),
-    "ls_pgt": MethodConf(name="ls_pgt", label_smoothing=0.1),
+    "baseline": MethodConf.preset("baseline"),
+    "pgt": MethodConf.preset("pgt"),
+    "ls_pgt": MethodConf.preset("ls_pgt", label_smoothing=0.1),
 }
 
 

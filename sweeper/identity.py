@@ -42,7 +42,7 @@ def grid_columns(cfg: RunConfig) -> dict[str, Any]:
     """The grid keys the ``runs`` table has as columns (to GROUP BY in SQL)."""
     return {
         "model": cfg.model.name,
-        "method": cfg.method.name,
+        "method": cfg.method.spec.name,
         "alpha": cfg.effective_alpha(),
         "data": cfg.data.name,
         "batch_size": cfg.batch_size,

@@ -50,7 +50,7 @@ def _write_cifar10(root: Path) -> None:
 def _cfg(root: Path, **kw: object) -> RunConfig:
     cfg = RunConfig(
         model=ModelConf(name="resnet20"),
-        method=MethodConf(name="agc_pgt"),
+        method=MethodConf.preset("agc_pgt"),
         alpha=ALPHA,
         data=DataConfig(name="cifar10", root=str(root)),
         batch_size=BATCH,
@@ -209,7 +209,7 @@ def test_step_gradient_clipping_matches_torch(method: str, tmp_path: Path) -> No
     and the step's before / after norms are the raw and clipped global norms."""
     cfg = RunConfig(
         model=ModelConf(name="digits_cnn"),
-        method=MethodConf(name=method, gc_max_norm=0.05),  # small: clipping engages
+        method=MethodConf.preset(method, gc_max_norm=0.05),  # small: clipping engages
         data=DataConfig(name="digits"),
         device="cpu",
         filter_stats_every=0,

@@ -40,7 +40,9 @@ def test_training_on_cuda(precision: str, method: str, tmp_path: Path) -> None:
     t = Trainer(
         _cfg(
             precision=precision,
-            method=MethodConf(method, label_smoothing=0.1 if method.startswith("ls") else 0.0),
+            method=MethodConf.preset(
+                method, label_smoothing=0.1 if method.startswith("ls") else 0.0
+            ),
         ),
         tmp_path,
     )
@@ -74,7 +76,7 @@ def test_segmented_agc_in_training_equals_per_tensor(tmp_path: Path, monkeypatch
     import trainers.train as train_mod
     from trainers.methods import adaptive_clip_grad_ as agc
 
-    cfg = dict(precision="fp32", epochs=2, method=MethodConf("agc"))
+    cfg = dict(precision="fp32", epochs=2, method=MethodConf.preset("agc"))
     seg = Trainer(_cfg(**cfg), tmp_path / "s").fit()
     monkeypatch.setattr(train_mod, "adaptive_clip_grad_",
                         lambda ps, c, e: agc(ps, c, e, impl="per_tensor"))  # fmt: skip
@@ -87,7 +89,7 @@ def test_segmented_agc_in_training_equals_per_tensor(tmp_path: Path, monkeypatch
 def test_resnet50_channels_last_bf16_step(tmp_path: Path) -> None:
     cfg = RunConfig(
         model=ModelConf("resnet50"),
-        method=MethodConf("agc_pgt"),
+        method=MethodConf.preset("agc_pgt"),
         data=DataConfig(name="synthetic", image_size=64, num_train=256, num_test=64),
         epochs=1,
         batch_size=64,

@@ -10,7 +10,9 @@ import torch.nn.functional as F
 from trainers.methods import (
     METHODS,
     adaptive_clip_grad_,
+    apply_grad_transforms_,
     clip_grad_norm_,
+    method_spec,
     pgt_cross_entropy,
     register_paper_pgt_hook,
     znorm_,
@@ -240,8 +242,103 @@ def test_method_registry() -> None:
         "agc_pgt",
         "ls_pgt",
     ]
-    assert METHODS.get("agc_pgt").pgt and METHODS.get("agc_pgt").grad_transform == "agc"
+    assert METHODS.get("agc_pgt").pgt and METHODS.get("agc_pgt").grads == ("agc",)
     with pytest.raises(ConfigError, match="unknown method 'sgdr'.*baseline"):
         METHODS.get("sgdr")
     with pytest.raises(ValueError, match="alpha"):
         pgt_cross_entropy(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), 1.5)
+
+
+# ------------------------------------------------------------ methods as pieces
+def _mlp_grads_formula(
+    x: np.ndarray, y: np.ndarray, w1, b1, w2, b2, alpha: float | None, eps: float
+) -> list[np.ndarray]:
+    """Backprop of a Linear-ReLU-Linear net written out: dZ is PGT's (softmax(αz) - q)/N
+    (plain CE's when alpha is None), then the chain rule by hand."""
+    a = x @ w1.T + b1
+    h = np.maximum(a, 0.0)
+    z = h @ w2.T + b2
+    dz = pgt_grad_formula(z, y, 1.0 if alpha is None else alpha, eps)
+    dh = dz @ w2
+    da = dh * (a > 0)
+    return [da.T @ x, da.sum(0), dz.T @ h, dz.sum(0)]
+
+
+def _transforms_formula(
+    grads: tuple[str, ...], ws: list[np.ndarray], gs: list[np.ndarray]
+) -> list[np.ndarray]:
+    """GC over every tensor, AGC on all but the classifier (the last two), ZNorm per tensor."""
+    gs = [g.copy() for g in gs]
+    for kind in grads:
+        if kind == "gc":
+            total = np.sqrt(sum((g**2).sum() for g in gs))
+            gs = [g * min(1.0, 0.5 / (total + 1e-6)) for g in gs]
+        elif kind == "agc":
+            gs[:2] = [agc_formula(w, g, 0.05, 1e-3) for w, g in zip(ws[:2], gs[:2], strict=True)]
+        elif kind == "znorm":
+            gs = [(g - g.mean()) / (g.std() + 1e-8) for g in gs]
+    return gs
+
+
+COMBOS = [
+    *[(grad, pgt, 0.0) for grad in ((), ("gc",), ("agc",), ("znorm",)) for pgt in (False, True)],
+    (("agc",), True, 0.1),  # agc_ls_pgt
+    (("gc", "znorm"), True, 0.1),  # a list, in order: gc_znorm_ls_pgt
+    (("znorm", "gc"), False, 0.0),
+]
+
+
+@pytest.mark.parametrize(("grads", "pgt", "eps"), COMBOS,
+                         ids=[method_spec(p, e, list(g)).name for g, p, e in COMBOS])  # fmt: skip
+def test_combination_gradients_match_the_formula(grads: tuple, pgt: bool, eps: float) -> None:
+    """Every built-in combination, as the training loop computes it (pgt_cross_entropy, then
+    apply_grad_transforms_), against the gradient written out; CPU float64."""
+    from types import SimpleNamespace
+
+    spec = method_spec(pgt, eps, list(grads) or "none")
+    assert spec.grads == grads and spec.pgt == pgt
+    rng = np.random.default_rng(3)
+    x_np, y_np = rng.normal(size=(12, 5)), rng.integers(0, 4, 12)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.ReLU(), torch.nn.Linear(6, 4))
+    net = net.double()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.tensor(rng.normal(size=tuple(p.shape))))
+    alpha = 0.3 if pgt else None
+    logits = net(torch.tensor(x_np))
+    y = torch.tensor(y_np)
+    loss = (pgt_cross_entropy(logits, y, alpha, eps) if pgt
+            else F.cross_entropy(logits, y, label_smoothing=eps))  # fmt: skip
+    loss.backward()
+    params = list(net.parameters())
+    knobs = SimpleNamespace(gc_max_norm=0.5, agc_clip_factor=0.05, agc_eps=1e-3, znorm_eps=1e-8)
+    after = apply_grad_transforms_(spec.grads, params, params[:2], knobs)  # type: ignore[arg-type]
+    ws = [p.detach().numpy() for p in params]
+    raw = _mlp_grads_formula(x_np, y_np, *ws, alpha, eps)
+    want = _transforms_formula(grads, ws, raw)
+    # the loop's global norm is a float32 reduction (it is also a logged metric), and GC's
+    # factor is computed from it: float32 precision wherever GC acts, float64 elsewhere
+    rtol = 1e-6 if "gc" in grads else 1e-10
+    for p, w in zip(params, want, strict=True):
+        np.testing.assert_allclose(p.grad.numpy(), w, rtol=rtol, atol=1e-12)
+    if grads:
+        assert after is not None
+        assert after.item() == pytest.approx(np.sqrt(sum((w**2).sum() for w in want)), rel=1e-6)
+    else:
+        assert after is None
+    changed = any(not np.allclose(a, b) for a, b in zip(want, raw, strict=True))
+    assert changed == bool(grads)  # each transform engages at these settings
+
+
+def test_canonical_names_and_presets() -> None:
+    assert method_spec(True, 0.0, "znorm").name == "znorm_pgt"
+    assert method_spec(True, 0.1, ["agc"]).name == "agc_ls_pgt"
+    assert method_spec(False, 0.0, "none").name == "baseline"
+    assert method_spec(False, 0.0, ["gc", "znorm"]).name == "gc_znorm"
+    for name in METHODS.names():  # each preset is its own canonical name
+        s = METHODS.get(name)
+        assert method_spec(s.pgt, 0.1 if s.label_smoothing else 0.0, list(s.grads)) == s
+    with pytest.raises(ConfigError, match="method.grad=sam is not allowed.*none, gc, agc, znorm"):
+        method_spec(False, 0.0, "sam")
+    with pytest.raises(ConfigError, match="twice"):
+        method_spec(False, 0.0, ["gc", "gc"])

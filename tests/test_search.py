@@ -404,7 +404,7 @@ def test_pruned_run_stops_after_its_checkpoint_and_a_grid_can_finish_it(tmp_path
     torch.set_num_threads(1)
     cfg = dict(
         model=ModelConf("digits_cnn"),
-        method=MethodConf("pgt"),
+        method=MethodConf.preset("pgt"),
         data=DataConfig(name="digits"),
         epochs=3,
         filter_stats_every=0,

@@ -38,6 +38,26 @@ def test_config_hash_is_what_older_versions_computed(case: str) -> None:
     assert identity_of(cfg)[1] == HASHES[case]
 
 
+# each preset spelled with its pieces, from another preset (and the same knobs)
+SPELLINGS = {
+    "method=baseline": "method=gc method.grad=none",
+    "method=gc_pgt": "method=gc method.pgt=true",
+    "method=agc_pgt": "method=pgt method.grad=agc",
+    "method=ls_pgt": "method=pgt method.label_smoothing=0.1",
+    "method=ls method.label_smoothing=0.2": "method.label_smoothing=0.2",
+    "method=gc_pgt method.gc_max_norm=0.5 alpha=0.05":
+        "method=pgt method.grad=[gc] method.gc_max_norm=0.5 alpha=0.05",
+    "method=znorm method.znorm_eps=1e-6": "method.grad=znorm method.znorm_eps=1e-6",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(SPELLINGS))
+def test_a_preset_spelled_with_its_pieces_is_the_same_run(case: str) -> None:
+    cfg = compose(*SPELLINGS[case].split(), "device=cpu")
+    assert identity_of(cfg)[1] == HASHES[case]
+    assert cfg.method.spec.name == case.split()[0].removeprefix("method=")
+
+
 @pytest.fixture
 def old_store(tmp_path: Path) -> Path:
     """A copy of the schema-3 store (3 done digits runs) written by the older version."""

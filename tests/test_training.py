@@ -106,11 +106,13 @@ def test_warmup_then_cosine_and_step() -> None:
 
 
 def test_run_identity() -> None:
-    base = _cfg(method=MethodConf("baseline"))
+    base = _cfg(method=MethodConf.preset("baseline"))
     h = identity_of(base)[1]
-    assert identity_of(_cfg(method=MethodConf("baseline"), alpha=0.05))[1] == h  # alpha unused
-    pgt = identity_of(_cfg(method=MethodConf("pgt"), alpha=0.05))[1]
-    assert pgt != h and pgt != identity_of(_cfg(method=MethodConf("pgt"), alpha=0.3))[1]
+    assert (
+        identity_of(_cfg(method=MethodConf.preset("baseline"), alpha=0.05))[1] == h
+    )  # alpha unused
+    pgt = identity_of(_cfg(method=MethodConf.preset("pgt"), alpha=0.05))[1]
+    assert pgt != h and pgt != identity_of(_cfg(method=MethodConf.preset("pgt"), alpha=0.3))[1]
     assert identity_of(_cfg(seed=1))[1] != h
     assert identity_of(_cfg(check_every=3, compile=False))[1] == h  # speed-only switches
     # resolved lr: linear scaling by batch size is what defines the run

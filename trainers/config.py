@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from trainers.registry import ConfigError
-from trainers.specs import METHODS, MethodSpec
+from trainers.specs import METHODS, MethodSpec, method_spec
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # torch.compile modes; auto: reduce-overhead (CUDA graphs) for a single-process CUDA run,
@@ -49,19 +49,32 @@ class ModelConf:
 
 @dataclass
 class MethodConf:
-    """The ``method`` group. Which knobs matter depends on the method (MethodSpec.knobs)."""
+    """The ``method`` group: the pieces of a method (:func:`trainers.specs.method_spec`) and
+    their knobs. Which knobs matter depends on the pieces (MethodSpec.knobs). ``name`` is
+    the preset the pieces came from; the run's method is the pieces' canonical name
+    (``spec.name``): ``method=znorm method.pgt=true`` is ``znorm_pgt``."""
 
     name: str = "baseline"
+    pgt: bool = False  # PGT on the loss side; alpha is the top-level key
+    grad: Any = "none"  # none | gc | agc | znorm | a list of them, applied in order
     pgt_impl: str = "identity"  # identity (exact, any loss scale) | paper_hook (Fig. 9 snippet)
-    label_smoothing: float = 0.0  # ls / ls_pgt only: q = (1 - eps) onehot + eps / C
-    gc_max_norm: float = 1.0  # gc / gc_pgt: global-norm threshold lambda
-    agc_clip_factor: float = 0.01  # agc / agc_pgt: lambda (NFNets default)
-    agc_eps: float = 1e-3  # agc / agc_pgt: floor on the weight norm
+    label_smoothing: float = 0.0  # 0 = off; q = (1 - eps) onehot + eps / C
+    gc_max_norm: float = 1.0  # gc: global-norm threshold lambda
+    agc_clip_factor: float = 0.01  # agc: lambda (NFNets default)
+    agc_eps: float = 1e-3  # agc: floor on the weight norm
     znorm_eps: float = 1e-8  # znorm: added to the std
 
     @property
     def spec(self) -> MethodSpec:
-        return METHODS.get(self.name)
+        return method_spec(self.pgt, self.label_smoothing, self.grad)
+
+    @classmethod
+    def preset(cls, name: str, **knobs: Any) -> MethodConf:
+        """A preset's pieces from Python, as ``method=NAME`` composes them (``ls``/``ls_pgt``:
+        label smoothing 0.1 unless given): ``MethodConf.preset("agc_pgt")``."""
+        spec = METHODS.get(name)  # ConfigError listing the presets
+        knobs.setdefault("label_smoothing", 0.1 if spec.label_smoothing else 0.0)
+        return cls(name=name, pgt=spec.pgt, grad=list(spec.grads) or "none", **knobs)
 
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -202,7 +215,7 @@ class RunConfig:
             raise ConfigError(
                 f"unknown data {self.data.name!r}; known: {', '.join(known_datasets())}"
             )
-        spec = self.method.spec  # raises for an unknown method, listing the known ones
+        self.method.spec  # noqa: B018 - raises for an unknown piece, listing the known ones
         _check(
             _finite(self.alpha) and 0.0 < self.alpha <= 1.0,
             "alpha",
@@ -263,18 +276,12 @@ class RunConfig:
             m.pgt_impl,
             "identity or paper_hook",
         )
-        if spec.label_smoothing:
-            _check(
-                0.0 < m.label_smoothing < 1.0,
-                "method.label_smoothing",
-                m.label_smoothing,
-                "a number in (0, 1)",
-            )
-        elif m.label_smoothing != 0.0:
-            raise ConfigError(
-                f"method.label_smoothing={m.label_smoothing} has no effect with method={spec.name}; "
-                "use method=ls or method=ls_pgt"
-            )
+        _check(
+            _finite(m.label_smoothing) and 0.0 <= m.label_smoothing < 1.0,
+            "method.label_smoothing",
+            m.label_smoothing,
+            "a number in [0, 1) (0 = off)",
+        )
         _check(m.gc_max_norm > 0, "method.gc_max_norm", m.gc_max_norm, "a number > 0")
         _check(m.agc_clip_factor > 0, "method.agc_clip_factor", m.agc_clip_factor, "a number > 0")
         _check(m.agc_eps > 0, "method.agc_eps", m.agc_eps, "a number > 0")

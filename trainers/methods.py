@@ -7,8 +7,9 @@ The public functions are usable in any PyTorch loop:
 * :func:`adaptive_clip_grad_` -- AGC, unit-wise (Brock et al. 2021, NFNets).
 * :func:`znorm_` -- ZNorm, per-tensor Z-score of the gradient (Yun 2024).
 
-:data:`METHODS` (from :mod:`trainers.specs`) maps each method name of the CLI to the
-pieces it combines.
+:func:`apply_grad_transforms_` is what the training loop calls to apply a method's gradient
+transforms, in order. :func:`method_spec` (from :mod:`trainers.specs`) turns a method's pieces
+into its canonical name; :data:`METHODS` holds the nine presets.
 
 Order inside one training step: forward -> loss (PGT/LS act here) ->
 backward -> AMP unscale -> gradient transform (GC/AGC/ZNorm act here) -> optimiser step.
@@ -16,8 +17,8 @@ backward -> AMP unscale -> gradient transform (GC/AGC/ZNorm act here) -> optimis
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Literal
+from collections.abc import Iterable, Sequence
+from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -271,20 +272,80 @@ def znorm_(parameters: Iterable[Tensor], eps: float = 1e-8) -> None:
         g.copy_((gf - mean) / (std + eps))
 
 
+# ------------------------------------------------------------------- the loop's call
+class GradKnobs(Protocol):
+    """The transforms' knobs (``conf/method``: :class:`trainers.config.MethodConf`)."""
+
+    gc_max_norm: float
+    agc_clip_factor: float
+    agc_eps: float
+    znorm_eps: float
+
+
+@torch.no_grad()
+def apply_grad_transforms_(
+    transforms: Sequence[str],
+    params: list[Tensor],
+    agc_params: list[Tensor],
+    knobs: GradKnobs,
+    norm: Tensor | None = None,
+) -> Tensor | None:
+    """GC / AGC / ZNorm in place, in the order given (the training loop calls this after
+    backward and the AMP unscale); returns the global gradient norm after them, or None when
+    ``transforms`` is empty.
+
+    ``params``: every trained parameter; ``agc_params``: the same without the final
+    classifier (AGC leaves it alone, as NFNets do). ``norm``: the global norm of the
+    gradients as they are now, if the caller has measured it -- GC's clip factor is computed
+    from it (PyTorch's rule, min(1, max_norm / (norm + 1e-6))), and the norm after GC is then
+    known without another pass over every gradient.
+    """
+    if not transforms:
+        return None
+    for kind in transforms:
+        if kind == "gc":
+            if norm is None:
+                norm = global_grad_norm(params)
+            factor = (knobs.gc_max_norm / (norm + 1e-6)).clamp(max=1.0)
+            grads = [p.grad for p in params if p.grad is not None]
+            torch._foreach_mul_(grads, factor.to(grads[0].dtype))
+            norm = norm * factor
+        elif kind == "agc":
+            adaptive_clip_grad_(agc_params, knobs.agc_clip_factor, knobs.agc_eps)
+            norm = None
+        elif kind == "znorm":
+            znorm_(params, knobs.znorm_eps)
+            norm = None
+        else:
+            raise ValueError(f"unknown gradient transform {kind!r}; known: gc, agc, znorm")
+    return norm if norm is not None else global_grad_norm(params)
+
+
 # ------------------------------------------------------------------------ registry
 # What each method name combines lives in the torch-free trainers.specs (configs validate and
 # hash without torch); re-exported here, where the pieces it names are implemented.
-from trainers.specs import METHODS, GradTransform, MethodSpec, known_methods  # noqa: E402
+from trainers.specs import (  # noqa: E402
+    METHODS,
+    GradTransform,
+    MethodSpec,
+    canonical_name,
+    known_methods,
+    method_spec,
+)
 
 __all__ = [
     "METHODS",
+    "GradKnobs",
     "GradTransform",
     "MethodSpec",
     "adaptive_clip_grad_",
+    "apply_grad_transforms_",
+    "canonical_name",
     "clip_grad_norm_",
     "cross_entropy",
     "global_grad_norm",
     "known_methods",
+    "method_spec",
     "pgt_cross_entropy",
     "register_paper_pgt_hook",
     "smoothed_targets",

@@ -26,12 +26,11 @@ from trainers.checkpoint import Checkpoints
 from trainers.config import RunConfig
 from trainers.data import DataBundle, build_data
 from trainers.methods import (
-    adaptive_clip_grad_,
+    apply_grad_transforms_,
     cross_entropy,
     global_grad_norm,
     pgt_cross_entropy,
     register_paper_pgt_hook,
-    znorm_,
 )
 from trainers.models import build_model, classifier_of
 from trainers.probes import FilterLog, FilterNorms, TestMetrics, evaluate
@@ -134,6 +133,7 @@ class Trainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         # AGC excludes the final classifier (NFNets; the official code drops fc weight/bias)
         self.agc_params = [p for p in self.params if id(p) not in fc_params]
+        self.grads = cfg.method.spec.grads  # the gradient transforms, in order
         self.peak_lr = cfg.resolved_lr()
         self.opt = build_optimizer(cfg, model, self.peak_lr)
         self.steps_per_epoch = len(self.data.train)
@@ -170,24 +170,11 @@ class Trainer:
         return cross_entropy(logits, y, ls)
 
     def _transform(self, before: Tensor) -> Tensor | None:
-        """GC / AGC / ZNorm on the (unscaled) gradients; returns the norm after, if changed.
-
-        ``before`` is the global norm already measured for the metrics: GC's clip factor is
-        computed from it (PyTorch's rule: min(1, max_norm / (norm + 1e-6))) and GC's norm
-        after is then known without another pass over every gradient."""
-        m, kind = self.cfg.method, self.cfg.method.spec.grad_transform
-        if kind == "none":
-            return None
-        if kind == "gc":
-            factor = (m.gc_max_norm / (before + 1e-6)).clamp(max=1.0)
-            grads = [p.grad for p in self.params if p.grad is not None]
-            torch._foreach_mul_(grads, factor.to(grads[0].dtype))
-            return before * factor
-        if kind == "agc":
-            adaptive_clip_grad_(self.agc_params, m.agc_clip_factor, m.agc_eps)
-        elif kind == "znorm":
-            znorm_(self.params, m.znorm_eps)
-        return global_grad_norm(self.params)
+        """The method's gradient transforms on the (unscaled) gradients, in order; the norm
+        after, if they changed it. ``before`` is the global norm already measured for the
+        metrics (GC uses it)."""
+        m = self.cfg.method
+        return apply_grad_transforms_(self.grads, self.params, self.agc_params, m, before)
 
     def _train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         if self._graphs:
