@@ -24,10 +24,38 @@ GROUPS = ("model", "method", "data", "schedule", "optimizer", "experiment")
 HYDRA_GROUPS = {"hydra/launcher": ["local", "slurm"], "hydra/sweeper": ["gradsweep", "optuna"]}
 
 
-def group_options(group: str) -> list[str]:
+def group_options(group: str, search: list[Path] | None = None) -> list[str]:
+    """The options of a config group: ours, and those in the ``hydra.searchpath`` dirs."""
     if group in HYDRA_GROUPS:
         return HYDRA_GROUPS[group]
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+    dirs = [CONF_DIR, *(search or [])]
+    return sorted({p.stem for d in dirs for p in (d / group).glob("*.yaml")})
+
+
+def search_dirs(parsed: list[Any]) -> list[Path] | None:
+    """The ``file://`` dirs of a ``hydra.searchpath=[...]`` override (a researcher's own
+    ``conf/``); None when it names another kind (``pkg://``), whose options Hydra checks."""
+    dirs: list[Path] = []
+    for ov in parsed:
+        if ov.key_or_group.lstrip("+") != "hydra.searchpath":
+            continue
+        value = ov.value()
+        for entry in value if isinstance(value, list) else [value]:
+            entry = str(entry)
+            if not entry.startswith("file://"):
+                return None
+            dirs.append(Path(entry.removeprefix("file://")).expanduser())
+    return dirs
+
+
+def hydra_overrides_for_compose(overrides: list[str]) -> list[str]:
+    """What the compose API takes of the command line: everything but Hydra's own settings,
+    except ``hydra.searchpath`` (a researcher's config groups)."""
+    return [
+        a
+        for a in overrides
+        if not a.startswith(("hydra.", "hydra/", "+hydra")) or a.startswith("hydra.searchpath=")
+    ]
 
 
 def to_config(cfg: DictConfig) -> Config:
@@ -118,6 +146,7 @@ def check_group_choices(overrides: list[str]) -> None:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except Exception as e:
         raise ConfigError(hydra_error_line(e)) from None
+    search = search_dirs(parsed)
     for ov in parsed:
         group = ov.key_or_group.lstrip("+~")
         if (group not in GROUPS and group not in HYDRA_GROUPS) or ov.is_delete():
@@ -131,9 +160,11 @@ def check_group_choices(overrides: list[str]) -> None:
             if ov.is_sweep_override()
             else [ov.get_value_element_as_str()]
         )
+        known = group_options(group, search)
         if not values:
-            raise ConfigError(f"empty choice for {group}; known: {', '.join(group_options(group))}")
-        known = group_options(group)
+            raise ConfigError(f"empty choice for {group}; known: {', '.join(known)}")
+        if search is None and group not in HYDRA_GROUPS:
+            continue  # a pkg:// search path: Hydra knows its options
         for v in values:
             if v not in known:
                 raise ConfigError(f"unknown {group} {v!r}; known: {', '.join(known)}")
@@ -178,6 +209,6 @@ def preflight_argv(argv: list[str]) -> Config | None:
     if multirun:
         check_sweeper_settings(overrides)
         return None
-    cfg = compose([a for a in overrides if not a.startswith(("hydra.", "hydra/", "+hydra"))])
+    cfg = compose(hydra_overrides_for_compose(overrides))
     preflight(cfg)
     return cfg

@@ -70,10 +70,12 @@ def prepare_results_dir(results_dir: str) -> Path:
 
 def preflight(cfg: Config) -> None:
     """Every check that needs no training: run before any row is written."""
+    from trainers.custom import check_method
     from trainers.data import check_data
     from trainers.runtime import resolve_device
 
     cfg.validate()
+    check_method(cfg.method.spec)  # imports the custom pieces, binds their knobs
     prepare_results_dir(cfg.results_dir)
     check_data(cfg.data)
     resolve_device(cfg.device)

@@ -112,10 +112,13 @@ class StoreSink:
         mirror: BackgroundMirror | None,
         reporter: TrialReporter | None = None,
         gpus: int = 0,
+        sources: dict[str, str] | None = None,
     ) -> None:
         self.store, self.run, self.run_dir = store, run, run_dir
         self.mirror, self.reporter = mirror, reporter
         self.gpus = gpus  # for the run's GPU-hours
+        # custom method pieces' source fingerprints (trainers.custom), kept with the versions
+        self.sources = sources or {}
 
     def should_stop(self, m: EpochMetrics) -> bool:
         return self.reporter.report(m) if self.reporter is not None else False
@@ -127,7 +130,7 @@ class StoreSink:
                 "host": provenance.host(),
                 "device": device,
                 "precision": precision,
-                "versions": provenance.versions(),
+                "versions": {**provenance.versions(), **self.sources},
                 "git_sha": provenance.git_sha(),
                 "gpus": self.gpus,
                 "run_dir": str(self.run_dir),
@@ -227,7 +230,10 @@ def _train(
     if mirror is not None and not mirror.wait_started():
         log.warning("warning: MLflow has not answered in 120 s; training goes on, mirroring later")
     gpus = trainer.dist.world if trainer.device.type == "cuda" else 0
-    trainer.sink = StoreSink(store, run, trainer.run_dir, mirror, reporter, gpus)
+    from trainers.custom import fingerprints
+
+    sources = fingerprints(cfg.method.spec)
+    trainer.sink = StoreSink(store, run, trainer.run_dir, mirror, reporter, gpus, sources)
     log.info(
         f"run {run.id} ({run.config_hash[:12]}): {cfg.model.name} / {cfg.method.spec.name}"
         + (f" alpha={cfg.alpha:g}" if cfg.uses_pgt() else "")

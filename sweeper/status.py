@@ -143,5 +143,33 @@ def status(argv: list[str], console: Console | None = None) -> None:
                 r.host or "—",
             )
         console.print(rt)
+        for line in source_changes([r for _, r in rows]):
+            console.print(line, markup=False, highlight=False)
     finally:
         store.dispose()
+
+
+def source_changes(runs: list[RunRecord]) -> list[str]:
+    """One line per done run made by another version of a custom piece's source file than
+    the one found now (``runs.versions["source:<target>"]``, trainers.custom)."""
+    from trainers.custom import SOURCE_PREFIX, current_fingerprint
+
+    out: list[str] = []
+    now: dict[str, str | None] = {}
+    for r in runs:
+        if r.status != RunStatus.done:
+            continue
+        for key, then in (r.versions or {}).items():
+            if not key.startswith(SOURCE_PREFIX):
+                continue
+            target = key.removeprefix(SOURCE_PREFIX)
+            if target not in now:
+                now[target] = current_fingerprint(target)
+            if now[target] != then:
+                path = then.rsplit(" sha256:", 1)[0]
+                state = "is gone" if now[target] is None else "has changed since"
+                out.append(
+                    f"note: run {r.id} ({r.method}) was made by another version of {target}: "
+                    f"{path} {state} (a rerun skips it; a new knob, e.g. version: 2, makes a new run)"
+                )
+    return out

@@ -56,7 +56,8 @@ class MethodConf:
 
     name: str = "baseline"
     pgt: bool = False  # PGT on the loss side; alpha is the top-level key
-    grad: Any = "none"  # none | gc | agc | znorm | a list of them, applied in order
+    grad: Any = "none"  # none | gc | agc | znorm | {_target_: ...} | a list of them, in order
+    loss: Any = None  # null (CE, PGT, LS) | {_target_: ...}: fn(logits, targets, alpha, **knobs)
     pgt_impl: str = "identity"  # identity (exact, any loss scale) | paper_hook (Fig. 9 snippet)
     label_smoothing: float = 0.0  # 0 = off; q = (1 - eps) onehot + eps / C
     gc_max_norm: float = 1.0  # gc: global-norm threshold lambda
@@ -66,7 +67,7 @@ class MethodConf:
 
     @property
     def spec(self) -> MethodSpec:
-        return method_spec(self.pgt, self.label_smoothing, self.grad)
+        return method_spec(self.pgt, self.label_smoothing, self.grad, self.loss)
 
     @classmethod
     def preset(cls, name: str, **knobs: Any) -> MethodConf:
@@ -145,7 +146,9 @@ class RunConfig:
         return self.lr
 
     def uses_pgt(self) -> bool:
-        return self.method.spec.pgt
+        """Whether alpha reaches the loss: PGT, or a custom loss (it receives alpha)."""
+        spec = self.method.spec
+        return spec.pgt or spec.loss is not None
 
     def effective_alpha(self) -> float | None:
         """alpha when the method contains PGT, else None (alpha has no effect there)."""
@@ -164,7 +167,6 @@ class RunConfig:
         not SGD (SGD runs keep the hashes they had before there was a choice); AdamW has no
         momentum or nesterov.
         """
-        spec = self.method.spec
         data = asdict(self.data)
         for k in ("num_workers", "download"):
             data.pop(k, None)
@@ -175,7 +177,7 @@ class RunConfig:
             data["root"] = os.path.abspath(os.path.expanduser(data["root"]))
         ident: dict[str, Any] = {
             "model": self.model.name,
-            "method": {"name": spec.name, **{k: getattr(self.method, k) for k in spec.knobs()}},
+            "method": _method_identity(self.method),
             "data": data,
             "schedule": {
                 **asdict(self.schedule),
@@ -303,6 +305,18 @@ class RunConfig:
             list(s.milestones),
             "increasing positive epochs",
         )
+
+
+def _method_identity(m: MethodConf) -> dict[str, Any]:
+    """The canonical name and the knobs its pieces use; a custom piece adds its dotted name
+    and knobs (built-in-only methods keep the identity they always had)."""
+    spec = m.spec
+    ident: dict[str, Any] = {"name": spec.name, **{k: getattr(m, k) for k in spec.knobs()}}
+    if any(not isinstance(g, str) for g in spec.grads):
+        ident["grad"] = [g if isinstance(g, str) else g.identity() for g in spec.grads]
+    if spec.loss is not None:
+        ident["loss"] = spec.loss.identity()
+    return ident
 
 
 def _finite(x: float) -> bool:

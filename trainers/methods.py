@@ -17,7 +17,7 @@ backward -> AMP unscale -> gradient transform (GC/AGC/ZNorm act here) -> optimis
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Literal, Protocol
 
 import torch
@@ -284,7 +284,7 @@ class GradKnobs(Protocol):
 
 @torch.no_grad()
 def apply_grad_transforms_(
-    transforms: Sequence[str],
+    transforms: Sequence[str | Callable[[list[Tensor]], object]],
     params: list[Tensor],
     agc_params: list[Tensor],
     knobs: GradKnobs,
@@ -294,7 +294,9 @@ def apply_grad_transforms_(
     backward and the AMP unscale); returns the global gradient norm after them, or None when
     ``transforms`` is empty.
 
-    ``params``: every trained parameter; ``agc_params``: the same without the final
+    A transform is a built-in name or a callable applied as ``fn(params)`` (a researcher's
+    own, :mod:`trainers.custom`, bound to its knobs). ``params``: every trained parameter;
+    ``agc_params``: the same without the final
     classifier (AGC leaves it alone, as NFNets do). ``norm``: the global norm of the
     gradients as they are now, if the caller has measured it -- GC's clip factor is computed
     from it (PyTorch's rule, min(1, max_norm / (norm + 1e-6))), and the norm after GC is then
@@ -315,6 +317,9 @@ def apply_grad_transforms_(
             norm = None
         elif kind == "znorm":
             znorm_(params, knobs.znorm_eps)
+            norm = None
+        elif callable(kind):  # a custom transform, bound to its knobs: fn(params)
+            kind(params)
             norm = None
         else:
             raise ValueError(f"unknown gradient transform {kind!r}; known: gc, agc, znorm")

@@ -24,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from trainers import distributed
 from trainers.checkpoint import Checkpoints
 from trainers.config import RunConfig
+from trainers.custom import bound_grads, bound_loss
 from trainers.data import DataBundle, build_data
 from trainers.methods import (
     apply_grad_transforms_,
@@ -133,7 +134,10 @@ class Trainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         # AGC excludes the final classifier (NFNets; the official code drops fc weight/bias)
         self.agc_params = [p for p in self.params if id(p) not in fc_params]
-        self.grads = cfg.method.spec.grads  # the gradient transforms, in order
+        # the gradient transforms in order (custom ones bound to their knobs), a custom loss
+        self.grads = bound_grads(cfg.method.spec)
+        self.custom_loss = bound_loss(cfg.method.spec)
+        self._custom_grads = any(callable(g) for g in self.grads)
         self.peak_lr = cfg.resolved_lr()
         self.opt = build_optimizer(cfg, model, self.peak_lr)
         self.steps_per_epoch = len(self.data.train)
@@ -160,6 +164,8 @@ class Trainer:
     # ------------------------------------------------------------------ one step
     def _loss(self, logits: Tensor, y: Tensor) -> Tensor:
         cfg, spec = self.cfg, self.cfg.method.spec
+        if self.custom_loss is not None:
+            return self.custom_loss(logits, y, cfg.alpha)
         ls = cfg.effective_label_smoothing()
         if spec.pgt and cfg.method.pgt_impl == "paper_hook":
             onehot = torch.nn.functional.one_hot(y, logits.shape[1]).to(logits.dtype)
@@ -329,6 +335,8 @@ class Trainer:
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             loss, c, b, a = self._train_step(x, y)
+            if self._custom_grads:  # a custom transform that breaks the gradients diverges now
+                loss = torch.where(torch.isfinite(a), loss, torch.nan)
             buf[i % k] = loss
             loss_sum += loss
             correct += c

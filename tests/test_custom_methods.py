@@ -1,0 +1,182 @@
+"""A researcher's own method from their own module: ``_target_`` pieces, a search path."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import compose, run_cli, sql, train
+
+from sweeper.identity import identity_of
+from trainers.custom import bound_grads, check_method
+from trainers.methods import apply_grad_transforms_, pgt_cross_entropy
+
+GRADS = '''
+"""Gradient centralization (Yong et al., ECCV 2020) and a transform that breaks."""
+import torch
+
+calls = 0
+
+
+@torch.no_grad()
+def centralize_(params, strength: float = 1.0):
+    """Subtract from each conv/linear weight gradient its mean over all but the output dim."""
+    for p in params:
+        if p.grad is not None and p.grad.ndim > 1:
+            p.grad.sub_(strength * p.grad.mean(dim=tuple(range(1, p.grad.ndim)), keepdim=True))
+
+
+@torch.no_grad()
+def explode_(params, at_step: int = 3):
+    """Makes every gradient infinite at its at_step-th call (0-based)."""
+    global calls
+    if calls == at_step:
+        for p in params:
+            p.grad.fill_(float("inf"))
+    calls += 1
+
+
+def scaled_ce(logits, targets, alpha, scale: float = 1.0):
+    return scale * torch.nn.functional.cross_entropy(alpha * logits, targets)
+
+
+not_a_function = 3
+
+
+def wrong_signature(params, *, other):
+    pass
+'''
+
+CENTRALIZE = """
+name: centralize
+grad:
+  _target_: mylab.grads.centralize_   # called in place after backward: fn(params, **knobs)
+  strength: 1.0
+"""
+
+
+@pytest.fixture
+def lab(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A user's project: mylab/grads.py and mylab/conf/method/centralize.yaml, as the cwd."""
+    (tmp_path / "mylab" / "conf" / "method").mkdir(parents=True)
+    (tmp_path / "mylab" / "__init__.py").write_text("")
+    (tmp_path / "mylab" / "grads.py").write_text(textwrap.dedent(GRADS))
+    (tmp_path / "mylab" / "conf" / "method" / "centralize.yaml").write_text(CENTRALIZE)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in [m for m in sys.modules if m == "mylab" or m.startswith("mylab.")]:
+        monkeypatch.delitem(sys.modules, name)
+    return tmp_path
+
+
+SEARCH = "hydra.searchpath=[file://mylab/conf]"
+
+
+def test_custom_piece_identity_name_and_gradient(lab: Path) -> None:
+    cfg = compose("method=centralize", SEARCH, "method.pgt=true")
+    spec = cfg.method.spec
+    assert spec.name == "centralize_pgt" and cfg.effective_alpha() == 0.25
+    ident, h = identity_of(cfg)
+    assert ident["method"] == {
+        "name": "centralize_pgt",
+        "pgt_impl": "identity",
+        "grad": [{"_target_": "mylab.grads.centralize_", "strength": 1.0}],
+    }
+    assert identity_of(compose("method=centralize", SEARCH, "method.pgt=true",
+                               "method.grad.strength=0.5"))[1] != h  # fmt: skip
+    # spelled inline, without the preset file: the same run
+    inline = compose("method.grad={_target_: mylab.grads.centralize_, strength: 1.0}",
+                     "method.pgt=true")  # fmt: skip
+    assert identity_of(inline)[1] == h
+    # with a built-in transform after it, in order
+    both = compose("method.grad=[{_target_: mylab.grads.centralize_},znorm]", "method.pgt=true")
+    assert both.method.spec.name == "centralize_znorm_pgt"
+    check_method(spec)
+    # the loop's function applies it after PGT's backward: centralised PGT gradients
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.ReLU(), torch.nn.Linear(4, 3))
+    net = net.double()
+    x, y = torch.randn(8, 5, dtype=torch.float64), torch.randint(0, 3, (8,))
+    pgt_cross_entropy(net(x), y, 0.25).backward()
+    raw = [p.grad.numpy().copy() for p in net.parameters()]
+    params = list(net.parameters())
+    apply_grad_transforms_(bound_grads(spec), params, params[:2], cfg.method)
+    for p, g in zip(params, raw, strict=True):
+        want = g - g.mean(axis=tuple(range(1, g.ndim)), keepdims=True) if g.ndim > 1 else g
+        np.testing.assert_allclose(p.grad.numpy(), want, rtol=1e-12, atol=1e-15)
+        if g.ndim > 1:
+            assert np.abs(p.grad.numpy().mean(axis=1)).max() < 1e-15
+
+
+def test_custom_loss_and_custom_transform_in_training(lab: Path) -> None:
+    res = lab / "res"
+    out = train("method.loss={_target_: mylab.grads.scaled_ce, scale: 2.0}", "epochs=1",
+                "alpha=0.5", f"results_dir={res}", "mlflow.enabled=false")  # fmt: skip
+    assert out.status == "done"
+    ((method, alpha, versions),) = sql(
+        res / "results.db", "SELECT method, alpha, versions FROM runs"
+    )
+    assert method == "scaled_ce" and alpha == 0.5  # a custom loss receives alpha
+    assert "source:mylab.grads.scaled_ce" in versions and "grads.py sha256:" in versions
+
+
+def test_a_custom_transform_that_breaks_the_gradients_diverges_at_that_step(lab: Path) -> None:
+    res = lab / "res"
+    out = train("method.grad={_target_: mylab.grads.explode_, at_step: 7}", "epochs=1",
+                "check_every=50", f"results_dir={res}", "mlflow.enabled=false")  # fmt: skip
+    assert out.status == "diverged"
+    assert sql(res / "results.db", "SELECT status, diverged_step FROM runs") == [("diverged", 7)]
+
+
+def test_worked_example_through_the_cli(lab: Path) -> None:
+    """The README's example, smaller: pgt, centralize and agc_pgt x 2 seeds, 2 epochs, with
+    the user's search path; the runs in the store, in the report, and status noticing an
+    edited source file."""
+    args = ["-m", "method=pgt,centralize,agc_pgt", "seed=0,1", "epochs=2", SEARCH,
+            "mlflow.enabled=false", "hydra.launcher.max_parallel=2"]  # fmt: skip
+    res = run_cli(*args, cwd=lab, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = sql(lab / "results" / "results.db", "SELECT method, status, versions FROM runs")
+    assert sorted(m for m, _, _ in rows) == ["agc_pgt"] * 2 + ["centralize"] * 2 + ["pgt"] * 2
+    assert all(s == "done" for _, s, _ in rows)
+    assert all(("source:mylab.grads.centralize_" in v) == (m == "centralize") for m, _, v in rows)
+    rep = run_cli("--formats", "md,csv", module="analysis", cwd=lab)
+    assert rep.returncode == 0, rep.stderr[-2000:]
+    table2 = (lab / "results" / "report" / "table2_batch_size.csv").read_text().splitlines()
+    rows = [ln.split(",") for ln in table2[1:]]  # long format: a row per method and metric
+    assert list(dict.fromkeys(r[5] for r in rows)) == ["baseline", "agc_pgt", "centralize", "pgt"]
+    (n,) = {r[10] for r in rows if r[5] == "centralize" and r[7] == "test_acc"}
+    assert n == "2"  # its two seeds
+    again = run_cli(*args, cwd=lab, timeout=300)
+    assert "6 points, 0 to run, 6 already finished" in again.stdout
+    assert "another version" not in run_cli("status", cwd=lab).stdout
+    with (lab / "mylab" / "grads.py").open("a") as f:
+        f.write("# tuned\n")
+    st = run_cli("status", cwd=lab).stdout.replace("\n", " ")
+    assert st.count("was made by another version of mylab.grads.centralize_") == 2
+
+
+BAD = [
+    ("method.grad={_target_: mylab.nothere.f}", "cannot import mylab.nothere"),
+    ("method.grad={_target_: mylab.grads.nope}", "mylab.grads has no 'nope'"),
+    ("method.grad={_target_: mylab.grads.not_a_function}", "is not a function (its type is int)"),
+    ("method.grad={_target_: mylab.grads.wrong_signature}", "cannot be called as fn(params)"),
+    ("method.grad={_target_: mylab.grads.centralize_, power: 2}", "unexpected keyword"),
+    ("method.grad={_target_: mylab.grads.centralize_, strength: abc}", "expected a number"),
+    ("method.loss={_target_: mylab.grads.centralize_}", "fn(logits, targets, alpha)"),
+    ("method.grad={_target_: centralize}", "expected a dotted name"),
+    ("method=centralise", "known: agc, agc_pgt, baseline, centralize"),
+]
+
+
+@pytest.mark.parametrize(("arg", "named"), BAD, ids=[b[0] for b in BAD])
+def test_bad_custom_pieces_one_line_exit_2_no_store(lab: Path, arg: str, named: str) -> None:
+    res = run_cli(arg, SEARCH, cwd=lab)
+    assert res.returncode == 2, res.stderr[-2000:]
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and named in lines[0], lines
+    assert not (lab / "results").exists()
