@@ -41,10 +41,10 @@ def resolved_config(cfg: Config, identity: dict[str, Any]) -> dict[str, Any]:
 def grid_columns(cfg: RunConfig) -> dict[str, Any]:
     """The grid keys the ``runs`` table has as columns (to GROUP BY in SQL)."""
     return {
-        "model": cfg.model.name,
+        "model": cfg.model.effective_name,
         "method": cfg.method.spec.name,
         "alpha": cfg.effective_alpha(),
-        "data": cfg.data.name,
+        "data": cfg.data.effective_name,
         "batch_size": cfg.batch_size,
         "epochs": cfg.epochs,
         "lr": cfg.resolved_lr(),
@@ -78,6 +78,10 @@ def preflight(cfg: Config) -> None:
     check_method(cfg.method.spec)  # imports the custom pieces, binds their knobs
     prepare_results_dir(cfg.results_dir)
     check_data(cfg.data)
+    if cfg.model._target_:  # imports and its arguments (the fc contract: when built)
+        from trainers.custom import check_model
+
+        check_model(cfg.model._target_, cfg.model.args)
     resolve_device(cfg.device)
 
 

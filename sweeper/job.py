@@ -209,9 +209,9 @@ def _start_mirror(
     )  # fmt: skip
     mirror.start(
         run.mlflow_run_id,
-        run_name(cfg.model.name, cfg.method.spec.name, cfg.effective_alpha(), cfg.seed),
+        run_name(cfg.model.effective_name, cfg.method.spec.name, cfg.effective_alpha(), cfg.seed),
         {**ident, "results_run_id": run.id},
-        {"config_hash": run.config_hash, "method": cfg.method.spec.name, "model": cfg.model.name,
+        {"config_hash": run.config_hash, "method": cfg.method.spec.name, "model": cfg.model.effective_name,
          **tags},
     )  # fmt: skip
     return mirror
@@ -235,9 +235,9 @@ def _train(
     sources = fingerprints(cfg.method.spec)
     trainer.sink = StoreSink(store, run, trainer.run_dir, mirror, reporter, gpus, sources)
     log.info(
-        f"run {run.id} ({run.config_hash[:12]}): {cfg.model.name} / {cfg.method.spec.name}"
+        f"run {run.id} ({run.config_hash[:12]}): {cfg.model.effective_name} / {cfg.method.spec.name}"
         + (f" alpha={cfg.alpha:g}" if cfg.uses_pgt() else "")
-        + f" / {cfg.data.name} / batch {cfg.batch_size} / lr {cfg.resolved_lr():.4g}"
+        + f" / {cfg.data.effective_name} / batch {cfg.batch_size} / lr {cfg.resolved_lr():.4g}"
         + f" / {cfg.epochs} epochs / seed {cfg.seed}"
     )
     try:

@@ -163,7 +163,7 @@ def test_worked_example_through_the_cli(lab: Path) -> None:
 BAD = [
     ("method.grad={_target_: mylab.nothere.f}", "cannot import mylab.nothere"),
     ("method.grad={_target_: mylab.grads.nope}", "mylab.grads has no 'nope'"),
-    ("method.grad={_target_: mylab.grads.not_a_function}", "is not a function (its type is int)"),
+    ("method.grad={_target_: mylab.grads.not_a_function}", "is not callable (its type is int)"),
     ("method.grad={_target_: mylab.grads.wrong_signature}", "cannot be called as fn(params)"),
     ("method.grad={_target_: mylab.grads.centralize_, power: 2}", "unexpected keyword"),
     ("method.grad={_target_: mylab.grads.centralize_, strength: abc}", "expected a number"),
@@ -180,3 +180,106 @@ def test_bad_custom_pieces_one_line_exit_2_no_store(lab: Path, arg: str, named: 
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and named in lines[0], lines
     assert not (lab / "results").exists()
+
+
+# ------------------------------------------------------- your own model and data set
+NETS = '''
+import torch
+from torch import nn
+
+
+class TinyNet(nn.Module):
+    def __init__(self, num_classes: int, in_channels: int, width: int = 8):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, width, 3, padding=1)
+        self.fc = nn.Linear(width * 4, num_classes)
+
+    def forward(self, x):
+        h = nn.functional.adaptive_avg_pool2d(torch.relu(self.conv(x)), (4, 1))
+        return self.fc(h.flatten(1))
+
+
+def no_fc(num_classes: int):
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, num_classes))
+
+
+def rgb_only(num_classes: int):
+    net = TinyNet(num_classes, 3)
+    return net
+
+
+def bars(n_train: int = 256, n_test: int = 64, seed: int = 0):
+    """Class k: a bright horizontal bar in row 2k of an 8x8 image, plus noise."""
+    g = torch.Generator().manual_seed(seed)
+
+    def make(n):
+        y = torch.randint(0, 4, (n,), generator=g)
+        x = torch.randint(0, 60, (n, 1, 8, 8), generator=g)
+        for i in range(n):
+            x[i, 0, 2 * y[i]] += 190
+        return x.to(torch.uint8), y
+
+    return (*make(n_train), *make(n_test))
+
+
+def floats():
+    x = torch.rand(8, 1, 8, 8)
+    y = torch.zeros(8, dtype=torch.long)
+    return x, y, x, y
+'''
+
+
+@pytest.fixture
+def nets(lab: Path) -> Path:
+    (lab / "mylab" / "nets.py").write_text(textwrap.dedent(NETS))
+    return lab
+
+
+def test_your_own_model_and_data_set(nets: Path) -> None:
+    res = nets / "res"
+    args = ["model._target_=mylab.nets.TinyNet", "model.args={width: 16}",
+            "data._target_=mylab.nets.bars", "data.args={n_train: 256}", "epochs=6", "lr=0.8",
+            "batch_size=32", f"results_dir={res}", "mlflow.enabled=false"]  # fmt: skip
+    cfg = compose(*args)
+    ident, h = identity_of(cfg)
+    assert ident["model"] == {"_target_": "mylab.nets.TinyNet", "width": 16}
+    assert ident["data"] == {"_target_": "mylab.nets.bars", "n_train": 256}
+    assert identity_of(compose(*args[:1], "model.args={width: 8}", *args[2:]))[1] != h
+    out = train(*args)
+    assert out.status == "done"
+    ((model, data, acc),) = sql(res / "results.db", "SELECT model, data, test_acc FROM runs")
+    assert (model, data) == ("TinyNet", "bars") and acc > 90.0, acc
+    # the built-in models and data keep their identity (no _target_ keys in it)
+    assert identity_of(compose())[0]["model"] == "digits_cnn"
+    assert "_target_" not in identity_of(compose())[0]["data"]
+
+
+def test_a_torchvision_constructor_as_the_model(nets: Path) -> None:
+    res = nets / "res"
+    out = train("model._target_=torchvision.models.resnet18", "data=synthetic",
+                "data.num_train=64", "data.num_test=32", "batch_size=32", "epochs=1",
+                f"results_dir={res}", "mlflow.enabled=false")  # fmt: skip
+    assert out.status == "done"
+    assert sql(res / "results.db", "SELECT model, status FROM runs") == [("resnet18", "done")]
+
+
+BAD_MODELS = [
+    (["model._target_=mylab.nets.no_fc"], "has no nn.Linear attribute 'fc'"),
+    (
+        ["model._target_=mylab.nets.rgb_only"],
+        "cannot take a batch of the data's shape (2, 1, 8, 8)",
+    ),
+    (["model._target_=mylab.nets.TinyNet", "model.args={depth: 3}"], "unexpected keyword"),
+    (["model._target_=mylab.nope.Net"], "cannot import mylab.nope"),
+    (["data._target_=mylab.nets.floats"], "expected uint8 N x C x H x W"),
+    (["data._target_=mylab.nets.bars", "data.args={colour: red}"], "unexpected keyword"),
+]
+
+
+@pytest.mark.parametrize(("args", "named"), BAD_MODELS, ids=[" ".join(a) for a, _ in BAD_MODELS])
+def test_bad_models_and_data_one_line_exit_2_no_store(nets: Path, args: list, named: str) -> None:
+    res = run_cli(*args, "mlflow.enabled=false", cwd=nets)
+    assert res.returncode == 2, res.stderr[-2000:]
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and named in lines[0], lines
+    assert sql(nets / "results" / "results.db", "SELECT count(*) FROM runs") in ([], [(0,)])

@@ -40,11 +40,34 @@ class DataConfig:
     num_test: int = 256  # synthetic only
     data_seed: int = 0  # synthetic generation + digits split; NOT the run seed
     num_workers: int = 2  # imagenet DataLoader workers
+    # your own data: a callable returning (x_train, y_train, x_test, y_test), images uint8
+    # N x C x H x W, labels int 0..C-1; kept on the device like digits and CIFAR
+    _target_: str | None = None
+    args: Any = None  # keyword arguments for _target_, e.g. data.args={n_train: 256}
+
+    @property
+    def effective_name(self) -> str:
+        """``name``, or for a ``_target_`` the callable's name (what runs.data records)."""
+        return self._target_.rsplit(".", 1)[-1] if self._target_ else self.name
 
 
 @dataclass
 class ModelConf:
     name: str = "digits_cnn"
+    # your own model: any callable taking num_classes (and in_channels, if it names it)
+    # returning an nn.Module whose final classifier is an nn.Linear named ``fc``
+    _target_: str | None = None
+    args: Any = None  # keyword arguments for _target_, e.g. model.args={width: 16}
+
+    @property
+    def effective_name(self) -> str:
+        """``name``, or for a ``_target_`` the callable's name (what runs.model records)."""
+        return self._target_.rsplit(".", 1)[-1] if self._target_ else self.name
+
+    def identity(self) -> Any:
+        if not self._target_:
+            return self.name  # the identity registered models always had
+        return {"_target_": self._target_, **(self.args or {})}
 
 
 @dataclass
@@ -170,13 +193,16 @@ class RunConfig:
         data = asdict(self.data)
         for k in ("num_workers", "download"):
             data.pop(k, None)
+        target, args = data.pop("_target_", None), data.pop("args", None)
+        if target:  # a data callable: its dotted name and arguments, nothing else applies
+            data = {"_target_": target, **(args or {})}
         # The dataset's location is part of its identity: two roots may hold different data
         # (a grid over data.root must not collapse into one run). Moving a dataset therefore
         # starts new runs; record the absolute path so relative spellings agree.
         if data.get("root"):
             data["root"] = os.path.abspath(os.path.expanduser(data["root"]))
         ident: dict[str, Any] = {
-            "model": self.model.name,
+            "model": self.model.identity(),
             "method": _method_identity(self.method),
             "data": data,
             "schedule": {
@@ -209,11 +235,13 @@ class RunConfig:
         from trainers.data import known_datasets  # the registries import torch
         from trainers.models import known_models
 
-        if self.model.name not in known_models():
+        if not self.model._target_ and self.model.name not in known_models():
             raise ConfigError(
                 f"unknown model {self.model.name!r}; known: {', '.join(known_models())}"
             )
-        if self.data.name not in known_datasets():
+        for key, args in (("model.args", self.model.args), ("data.args", self.data.args)):
+            _check(args is None or isinstance(args, dict), key, args, "a mapping, e.g. {width: 16}")
+        if not self.data._target_ and self.data.name not in known_datasets():
             raise ConfigError(
                 f"unknown data {self.data.name!r}; known: {', '.join(known_datasets())}"
             )

@@ -39,20 +39,27 @@ def _key(spec: MethodSpec, piece: CustomPiece) -> str:
 
 def resolve(piece: CustomPiece, key: str) -> Callable[..., Any]:
     """The callable a piece names (ConfigError, one line, when it cannot be had)."""
-    module_name, _, attr = piece.target.rpartition(".")
+    return resolve_target(piece.target, key)
+
+
+def resolve_target(target: str, key: str) -> Callable[..., Any]:
+    """The callable a dotted name names: ``key._target_=...`` in the one-line errors."""
+    module_name, _, attr = target.rpartition(".")
+    if not module_name:
+        raise ConfigError(f"{key}._target_={target} is not allowed; expected module.function")
     try:
         module = importlib.import_module(module_name)
     except Exception as e:  # anything the user's module raises on import
         raise ConfigError(
-            f"{key}._target_={piece.target}: cannot import {module_name} ({first_line(e)}); "
+            f"{key}._target_={target}: cannot import {module_name} ({first_line(e)}); "
             "it must be importable from the current directory or PYTHONPATH"
         ) from None
     fn = getattr(module, attr, None)
     if fn is None:
-        raise ConfigError(f"{key}._target_={piece.target}: {module_name} has no {attr!r}")
+        raise ConfigError(f"{key}._target_={target}: {module_name} has no {attr!r}")
     if not callable(fn):
         raise ConfigError(
-            f"{key}._target_={piece.target} is not a function (its type is {type(fn).__name__})"
+            f"{key}._target_={target} is not callable (its type is {type(fn).__name__})"
         )
     return fn
 
@@ -91,6 +98,29 @@ def _check_call(fn: Callable[..., Any], piece: CustomPiece, key: str, args: tupl
             + (f" with {knobs}" if knobs else "")
             + f": {e}"
         ) from None
+
+
+def check_call(fn: Callable[..., Any], key: str, target: str, **kwargs: Any) -> None:
+    """``fn(**kwargs)`` must bind (a model's or data set's callable and its arguments)."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return
+    try:
+        sig.bind(**kwargs)
+    except TypeError as e:
+        call = ", ".join(f"{k}=..." for k in kwargs)
+        raise ConfigError(
+            f"{key}._target_={target}{sig} cannot be called as fn({call}): {e}"
+        ) from None
+
+
+def accepts(fn: Callable[..., Any], name: str) -> bool:
+    """Whether ``fn`` names the parameter ``name`` (not through ``**kwargs``)."""
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def check_method(spec: MethodSpec) -> None:
@@ -152,3 +182,13 @@ def current_fingerprint(target: str) -> str | None:
     path = found.origin if found is not None else None
     digest = _sha256(path) if path else None
     return f"{path} sha256:{digest}" if path and digest else None
+
+
+def check_model(target: str, args: dict[str, Any] | None) -> None:
+    """Pre-flight of ``model._target_``: it imports and takes ``num_classes`` (and
+    ``in_channels`` when it names it) with its arguments."""
+    fn = resolve_target(target, "model")
+    kwargs: dict[str, Any] = {"num_classes": 1, **(args or {})}
+    if accepts(fn, "in_channels"):
+        kwargs["in_channels"] = 1
+    check_call(fn, "model", target, **kwargs)

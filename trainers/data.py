@@ -176,7 +176,7 @@ def _bundle(
     seed: int,
     device: torch.device,
 ) -> DataBundle:
-    _check_batch_size(cfg.name, batch_size, len(arrays[1]))
+    _check_batch_size(cfg.effective_name, batch_size, len(arrays[1]))
     xtr, ytr, xte, yte = (t.to(device) for t in arrays)  # whole set resident on the device
     train = TensorLoader(xtr, ytr, *stats, batch_size, seed, True, pad)
     test = TensorLoader(xte, yte, *stats, batch_size, seed, False, None)
@@ -482,15 +482,52 @@ def known_datasets() -> list[str]:
 
 
 def check_data(cfg: DataConfig) -> None:
-    """Cheap pre-flight: raises ConfigError naming the path when the data cannot be found."""
+    """Cheap pre-flight: raises ConfigError naming the path when the data cannot be found
+    (for a ``_target_``: that it imports and accepts its arguments)."""
+    if cfg._target_:
+        from trainers.custom import check_call, resolve_target
+
+        check_call(resolve_target(cfg._target_, "data"), "data", cfg._target_, **(cfg.args or {}))
+        return
     DATASETS.get(cfg.name).check(cfg)
+
+
+def _build_custom(cfg: DataConfig, batch_size: int, seed: int, device: torch.device) -> DataBundle:
+    """``data._target_``: a callable returning (x_train, y_train, x_test, y_test), images
+    uint8 N x C x H x W and integer labels 0..C-1; resident on the device like digits and
+    CIFAR, normalised with the training set's channel statistics, not augmented."""
+    from trainers.custom import resolve_target
+
+    key = f"data._target_={cfg._target_}"
+    out = resolve_target(cfg._target_ or "", "data")(**(cfg.args or {}))
+    if not isinstance(out, (tuple, list)) or len(out) != 4:
+        raise ConfigError(f"{key} must return (x_train, y_train, x_test, y_test)")
+    xtr, ytr, xte, yte = (torch.as_tensor(t) for t in out)
+    for name, x in (("x_train", xtr), ("x_test", xte)):
+        if x.dtype != torch.uint8 or x.ndim != 4:
+            raise ConfigError(
+                f"{key}: {name} is {x.dtype} of shape {tuple(x.shape)}; expected uint8 N x C x H x W"
+            )
+    if xtr.shape[1:] != xte.shape[1:]:
+        raise ConfigError(
+            f"{key}: train images {tuple(xtr.shape[1:])} != test {tuple(xte.shape[1:])}"
+        )
+    for name, y, x in (("y_train", ytr, xtr), ("y_test", yte, xte)):
+        if y.ndim != 1 or len(y) != len(x) or y.dtype.is_floating_point or (len(y) and y.min() < 0):
+            raise ConfigError(f"{key}: {name} must be {len(x)} integer labels >= 0")
+    ytr, yte = ytr.long(), yte.long()
+    num_classes = int(max(ytr.max(), yte.max())) + 1
+    stats = _channel_stats(xtr)
+    return _bundle(cfg, (xtr, ytr, xte, yte), stats, num_classes, None, batch_size, seed, device)
 
 
 def build_data(
     cfg: DataConfig, batch_size: int, seed: int, device: torch.device | str = "cpu"
 ) -> DataBundle:
-    spec = DATASETS.get(cfg.name)
     if batch_size <= 0:
         raise ConfigError(f"batch_size={batch_size} must be a positive integer")
+    if cfg._target_:
+        return _build_custom(cfg, batch_size, seed, torch.device(device))
+    spec = DATASETS.get(cfg.name)
     spec.check(cfg)
     return spec.build(cfg, batch_size, seed, torch.device(device))

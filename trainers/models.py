@@ -25,11 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainers.config import ModelConf
 from trainers.registry import ConfigError, Registry
 
 __all__ = [
     "MODELS",
     "build_model",
+    "build_model_from",
     "classifier_of",
     "count_parameters",
     "known_models",
@@ -187,6 +189,36 @@ def build_model(name: str, num_classes: int, in_channels: int = 3) -> nn.Module:
         raise ConfigError(f"in_channels must be >= 1, got {in_channels}")
     model = factory(num_classes=num_classes, in_channels=in_channels)
     classifier_of(model)  # enforce the fc contract at build time, not mid-run
+    return model
+
+
+def build_model_from(conf: ModelConf, num_classes: int, in_channels: int = 3) -> nn.Module:
+    """The run's model: a registered one (``conf.name``) or ``conf._target_`` called as
+    ``fn(num_classes=..., [in_channels=...,] **conf.args)`` (in_channels only when the
+    callable names it, so a torchvision constructor works for 3-channel data). The
+    classifier contract -- a final ``nn.Linear`` named ``fc`` -- is checked here, at build
+    time, before any row is written."""
+    if not conf._target_:
+        return build_model(conf.name, num_classes, in_channels)
+    from trainers.custom import accepts, check_call, resolve_target
+
+    fn = resolve_target(conf._target_, "model")
+    kwargs: dict[str, object] = {"num_classes": num_classes, **(conf.args or {})}
+    if accepts(fn, "in_channels"):
+        kwargs["in_channels"] = in_channels
+    check_call(fn, "model", conf._target_, **kwargs)
+    model = fn(**kwargs)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(
+            f"model._target_={conf._target_} returned a {type(model).__name__}, not an nn.Module"
+        )
+    try:
+        classifier_of(model)
+    except TypeError as e:
+        raise ConfigError(
+            f"model._target_={conf._target_}: {e} (the final classifier, which AGC leaves "
+            "alone and whose input the feature norms measure)"
+        ) from None
     return model
 
 

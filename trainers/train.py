@@ -33,7 +33,7 @@ from trainers.methods import (
     pgt_cross_entropy,
     register_paper_pgt_hook,
 )
-from trainers.models import build_model, classifier_of
+from trainers.models import build_model_from, classifier_of
 from trainers.probes import FilterLog, FilterNorms, TestMetrics, evaluate
 from trainers.records import (
     ZERO_NORM,
@@ -43,7 +43,7 @@ from trainers.records import (
     Sink,
     TrainResult,
 )
-from trainers.registry import ConfigError
+from trainers.registry import ConfigError, first_line
 from trainers.runtime import (
     autocast,
     build_optimizer,
@@ -121,7 +121,9 @@ class Trainer:
         self.data: DataBundle = build_data(cfg.data, cfg.batch_size, cfg.seed, self.device)
         if info.enabled:
             self.data.train.shard(*distributed.shard_bounds(cfg.batch_size, info))
-        model = build_model(cfg.model.name, self.data.num_classes, self.data.in_channels)
+        model = build_model_from(cfg.model, self.data.num_classes, self.data.in_channels)
+        if cfg.model._target_:
+            _dry_run(model, cfg.model._target_, self.data)
         if info.enabled and self.device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.channels_last = cfg.channels_last and self.device.type == "cuda"
@@ -365,6 +367,30 @@ class Trainer:
             grad_norm_before=gn_b.item() / steps,
             grad_norm_after=gn_a.item() / steps,
             train_time=train_time,
+        )
+
+
+def _dry_run(model: nn.Module, target: str, data: DataBundle) -> None:
+    """A researcher's model meets the data before any row is written: one forward of two
+    zero images of the data's shape (eval mode, no grad: no state changes), which must give
+    (2, num_classes) logits."""
+    shape = (2, data.in_channels, data.image_size, data.image_size)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(shape))
+    except Exception as e:
+        raise ConfigError(
+            f"model._target_={target} cannot take a batch of the data's shape {shape}: "
+            f"{first_line(e)}"
+        ) from None
+    finally:
+        model.train(was_training)
+    if not isinstance(out, Tensor) or tuple(out.shape) != (2, data.num_classes):
+        got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ConfigError(
+            f"model._target_={target} returns {got} for {shape}; expected (2, {data.num_classes})"
         )
 
 
