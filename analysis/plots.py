@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import matplotlib
 
@@ -146,6 +146,15 @@ def _save(fig: plt.Figure, path: Path) -> Path:
     return path
 
 
+def _label_axes(ax: plt.Axes, xlabel: str, ylabel: str, legend: int | None = 8) -> None:
+    """Axis labels, a light grid and (font size ``legend``) the legend."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if legend is not None:
+        ax.legend(fontsize=legend)
+
+
 def _run_label(r: RunRecord) -> str:
     a = f" α={_fmt(r.alpha)}" if r.alpha is not None else ""
     return f"{r.method}{a} seed {r.seed}"
@@ -219,12 +228,9 @@ def _alpha_figure(s: AlphaSeries, out_dir: Path) -> Figure:
     i = s.alphas.index(s.best_alpha)
     ax.plot([s.best_alpha], [s.test_mean[i]], marker="*", ms=16, color="C3", ls="none",
             label=f"best α = {_fmt(s.best_alpha)}")  # fmt: skip
-    ax.set_xlabel("PGT α")
-    ax.set_ylabel("top-1 accuracy (%)")
+    _label_axes(ax, "PGT α", "top-1 accuracy (%)")
     title = f"Top-1 vs α: {_group_label(s.group)}"
     ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
     path = _save(fig, out_dir / f"alpha_grid_{_slug(*s.group)}.png")
     base = (
         f"dashed: baseline mean (n={s.baseline_n})" if s.baseline_test is not None
@@ -240,8 +246,13 @@ def _alpha_figure(s: AlphaSeries, out_dir: Path) -> Figure:
 
 
 # ----------------------------------------------------------------------------- Fig. 8
-# (method, alpha, logit norm, test loss) of one done baseline or PGT run
-Fig8Point = tuple[str, float | None, float, float]
+class Fig8Point(NamedTuple):
+    """One done baseline or PGT run of a Fig. 8 group."""
+
+    method: str
+    alpha: float | None
+    logit_norm: float
+    test_loss: float
 
 
 def _fig8_groups(records: Sequence[RunRecord]) -> list[tuple[GroupKey, list[Fig8Point]]]:
@@ -251,7 +262,9 @@ def _fig8_groups(records: Sequence[RunRecord]) -> list[tuple[GroupKey, list[Fig8
         if not (_finite(r.logit_norm) and _finite(r.test_loss)):
             continue
         if r.method in ("pgt", "baseline"):
-            groups[_group(r)].append((r.method, r.alpha, float(r.logit_norm), float(r.test_loss)))  # type: ignore[arg-type]
+            groups[_group(r)].append(
+                Fig8Point(r.method, r.alpha, float(r.logit_norm), float(r.test_loss))  # type: ignore[arg-type]
+            )
     return sorted(groups.items())
 
 
@@ -260,9 +273,10 @@ def _fig8(g: GroupKey, pts: list[Fig8Point], out_dir: Path) -> list[Figure]:
     figs: list[Figure] = []
     slug = _slug(*g)
     by_alpha: dict[float, list[tuple[float, float]]] = defaultdict(list)
-    for method, alpha, ln, tl in pts:
-        if method == "pgt" and alpha is not None:
-            by_alpha[float(alpha)].append((ln, tl))
+    for p in pts:
+        if p.method == "pgt" and p.alpha is not None:
+            by_alpha[float(p.alpha)].append((p.logit_norm, p.test_loss))
+    base = [(p.logit_norm, p.test_loss) for p in pts if p.method == "baseline"]
     if len(by_alpha) >= 2:
         alphas = sorted(by_alpha)
         fig, axes = plt.subplots(1, 2, figsize=(9.6, 3.8))
@@ -270,14 +284,10 @@ def _fig8(g: GroupKey, pts: list[Fig8Point], out_dir: Path) -> list[Figure]:
             sums = [summarize([p[col] for p in by_alpha[a]]) for a in alphas]
             _errbar(ax, alphas, [s.mean for s in sums], [s.std for s in sums],
                     marker="o", color="C0", label="PGT")  # fmt: skip
-            base = [(ln, tl) for method, _, ln, tl in pts if method == "baseline"]
             if base:
                 ax.axhline(float(np.mean([b[col] for b in base])), color="k", ls="--",
                            lw=1, label="baseline")  # fmt: skip
-            ax.set_xlabel("PGT α")
-            ax.set_ylabel(name)
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
+            _label_axes(ax, "PGT α", name)
         title = f"Logit norm and test loss vs α: {_group_label(g)}"
         fig.suptitle(title, fontsize=9)
         path = _save(fig, out_dir / f"fig8_alpha_{slug}.png")
@@ -287,24 +297,21 @@ def _fig8(g: GroupKey, pts: list[Fig8Point], out_dir: Path) -> list[Figure]:
             "(the paper's Fig. 8)."
         )
         figs.append(Figure(path, title, caption))
-    x = [p[2] for p in pts]
-    y = [p[3] for p in pts]
+    x = [p.logit_norm for p in pts]
+    y = [p.test_loss for p in pts]
     if len(pts) < 3 or np.ptp(x) == 0:
         return figs
     reg = logit_norm_regression(x, y)
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for method, color in (("baseline", "k"), ("pgt", "C0")):
-        xs = [p[2] for p in pts if p[0] == method]
-        ys = [p[3] for p in pts if p[0] == method]
+        xs = [p.logit_norm for p in pts if p.method == method]
+        ys = [p.test_loss for p in pts if p.method == method]
         if xs:
             ax.scatter(xs, ys, color=color, s=22, label=method)
     xx = np.linspace(min(x), max(x), 50)
     ax.plot(xx, reg.slope * xx + reg.intercept, color="C3",
             label=f"fit: {reg.slope:.4g} x + {reg.intercept:.4g}")  # fmt: skip
-    ax.set_xlabel("logit norm")
-    ax.set_ylabel("test loss")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _label_axes(ax, "logit norm", "test loss")
     title = f"Test loss vs logit norm: {_group_label(g)}"
     ax.set_title(title, fontsize=9)
     path = _save(fig, out_dir / f"fig8_regression_{slug}.png")
@@ -393,9 +400,7 @@ def _norm_figures(r: RunRecord, run_dir: Path, out_dir: Path) -> list[Figure]:
     nz = int((a[-1] < ZERO_NORM).sum())
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     ax.plot(steps, a, lw=0.6, alpha=0.7)
-    ax.set_xlabel("optimiser step")
-    ax.set_ylabel("filter L2 norm")
-    ax.grid(alpha=0.3)
+    _label_axes(ax, "optimiser step", "filter L2 norm", legend=None)
     title = f"Filter norms, layer {li + 1} ({names[li]}): {r.model} {label}"
     ax.set_title(title, fontsize=9)
     path = _save(fig, out_dir / f"filter_norms_{slug}_L{li + 1:03d}.png")
@@ -453,10 +458,7 @@ def _feature_figure(runs: list[tuple[RunRecord, Path]], out_dir: Path) -> Figure
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for label, v, z in curves:
         ax.plot(np.arange(1, v.size + 1), v, lw=1.2, label=f"{label}: {z}/{v.size} zeroed")
-    ax.set_xlabel("channel (sorted by norm)")
-    ax.set_ylabel("L2 norm over the test set")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    _label_axes(ax, "channel (sorted by norm)", "L2 norm over the test set", legend=7)
     title = "Pooled-feature norms per channel"
     ax.set_title(title, fontsize=9)
     path = _save(fig, out_dir / "feature_norms.png")

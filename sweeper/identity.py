@@ -79,9 +79,9 @@ def preflight(cfg: Config) -> None:
     prepare_results_dir(cfg.results_dir)
     check_data(cfg.data)
     if cfg.model._target_:  # imports and its arguments (the fc contract: when built)
-        from trainers.custom import check_model
+        from trainers.custom import model_factory
 
-        check_model(cfg.model._target_, cfg.model.args)
+        model_factory(cfg.model._target_, cfg.model.args)
     resolve_device(cfg.device)
 
 

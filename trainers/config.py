@@ -245,7 +245,8 @@ class RunConfig:
             raise ConfigError(
                 f"unknown data {self.data.name!r}; known: {', '.join(known_datasets())}"
             )
-        self.method.spec  # noqa: B018 - raises for an unknown piece, listing the known ones
+        m = self.method
+        method_spec(m.pgt, m.label_smoothing, m.grad, m.loss)  # raises for an unknown piece
         _check(
             _finite(self.alpha) and 0.0 < self.alpha <= 1.0,
             "alpha",
@@ -299,7 +300,6 @@ class RunConfig:
             "an integer >= 0",
         )
         _check(self.check_every >= 1, "check_every", self.check_every, "an integer >= 1")
-        m = self.method
         _check(
             m.pgt_impl in ("identity", "paper_hook"),
             "method.pgt_impl",

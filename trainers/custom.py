@@ -64,16 +64,28 @@ def resolve_target(target: str, key: str) -> Callable[..., Any]:
     return fn
 
 
-def _check_call(fn: Callable[..., Any], piece: CustomPiece, key: str, args: tuple) -> None:
+def check_call(
+    fn: Callable[..., Any],
+    key: str,
+    target: str,
+    args: tuple[str, ...] = (),
+    fixed: dict[str, Any] | None = None,
+    knobs: dict[str, Any] | None = None,
+    knobs_at: str | None = None,
+) -> None:
+    """``fn(*args, **fixed, **knobs)`` must bind: ``args`` are what gradsweep passes by
+    position (named for the message), ``fixed`` what it passes by keyword, ``knobs`` what the
+    user gave (at ``knobs_at``, default ``key``). A knob whose default is a number or a flag
+    must be one too (a typo like strength=abc would otherwise fail inside the job, after its
+    row exists). ConfigError, one line, otherwise."""
     try:
         sig = inspect.signature(fn)
     except (TypeError, ValueError):  # a builtin without a signature: trust it
         return
-    for name, value in piece.knobs:
+    knobs = knobs or {}
+    for name, value in knobs.items():
         p = sig.parameters.get(name)
         default = p.default if p is not None else inspect.Parameter.empty
-        # a knob whose default is a number or a flag must be one too (a typo like
-        # strength=abc would otherwise fail inside the job, after its row exists)
         if isinstance(default, bool) and not isinstance(value, bool):
             kind = "true or false"
         elif (
@@ -85,31 +97,14 @@ def _check_call(fn: Callable[..., Any], piece: CustomPiece, key: str, args: tupl
         else:
             continue
         raise ConfigError(
-            f"{key}.{name}={value} is not allowed; expected {kind} "
-            f"(the default of {piece.target}'s {name} is {default!r})"
+            f"{knobs_at or key}.{name}={value} is not allowed; expected {kind} "
+            f"(the default of {target}'s {name} is {default!r})"
         )
+    kwargs = {**(fixed or {}), **knobs}
     try:
-        sig.bind(*args, **dict(piece.knobs))
+        sig.bind(*args, **kwargs)
     except TypeError as e:
-        knobs = ", ".join(f"{k}={v!r}" for k, v in piece.knobs)
-        call = ", ".join([*args, *(["**knobs"] if knobs else [])])
-        raise ConfigError(
-            f"{key}._target_={piece.target}{sig} cannot be called as fn({call})"
-            + (f" with {knobs}" if knobs else "")
-            + f": {e}"
-        ) from None
-
-
-def check_call(fn: Callable[..., Any], key: str, target: str, **kwargs: Any) -> None:
-    """``fn(**kwargs)`` must bind (a model's or data set's callable and its arguments)."""
-    try:
-        sig = inspect.signature(fn)
-    except (TypeError, ValueError):
-        return
-    try:
-        sig.bind(**kwargs)
-    except TypeError as e:
-        call = ", ".join(f"{k}=..." for k in kwargs)
+        call = ", ".join([*args, *(f"{k}=..." for k in kwargs)])
         raise ConfigError(
             f"{key}._target_={target}{sig} cannot be called as fn({call}): {e}"
         ) from None
@@ -128,7 +123,8 @@ def check_method(spec: MethodSpec) -> None:
     for piece in spec.custom:
         key = _key(spec, piece)
         fn = resolve(piece, key)
-        _check_call(fn, piece, key, _LOSS_CALL if piece is spec.loss else _GRAD_CALL)
+        call = _LOSS_CALL if piece is spec.loss else _GRAD_CALL
+        check_call(fn, key, piece.target, call, knobs=dict(piece.knobs))
 
 
 def bound_grads(spec: MethodSpec) -> list[str | Callable[[list[Any]], Any]]:
@@ -184,11 +180,15 @@ def current_fingerprint(target: str) -> str | None:
     return f"{path} sha256:{digest}" if path and digest else None
 
 
-def check_model(target: str, args: dict[str, Any] | None) -> None:
-    """Pre-flight of ``model._target_``: it imports and takes ``num_classes`` (and
-    ``in_channels`` when it names it) with its arguments."""
+def model_factory(
+    target: str, args: dict[str, Any] | None, num_classes: int = 1, in_channels: int = 1
+) -> Callable[[], Any]:
+    """``model._target_`` checked and bound: it imports and takes ``num_classes`` (and
+    ``in_channels`` when it names that parameter, so a torchvision constructor works on
+    3-channel data) with ``model.args``. The pre-flight calls this with placeholder sizes."""
     fn = resolve_target(target, "model")
-    kwargs: dict[str, Any] = {"num_classes": 1, **(args or {})}
+    fixed: dict[str, Any] = {"num_classes": num_classes}
     if accepts(fn, "in_channels"):
-        kwargs["in_channels"] = 1
-    check_call(fn, "model", target, **kwargs)
+        fixed["in_channels"] = in_channels
+    check_call(fn, "model", target, fixed=fixed, knobs=args, knobs_at="model.args")
+    return partial(fn, **fixed, **(args or {}))

@@ -487,7 +487,8 @@ def check_data(cfg: DataConfig) -> None:
     if cfg._target_:
         from trainers.custom import check_call, resolve_target
 
-        check_call(resolve_target(cfg._target_, "data"), "data", cfg._target_, **(cfg.args or {}))
+        fn = resolve_target(cfg._target_, "data")
+        check_call(fn, "data", cfg._target_, knobs=cfg.args, knobs_at="data.args")
         return
     DATASETS.get(cfg.name).check(cfg)
 

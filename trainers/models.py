@@ -200,14 +200,9 @@ def build_model_from(conf: ModelConf, num_classes: int, in_channels: int = 3) ->
     time, before any row is written."""
     if not conf._target_:
         return build_model(conf.name, num_classes, in_channels)
-    from trainers.custom import accepts, check_call, resolve_target
+    from trainers.custom import model_factory
 
-    fn = resolve_target(conf._target_, "model")
-    kwargs: dict[str, object] = {"num_classes": num_classes, **(conf.args or {})}
-    if accepts(fn, "in_channels"):
-        kwargs["in_channels"] = in_channels
-    check_call(fn, "model", conf._target_, **kwargs)
-    model = fn(**kwargs)
+    model = model_factory(conf._target_, conf.args, num_classes, in_channels)()
     if not isinstance(model, nn.Module):
         raise ConfigError(
             f"model._target_={conf._target_} returned a {type(model).__name__}, not an nn.Module"
