@@ -256,8 +256,16 @@ class Dispatcher:
             assert run is not None
             p.status = "interrupted" if run.status == RunStatus.interrupted else run.status.value
         else:  # it raised before it could record anything (e.g. while loading the data)
-            self.store.finish_run(run.id, RunStatus.failed, error=backend.error(p.sub))
-            p.status = "failed"
+            error = backend.error(p.sub)
+            last = (error or "").strip().splitlines()[-1:] or [""]
+            if last[0].startswith("KeyboardInterrupt"):
+                # cancelled (Ctrl-C, a cancelled sweep) before it could record that itself,
+                # e.g. a second SIGINT while it was writing its row: a stop, not an outcome
+                self.store.mark_cancelled([run.id], f"{last[0]} before it could record it")
+                p.status = "interrupted"
+            else:
+                self.store.finish_run(run.id, RunStatus.failed, error=error)
+                p.status = "failed"
         p.run = self.store.get_run_by_id(run.id)
 
     def _cancel(self, backend: Backend) -> None:
