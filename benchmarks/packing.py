@@ -45,7 +45,7 @@ def run_sweep(knob: str, value: int, images: int, epochs: int, gpu: bool) -> tup
             f"data.num_train={images}", f"data.num_test={max(images // 5, 128)}",
             "batch_size=128", f"epochs={epochs}", "filter_stats_every=0",
             f"device={'cuda' if gpu else 'cpu'}", "mlflow.enabled=false",
-            f"hydra.launcher.{knob}={value}", f"results_dir={d}",
+            f"hydra.launcher.{knob}={value}", "hydra.launcher.fuse=off", f"results_dir={d}",
         ]  # fmt: skip
         t0 = time.perf_counter()
         res = subprocess.run(args, cwd=d, env=env, capture_output=True, text=True)

@@ -20,7 +20,14 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-GRID = ["-m", "method=pgt,ls_pgt", "alpha=0.25,0.3", "batch_size=32,64", "mlflow.enabled=false"]
+GRID = [
+    "-m",
+    "method=pgt,ls_pgt",
+    "alpha=0.25,0.3",
+    "batch_size=32,64",
+    "mlflow.enabled=false",
+    "hydra.launcher.fuse=off",
+]  # one job per point: what max_parallel shares out
 
 
 def run_grid(max_parallel: int, epochs: int) -> float:

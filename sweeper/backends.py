@@ -66,6 +66,10 @@ class Backend(Protocol):
 
 
 def gpu_count() -> int:
+    from sweeper.identity import surely_no_cuda
+
+    if surely_no_cuda():  # no torch import on a CPU machine (sweeper.identity)
+        return 0
     try:
         import torch
 

@@ -38,6 +38,9 @@ from sweeper.store import LEASE_S, RunRecord, RunStatus, Store
 
 # what a job records as its outcome; a pruned run is not final for a grid (asked for again,
 # it resumes from its checkpoint to the last epoch)
+# a job's MLflow tag saying the sweeper mirrors its runs (sweeper.mirror.SweepMirror)
+MIRROR_TAG = "gradsweep.mirror"
+
 OUTCOMES = {RunStatus.done, RunStatus.failed, RunStatus.diverged, RunStatus.pruned}
 
 
@@ -80,9 +83,10 @@ class Point:
 class Source(Protocol):
     """Where points come from."""
 
-    def next_point(self) -> Point | None:
-        """The next point to dispatch (claimed: its decision says dispatch), or None when
-        there is none now (a search asks again when a slot frees up)."""
+    def next_job(self, slots: float) -> list[Point] | None:
+        """The points of the next job to dispatch (claimed: their decisions say dispatch;
+        several when they are fused, :mod:`sweeper.fuse`), or None when there is none now
+        (a search asks again when a slot frees up). ``slots``: the backend's capacity."""
         ...
 
     def finished(self, p: Point) -> None:
@@ -130,7 +134,7 @@ class Dispatcher:
         if lost:
             out(f"{lost} run(s) whose job was killed marked interrupted; resuming them")
         self.sweep = store.create_sweep(sweep_name, command, launcher_label, n_points)
-        self.parent: Any = None  # the sweep's MLflow parent run
+        self.live: Any = None  # the sweep's MLflow side (sweeper.mirror.SweepMirror)
         self.base_tags: dict[str, str] = {"sweep_id": str(self.sweep.id), "sweep_name": sweep_name}
         self.running: list[Point] = []
 
@@ -179,19 +183,35 @@ class Dispatcher:
         return folder
 
     def open_mlflow_parent(self, n_points: int) -> None:
-        """The sweep's parent run in MLflow (its jobs' runs are its children)."""
+        """The sweep's MLflow side (:class:`sweeper.mirror.SweepMirror`): its parent run (the
+        jobs' runs are its children), opened in a thread so that MLflow's set-up overlaps
+        the first job's start; the same thread mirrors the members of fused jobs."""
         if not self.cfg0.mlflow.enabled:
             return
-        from sweeper.job import tracking_uri
-        from sweeper.tracking import open_parent
+        from sweeper.job import store_url, tracking_uri
+        from sweeper.mirror import SweepMirror
 
-        self.parent = open_parent(tracking_uri(self.cfg0), self.cfg0.mlflow.experiment,
-                                  Path(self.cfg0.results_dir) / "mlartifacts", self.name,
-                                  {"sweep_command": self.command, "n_points": n_points},
-                                  self.sweep.id, self.out)  # fmt: skip
-        if self.parent is not None and self.parent.run_id:
-            self.store.set_sweep_fields(self.sweep.id, mlflow_parent_run_id=self.parent.run_id)
-            self.base_tags["mlflow.parentRunId"] = self.parent.run_id
+        self.live = SweepMirror(store_url(self.cfg0), tracking_uri(self.cfg0),
+                                self.cfg0.mlflow.experiment, Path(self.cfg0.results_dir),
+                                self.name, {"sweep_command": self.command, "n_points": n_points},
+                                self.sweep.id, self.out)  # fmt: skip
+
+    @property
+    def parent(self) -> Any:
+        """The sweep's MLflow parent run once open (None without MLflow)."""
+        if self.live is None:
+            return None
+        self.live.wait_parent()
+        return self.live.parent
+
+    def _parent_tag(self) -> None:
+        """Jobs that mirror themselves start after the parent run is open: they are its
+        children, and only the sweeper's thread creates the tracking store (several
+        processes creating one SQLite tracking store at once race on its migrations)."""
+        if self.live is not None and "mlflow.parentRunId" not in self.base_tags:
+            rid = self.live.wait_parent()
+            if rid:
+                self.base_tags["mlflow.parentRunId"] = rid
 
     def run(self, source: Source, cap: int | None = None, batch: bool = True) -> None:
         """Dispatch the source's points until none is left and every job has ended.
@@ -208,37 +228,66 @@ class Dispatcher:
                 self._cancel(backend)
                 raise
 
+    def _subs(self) -> list[Submission]:
+        """The running jobs (the members of a fused job share one submission)."""
+        seen: dict[int, Submission] = {}
+        for p in self.running:
+            if p.sub is not None:
+                seen.setdefault(id(p.sub), p.sub)
+        return list(seen.values())
+
     def _loop(self, source: Source, backend: Backend, together: bool) -> None:
         while True:
-            batch: list[Point] = []
-            while len(self.running) + len(batch) < backend.capacity:
-                p = source.next_point()
-                if p is None:
+            batch: list[list[Point]] = []
+            while len(self._subs()) + len(batch) < backend.capacity:
+                job = source.next_job(backend.capacity)
+                if not job:
                     break
-                batch.append(p)
-            for group in [batch] if together else [[p] for p in batch]:
-                if group:
-                    self._submit(group, backend)
+                batch.append(job)
+            for jobs in [batch] if together else [[j] for j in batch]:
+                if jobs:
+                    self._submit(jobs, backend)
             if not self.running:
                 return
             time.sleep(self.params.poll_s)
-            gone = {id(sub) for sub in backend.gone([p.sub for p in self.running if p.sub])}
-            for p in [q for q in self.running if id(q.sub) in gone]:
+            gone = {id(sub) for sub in backend.gone(self._subs())}
+            ended = [q for q in self.running if id(q.sub) in gone]
+            for p in ended:
                 self.running.remove(p)
                 self._outcome(p, backend)
-                backend.release(p.sub)  # type: ignore[arg-type]
+            for p in ended:
+                backend.release(p.sub)  # type: ignore[arg-type]  # once per job: idempotent
                 source.finished(p)
 
-    def _submit(self, batch: list[Point], backend: Backend) -> None:
-        for p in batch:
-            tags = {**self.base_tags, **p.mlflow_tags}
-            p.sub = Submission((p.cfg, tags, backend.threads, p.trial_link))
-        backend.submit([p.sub for p in batch])  # type: ignore[misc]
-        for p in batch:
-            self.running.append(p)  # from here on a signal cancels it too
-            p.started, p.status = time.monotonic(), "running"
-            assert p.run is not None
-            self.store.set_job_id(self.sweep.id, p.run.id, str(p.job_id))
+    def _submit(self, jobs: list[list[Point]], backend: Backend) -> None:
+        subs = []
+        if any(len(job) == 1 for job in jobs):
+            self._parent_tag()
+        for job in jobs:
+            tags = [{**self.base_tags, **p.mlflow_tags} for p in job]
+            if len(job) > 1 and self.live is not None:  # mirrored by the sweeper, not the job
+                tags = [{**t, MIRROR_TAG: "sweeper"} for t in tags]
+            if len(job) == 1:  # one run: the job's arguments as they always were
+                p = job[0]
+                sub = Submission((p.cfg, tags[0], backend.threads, p.trial_link))
+            else:  # a fused group: every member's config and tags (sweeper.job.run_group)
+                links = [p.trial_link for p in job]
+                sub = Submission(([p.cfg for p in job], tags, backend.threads,
+                                  links if any(links) else None))  # fmt: skip
+            for p in job:
+                p.sub = sub
+            subs.append(sub)
+        backend.submit(subs)
+        for job in jobs:
+            if len(job) > 1 and self.live is not None:
+                self.live.watch([p.run.id for p in job], [{**self.base_tags, **p.mlflow_tags,
+                                                           "fused_group": str(len(job))}
+                                                          for p in job])  # type: ignore[union-attr]  # fmt: skip
+            for p in job:
+                self.running.append(p)  # from here on a signal cancels it too
+                p.started, p.status = time.monotonic(), "running"
+                assert p.run is not None
+                self.store.set_job_id(self.sweep.id, p.run.id, str(p.job_id))
 
     def _outcome(self, p: Point, backend: Backend) -> None:
         """A job is over when its process is gone; its outcome is its run's row."""
@@ -271,7 +320,7 @@ class Dispatcher:
     def _cancel(self, backend: Backend) -> None:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one: finish cleaning up
-        backend.cancel([p.sub for p in self.running if p.sub is not None])
+        backend.cancel(self._subs())
         # a job SIGKILLed by submitit's controller before it could record: say it here, so a
         # rerun resumes it at once instead of waiting for its lease to run out
         self.store.mark_cancelled([p.run.id for p in self.running if p.run is not None],
@@ -282,6 +331,6 @@ class Dispatcher:
         """The sweep's end time and its MLflow parent run's status."""
         now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
         self.store.set_sweep_fields(self.sweep.id, ended_at=now)
-        if self.parent is not None:
-            self.parent.end("FAILED" if failed else "FINISHED")
-            self.parent = None
+        if self.live is not None:
+            self.live.close(failed)
+            self.live = None

@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 from sweeper.dispatch import Decision, Dispatcher, Point
 from sweeper.errors import Failed
+from sweeper.fuse import describe, plan_groups
 from sweeper.identity import identity_of, preflight
 from sweeper.job import open_store, store_url
 from sweeper.schema import Config
@@ -49,9 +50,12 @@ def validate_points(points: list[tuple[str, Config]]) -> list[Point]:
 class GridSource:
     """The grid's points to dispatch, in order; progress lines as they end."""
 
-    def __init__(self, points: list[Point], out: Callable[[str], None]) -> None:
-        self.points, self.out = points, out
+    def __init__(
+        self, points: list[Point], out: Callable[[str], None], params: LauncherParams | None = None
+    ) -> None:
+        self.points, self.out, self.params = points, out, params
         self.todo: list[Point] = []
+        self.jobs: list[list[Point]] | None = None
         self.counts: Counter[str] = Counter()
 
     def claim_all(self, d: Dispatcher, retry_failed: bool) -> None:
@@ -69,11 +73,25 @@ class GridSource:
                 if decision == Decision.LIVE:
                     self.out(d.live_message(p))
 
-    def next_point(self) -> Point | None:
-        if not self.todo:
+    def plan(self, slots: float) -> list[list[Point]]:
+        """The jobs to run: the points to dispatch, fused where they can be
+        (:mod:`sweeper.fuse`), with the header's line about it."""
+        if self.jobs is None:
+            p = self.params
+            limit = p.fuse_limit() if p is not None else 1
+            ddp = p is not None and p.tasks > 1
+            self.jobs = plan_groups(self.todo, limit, slots, ddp)
+            if any(len(j) > 1 for j in self.jobs):
+                self.out(describe(len(self.todo), self.jobs))
+        return self.jobs
+
+    def next_job(self, slots: float) -> list[Point] | None:
+        jobs = self.plan(slots)
+        if not jobs:
             return None
-        self.counts["running"] += 1
-        return self.todo.pop(0)
+        job = jobs.pop(0)
+        self.counts["running"] += len(job)
+        return job
 
     def finished(self, p: Point) -> None:
         self.counts["running"] -= 1
@@ -106,7 +124,7 @@ def run_grid(
     store = open_store(cfg0)
     try:
         d = Dispatcher(store, params, cfg0, name, command, params.kind, len(points), say)
-        grid = GridSource(points, say)
+        grid = GridSource(points, say, params)
         grid.claim_all(d, params.retry_failed)
         shared = sum(p.status == "shared" for p in points)
         say(

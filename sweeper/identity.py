@@ -8,6 +8,7 @@ pins the hashes, so a change that would move them fails the tests.
 
 from __future__ import annotations
 
+import os
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
@@ -19,12 +20,30 @@ from trainers.config import RunConfig
 from trainers.registry import ConfigError
 
 
+def surely_no_cuda() -> bool:
+    """True when torch cannot see a CUDA (or ROCm) device here: no NVIDIA or AMD kernel
+    driver, and no WSL GPU. Then ``device=auto`` is the CPU without importing torch (about
+    3 s of the sweeper's start-up on a CPU machine). Anything that hints at a GPU asks torch."""
+    hints = ("/proc/driver/nvidia", "/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/dxg")
+    return not any(os.path.exists(h) for h in hints)
+
+
+def device_type(name: str) -> str:
+    """``cpu`` or ``cuda``: what ``device=name`` resolves to on this machine (a CUDA name
+    where there is none: ConfigError). Imports torch only where a GPU may be present."""
+    if name == "cpu" or (name == "auto" and surely_no_cuda()):
+        return "cpu"
+    from trainers.runtime import resolve_device
+
+    return resolve_device(name).type
+
+
 def resolved_precision(cfg: RunConfig) -> str:
     """``precision=auto`` resolved on this machine (bf16 on CUDA, fp32 on CPU): part of the
-    identity, so the device decides it (this imports torch)."""
-    from trainers.runtime import resolve_device, resolve_precision
-
-    return resolve_precision(cfg.precision, resolve_device(cfg.device))
+    identity, so the device decides it (as ``trainers.runtime.resolve_precision``)."""
+    if cfg.precision != "auto":
+        return cfg.precision
+    return "bf16" if device_type(cfg.device) == "cuda" else "fp32"
 
 
 def identity_of(cfg: RunConfig) -> tuple[dict[str, Any], str]:
@@ -71,8 +90,7 @@ def prepare_results_dir(results_dir: str) -> Path:
 def preflight(cfg: Config) -> None:
     """Every check that needs no training: run before any row is written."""
     from trainers.custom import check_method
-    from trainers.data import check_data
-    from trainers.runtime import resolve_device
+    from trainers.datacheck import check_data
 
     cfg.validate()
     check_method(cfg.method.spec)  # imports the custom pieces, binds their knobs
@@ -82,7 +100,7 @@ def preflight(cfg: Config) -> None:
         from trainers.custom import model_factory
 
         model_factory(cfg.model._target_, cfg.model.args)
-    resolve_device(cfg.device)
+    device_type(cfg.device)
 
 
 def run_dir_of(cfg: Config, config_hash: str) -> Path:

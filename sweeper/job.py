@@ -72,24 +72,29 @@ def open_store(cfg: Config) -> Store:
 class Heartbeat:
     """A daemon thread writing ``runs.heartbeat_at`` every ``every`` seconds while a run
     trains, so a killed job is detectable (:mod:`sweeper.store.lease`). Epochs write it too;
-    this covers long epochs. A failing write warns once and keeps trying."""
+    this covers long epochs. A failing write warns once and keeps trying. A fused job beats
+    for each of its members still training (``run_ids``; :meth:`drop` one that ended)."""
 
-    def __init__(self, store: Store, run_id: int, every: float = HEARTBEAT_S) -> None:
-        self.store, self.run_id, self.every = store, run_id, every
+    def __init__(self, store: Store, run_id: int | list[int], every: float = HEARTBEAT_S) -> None:
+        self.store, self.every = store, every
+        self.run_ids = list(run_id) if isinstance(run_id, list) else [run_id]
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="gradsweep-heartbeat", daemon=True)
         self._warned = False
 
     def _loop(self) -> None:
         while not self._stop.wait(self.every):
-            try:
-                self.store.heartbeat(self.run_id)
-            except Exception as e:  # a busy or briefly unreachable store: try again later
-                if not self._warned:
-                    log.warning(
-                        f"heartbeat of run {self.run_id} failed ({type(e).__name__}); retrying"
-                    )
-                    self._warned = True
+            for rid in list(self.run_ids):
+                try:
+                    self.store.heartbeat(rid)
+                except Exception as e:  # a busy or briefly unreachable store: try again later
+                    if not self._warned:
+                        log.warning(f"heartbeat of run {rid} failed ({type(e).__name__}); retrying")
+                        self._warned = True
+
+    def drop(self, run_id: int) -> None:
+        if run_id in self.run_ids:
+            self.run_ids.remove(run_id)
 
     def __enter__(self) -> Heartbeat:
         self._thread.start()
@@ -316,6 +321,103 @@ def _record(
     return JobOutcome(run.config_hash, result.status, run.id, final.test_acc if final else None)
 
 
+def run_group(cfgs: list[Config], mlflow_tags: list[dict[str, str]],
+              trials: list[TrialLink | None] | None = None) -> list[JobOutcome]:  # fmt: skip
+    """Train a fused group (:mod:`sweeper.fuse` chose it; :mod:`trainers.fused` trains it):
+    each member is claimed, recorded and mirrored exactly as :func:`run_job` does for one
+    run -- its own row, epochs, checkpoint, MLflow run and outcome, recorded as soon as it
+    ends. Members already ``done`` are skipped; the others resume from their checkpoints."""
+    from trainers.fused import FusedTrainer
+    from trainers.train import Trainer
+
+    links = trials or [None] * len(cfgs)
+    members = []
+    for cfg in cfgs:
+        preflight(cfg)
+        ident, chash = identity_of(cfg)
+        trainer = Trainer(cfg, run_dir_of(cfg, chash), log=log.info, config_hash=chash)
+        members.append((cfg, ident, trainer))
+    store = open_store(cfgs[0])
+    outcomes: list[JobOutcome] = []
+    try:
+        todo = []
+        for (cfg, ident, trainer), tags, link in zip(members, mlflow_tags, links, strict=True):
+            run = store.claim_run(
+                trainer.config_hash, grid_columns(cfg), resolved_config(cfg, ident)
+            )
+            if run.status == RunStatus.done:
+                log.info(
+                    f"run {run.id} ({run.config_hash[:12]}) is already done; not training it again"
+                )
+                outcomes.append(JobOutcome(run.config_hash, "skipped", run.id, run.test_acc))
+                continue
+            trainer.log = lambda s, r=run.id: log.info(f"[run {r}] {s}")  # type: ignore[misc]
+            todo.append((cfg, ident, trainer, run, tags, link))
+        if not todo:
+            return outcomes
+        fused = FusedTrainer([t[2] for t in todo], log=log.info)
+        fused.setup()  # data/model errors before any row changes
+        mode = "stacked" if fused.stacked else "interleaved"
+        log.info(f"fused group of {len(todo)} runs ({mode}): "
+                 + ", ".join(str(t[3].id) for t in todo))  # fmt: skip
+        # in a sweep the sweeper mirrors the members (sweeper.mirror.SweepMirror): MLflow's
+        # import and a run's set-up each would otherwise delay this job's first step
+        mirrors = [None if tags.get("gradsweep.mirror") == "sweeper" else
+                   _start_mirror(cfg, store, run, ident, {**tags, "fused_group": str(len(todo))})
+                   for cfg, ident, _, run, tags, _ in todo]  # fmt: skip
+        for m in mirrors:
+            if m is not None and not m.wait_started():
+                log.warning("warning: MLflow has not answered in 120 s; training goes on")
+        from trainers.custom import fingerprints
+
+        for (cfg, _, trainer, run, _, link), mirror in zip(todo, mirrors, strict=True):
+            gpus = 1 if trainer.device.type == "cuda" else 0
+            reporter = None
+            if link is not None:
+                from sweeper.search import TrialReporter
+
+                reporter = TrialReporter(link, warn=log.warning)
+            trainer.sink = StoreSink(store, run, trainer.run_dir, mirror, reporter, gpus,
+                                     fingerprints(cfg.method.spec))  # fmt: skip
+            log.info(f"  run {run.id} ({run.config_hash[:12]}): {cfg.method.spec.name}"
+                     + (f" alpha={cfg.alpha:g}" if cfg.uses_pgt() else "")
+                     + f" / lr {cfg.resolved_lr():.4g} / seed {cfg.seed}")  # fmt: skip
+        ended: set[int] = set()
+        with Heartbeat(store, [t[3].id for t in todo]) as beat:
+
+            def on_end(i: int, result: TrainResult) -> None:
+                cfg, _, trainer, run, _, _ = todo[i]
+                gpus = 1 if trainer.device.type == "cuda" else 0
+                outcomes.append(_record(cfg, store, run, trainer.run_dir, result, mirrors[i], gpus))
+                ended.add(i)
+                beat.drop(run.id)
+
+            try:
+                fused.fit(on_end=on_end)
+            except BaseException as e:
+                left = [i for i in range(len(todo)) if i not in ended]
+                err = traceback.format_exc()
+                if isinstance(e, SystemExit):  # requeued (time-out, pre-emption): resumes
+                    store.mark_cancelled([todo[i][3].id for i in left],
+                                         "requeued (time-out or pre-emption)")  # fmt: skip
+                    status = RunStatus.interrupted
+                elif isinstance(e, KeyboardInterrupt):
+                    status = RunStatus.interrupted
+                    err = ("interrupted (Ctrl-C or a cancelled sweep); a rerun resumes it from "
+                           "its last checkpoint\n" + err)  # fmt: skip
+                else:
+                    status = RunStatus.failed
+                for i in left:
+                    if not isinstance(e, SystemExit):
+                        store.finish_run(todo[i][3].id, status, error=err)
+                    if mirrors[i] is not None:
+                        mirrors[i].end(STATUS_FOR_MLFLOW[status.value])  # type: ignore[union-attr]
+                raise
+        return outcomes
+    finally:
+        store.dispose()
+
+
 class TrainJob:
     """What a worker process runs (pickled by submitit). On Slurm pre-emption or time-out
     submitit requeues the same call (:meth:`checkpoint`), and :func:`run_job` resumes from
@@ -323,11 +425,11 @@ class TrainJob:
 
     def __call__(
         self,
-        cfg: Config,
-        mlflow_tags: dict[str, str],
+        cfg: Config | list[Config],
+        mlflow_tags: dict[str, str] | list[dict[str, str]],
         threads: int | None,
-        trial: TrialLink | None = None,
-    ) -> JobOutcome:
+        trial: TrialLink | None | list[TrialLink | None] = None,
+    ) -> JobOutcome | list[JobOutcome]:
         import submitit
 
         if threading.current_thread() is threading.main_thread():
@@ -353,7 +455,9 @@ class TrainJob:
         )
         for name in ("mlflow", "alembic"):
             logging.getLogger(name).setLevel(logging.WARNING)
-        return run_job(cfg, mlflow_tags, trial)
+        if isinstance(cfg, list):  # a fused group (sweeper.fuse)
+            return run_group(cfg, mlflow_tags, trial)  # type: ignore[arg-type]
+        return run_job(cfg, mlflow_tags, trial)  # type: ignore[arg-type]
 
     def checkpoint(self, *args: object, **kwargs: object) -> object:
         """submitit's requeue hook (time-out / pre-emption): the same call again."""

@@ -16,8 +16,10 @@ only the epochs it lacks; a second call finds nothing to do.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import fields as dc_fields
 from pathlib import Path
+from typing import Any
 
 from sweeper.store import (
     RunRecord,
@@ -150,3 +152,164 @@ def mirror(argv: list[str]) -> int:
         store.dispose()
     print(f"mirrored {done} of {len(todo)} run(s) into {uri}")
     return 0 if done == len(todo) else 1
+
+
+# ------------------------------------------------------------------ the sweeper's own mirror
+class SweepMirror:
+    """The sweeper's MLflow side: the sweep's parent run, and the runs of its fused jobs.
+
+    Everything here runs in one thread of the sweeper, which is otherwise idle while its
+    jobs train: MLflow's import and its tracking store's set-up (seconds) overlap the first
+    job's start instead of delaying it. A fused job does not talk to MLflow at all (its
+    members would pay the import and a run's set-up each, on the job's critical path);
+    this thread mirrors each member from the results store instead, every ``every``
+    seconds while it trains (new epochs, filter-norm files) and completely once it ends
+    (cost, features, status), exactly as ``python -m sweeper mirror`` completes a run later
+    -- the same code, so a member whose sweeper died is completed by that command. Jobs that
+    are not fused mirror themselves as before (:class:`~sweeper.tracking.BackgroundMirror`);
+    they are submitted after :meth:`wait_parent`, so that only this thread ever creates
+    the tracking store.
+    """
+
+    def __init__(
+        self,
+        store_url: str,
+        tracking_uri: str,
+        experiment: str,
+        results_dir: Path,
+        sweep_name: str,
+        params: dict[str, object],
+        sweep_id: int,
+        warn: Callable[[str], None],
+        every: float = 5.0,
+    ) -> None:
+        import threading
+
+        self.store_url, self.uri, self.experiment = store_url, tracking_uri, experiment
+        self.results_dir, self.sweep_name, self.params = results_dir, sweep_name, params
+        self.sweep_id, self.warn, self.every = sweep_id, warn, every
+        self.parent: Any = None
+        self.parent_ready = threading.Event()
+        self._lock = threading.Lock()
+        self._watch: dict[int, dict[str, str]] = {}  # run id -> its tags
+        self._live: dict[int, Any] = {}  # run id -> its MlflowMirror while it trains
+        self._logged: dict[int, set[int]] = {}  # run id -> epochs logged
+        self._files: dict[int, set[str]] = {}  # run id -> artifacts logged
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._work, name="gradsweep-mlflow", daemon=True)
+        self._thread.start()
+
+    # -------------------------------------------------------------- the sweeper's side
+    def wait_parent(self, timeout_s: float = 300.0) -> str | None:
+        """The parent run's id once it is open (None when MLflow cannot be used)."""
+        self.parent_ready.wait(timeout_s)
+        return self.parent.run_id if self.parent is not None else None
+
+    def watch(self, run_ids: list[int], tags: list[dict[str, str]]) -> None:
+        """Mirror these runs (the members of a fused job) until they end."""
+        with self._lock:
+            for rid, t in zip(run_ids, tags, strict=True):
+                self._watch[rid] = t
+
+    def close(self, failed: bool) -> None:
+        """Mirror what is left, end the parent run, stop the thread."""
+        self._stop.set()
+        self._thread.join(timeout=600)
+        if self.parent is not None:
+            self.parent.end("FAILED" if failed else "FINISHED")
+            self.parent = None
+
+    # ------------------------------------------------------------------- the thread
+    def _work(self) -> None:
+        from sweeper.tracking import open_parent
+
+        try:
+            self.parent = open_parent(self.uri, self.experiment, self.results_dir / "mlartifacts",
+                                      self.sweep_name, self.params, self.sweep_id, self.warn)  # fmt: skip
+        except Exception as e:  # never let the mirror take the sweep down
+            self.warn(f"warning: MLflow parent run not opened: {_first(e)}")
+        finally:
+            self.parent_ready.set()
+        store = Store(self.store_url, create=False)
+        try:
+            if self.parent is not None and self.parent.run_id:
+                store.set_sweep_fields(self.sweep_id, mlflow_parent_run_id=self.parent.run_id)
+            while True:
+                stopping = self._stop.wait(self.every)
+                self._sync(store)
+                if stopping:
+                    return
+        except Exception as e:
+            self.warn(f"warning: MLflow mirroring of the sweep stopped: {_first(e)}")
+        finally:
+            store.dispose()
+
+    def _sync(self, store: Store) -> None:
+        with self._lock:
+            todo = dict(self._watch)
+        for rid, tags in todo.items():
+            run = store.get_run_by_id(rid)
+            if run is None or run.status == RunStatus.queued:
+                continue  # its job has not started it yet
+            if self.parent is None:  # MLflow unusable: `python -m sweeper mirror` later
+                with self._lock:
+                    self._watch.pop(rid, None)
+                continue
+            try:
+                if self._sync_run(store, run, tags):
+                    with self._lock:
+                        self._watch.pop(rid, None)
+            except Exception as e:  # one run's trouble: say so; `mirror` completes it later
+                self.warn(f"warning: run {rid} not mirrored to MLflow: {_first(e)}")
+                with self._lock:
+                    self._watch.pop(rid, None)
+
+    def _sync_run(self, store: Store, run: RunRecord, tags: dict[str, str]) -> bool:
+        """Mirror what is new of ``run``; True once it ended and is mirrored completely."""
+        over = run.status in FINISHED or run.status == RunStatus.interrupted
+        m = self._live.get(run.id)
+        if m is None:
+            m = MlflowMirror(self.uri, self.experiment, self.results_dir / "mlartifacts",
+                             warn=self.warn)  # fmt: skip
+            params = {**(run.config or {}).get("identity", {}), "results_run_id": run.id}
+            all_tags = {"config_hash": run.config_hash, "method": run.method,
+                        "model": run.model, **tags}  # fmt: skip
+            if self.parent is not None and self.parent.run_id:
+                all_tags["mlflow.parentRunId"] = self.parent.run_id
+            name = run_name(run.model, run.method, run.alpha, run.seed)
+            rid = m.start(run.mlflow_run_id, name, params, all_tags)
+            if rid is None:
+                return True  # MLflow refused: left unmirrored for `python -m sweeper mirror`
+            if rid != run.mlflow_run_id:
+                store.set_fields(run.id, mlflow_run_id=rid)
+            self._live[run.id] = m
+            self._logged[run.id] = set()
+            self._files[run.id] = set()
+        logged, files = self._logged[run.id], self._files[run.id]
+        for em in store.epoch_metrics(run.id):
+            if em.epoch not in logged:
+                vals = {k: getattr(em, k) for k in METRICS if getattr(em, k, None) is not None}
+                m.log_metrics(vals, step=em.epoch)
+                logged.add(em.epoch)
+        run_dir = Path(run.run_dir) if run.run_dir else None
+        if run_dir is not None:
+            for f in sorted((run_dir / "filter_norms").glob("epoch_*.npz")):
+                if f.name not in files:
+                    m.log_artifact(f, "filter_norms")
+                    files.add(f.name)
+        if not over:
+            return False
+        if run.status in FINISHED:
+            secs = run.train_seconds or 0.0
+            m.log_metrics({"train_seconds": secs, "gpu_hours": run.gpu_hours or 0.0}, step=0)
+            feats = run_dir / "feature_norms.json" if run_dir is not None else None
+            if feats is not None and feats.exists():
+                m.log_artifact(feats)
+        from sweeper.job import STATUS_FOR_MLFLOW
+
+        m.set_tags({"status": run.status.value})
+        ok = m.end(STATUS_FOR_MLFLOW[run.status.value])
+        if run.status in FINISHED:
+            store.set_fields(run.id, mlflow_mirrored=ok)
+        self._live.pop(run.id, None)
+        return True

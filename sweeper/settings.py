@@ -17,6 +17,8 @@ class LauncherParams:
     max_parallel: int | None = None  # local: None -> (GPUs x jobs_per_gpu) or 1 on CPU
     jobs_per_gpu: int = 1  # local: pack several small jobs on one GPU
     retry_failed: bool = False  # re-run points whose run ended failed / diverged
+    # fuse compatible points into one job (sweeper.fuse): auto | off | the largest group size
+    fuse: Any = "auto"
     timeout_min: int = 60 * 24 * 3  # per job (local and Slurm time limit)
     poll_s: float = 0.5
     # Slurm
@@ -54,6 +56,7 @@ class LauncherParams:
                 raise ConfigError(
                     f"hydra.launcher.{key}={getattr(self, key)} is not allowed; expected >= {low}"
                 )
+        self.fuse_limit()  # raises on a bad value
         if not self.poll_s > 0:
             raise ConfigError(
                 f"hydra.launcher.poll_s={self.poll_s} is not allowed; expected a number > 0"
@@ -62,6 +65,22 @@ class LauncherParams:
             from sweeper.slurm import check_slurm
 
             check_slurm(self.partition)
+
+    def fuse_limit(self) -> int | None:
+        """The largest fused group: None for ``auto`` (sized by the backend's slots), 1 for
+        ``off`` (no fusing), else the number given."""
+        f = self.fuse
+        if isinstance(f, str) and f.strip().lower() == "auto":
+            return None
+        if f is False or (isinstance(f, str) and f.strip().lower() == "off"):
+            return 1
+        if isinstance(f, int) and not isinstance(f, bool) and f >= 1:
+            return f
+        if isinstance(f, str) and f.strip().isdigit() and int(f) >= 1:
+            return int(f)
+        raise ConfigError(
+            f"hydra.launcher.fuse={f} is not allowed; expected auto, off or a group size >= 1"
+        )
 
     @property
     def tasks(self) -> int:

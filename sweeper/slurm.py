@@ -113,7 +113,10 @@ class SlurmQueue:
 def job_gone(job: Any, kind: str, states: dict[str, str] | None = None) -> bool:
     """Local: submitit's own answer. Slurm: the result file, else squeue's (never sacct)."""
     if kind == "local":
-        return job.done()
+        # the result file is written (atomically) once the job's outcome is in the store;
+        # the process then takes about a second more to exit (torch's teardown): the slot is
+        # free for the next job as soon as the file is there
+        return job.paths.result_pickle.exists() or job.done()
     if job.paths.result_pickle.exists():
         return True
     if states is None:

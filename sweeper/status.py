@@ -12,6 +12,7 @@ while a sweep is running, from any shell, for local and Slurm sweeps alike. Its 
 from __future__ import annotations
 
 import datetime as dt
+from collections import Counter
 
 from rich.console import Console
 from rich.table import Table
@@ -65,6 +66,7 @@ def status(argv: list[str], console: Console | None = None) -> None:
             "created (UTC)",
             "launcher",
             "points",
+            "jobs",
             "done",
             "failed",
             "diverged",
@@ -76,7 +78,10 @@ def status(argv: list[str], console: Console | None = None) -> None:
         ):
             t.add_column(col)
         for sw in sweeps:
-            runs = [r for _, r in store.sweep_runs(sw.id)]
+            links = store.sweep_runs(sw.id)
+            runs = [r for _, r in links]
+            per_job = Counter(link.job_id for link, _ in links if link.job_id)
+            fused = sum(1 for n in per_job.values() if n > 1)  # members share their job's id
             c = {st: sum(1 for r in runs if r.status == st) for st in RunStatus}
             end = sw.ended_at or now
             secs = int((end - sw.created_at).total_seconds())
@@ -86,6 +91,7 @@ def status(argv: list[str], console: Console | None = None) -> None:
                 sw.created_at.strftime("%Y-%m-%d %H:%M"),
                 sw.launcher,
                 str(sw.n_points),
+                f"{len(per_job)}" + (f" ({fused} fused)" if fused else ""),
                 str(c[RunStatus.done]),
                 str(c[RunStatus.failed]),
                 str(c[RunStatus.diverged]),

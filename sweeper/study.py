@@ -26,6 +26,7 @@ from typing import Any
 
 from sweeper.dispatch import Decision, Dispatcher, Point
 from sweeper.errors import Failed
+from sweeper.fuse import plan_groups
 from sweeper.identity import identity_of, preflight
 from sweeper.job import open_store, store_url
 from sweeper.schema import Config
@@ -76,6 +77,9 @@ class StudySource:
         self.dims, self.fixed, self.compose, self.search = dims, fixed, compose, search
         self.name, self.storage_url, self.out = study_name, storage_url, out
         self.counts: Counter[str] = Counter()
+        self.pending: list[list[Point]] = []
+        self._asking: list[Point] = []
+        self.fuse_limit: int | None = None  # hydra.launcher.fuse when a number
         self.outcomes: list[TrialOutcome] = []
         self.study: Any = None
         self.dispatcher: Dispatcher | None = None
@@ -164,7 +168,23 @@ class StudySource:
         )
 
     # -------------------------------------------------------------- the source
-    def next_point(self) -> Point | None:
+    def next_job(self, slots: float) -> list[Point] | None:
+        """One trial per job; with ``hydra.launcher.fuse=N`` (a number), up to N trials are
+        asked at once and the compatible ones train as one fused job (``auto`` keeps one
+        trial per job: Optuna's samplers learn from each result before the next ask)."""
+        if not self.pending:
+            limit = self.fuse_limit or 1
+            asked: list[Point] = []
+            self._asking = asked
+            while len(asked) < limit:
+                p = self._next_point()
+                if p is None:
+                    break
+                asked.append(p)
+            self.pending = plan_groups(asked, limit, 1, False)
+        return self.pending.pop(0) if self.pending else None
+
+    def _next_point(self) -> Point | None:
         """Ask for trials (resumed ones first) until one needs a job, or the budget is
         spent; trials settled without a job (invalid, already done, a live job elsewhere,
         waiting on a twin) are told here."""
@@ -187,7 +207,8 @@ class StudySource:
                 self._tell(number, trial_id, label, "FAIL", None, None, f"invalid ({e})")
                 continue
             p = Point(label, cfg, chash, ident, trial=Trial(number, trial_id, dict(params)))
-            twins = {q.config_hash: q for q in d.running}
+            # trials asked for the same fused job count as running: one run is never twice
+            twins = {q.config_hash: q for q in [*d.running, *self._asking]}
             decision = d.claim(p, retry_failed=True, twins=twins, trial=number)
             assert p.run is not None or decision == Decision.SHARED
             if decision == Decision.DONE:  # this configuration was trained before: reuse it
@@ -313,6 +334,7 @@ def run_search(
     launcher.validate()
     search.validate()
     source = StudySource(dims, fixed, compose, search, study_name, "", say)
+    source.fuse_limit = launcher.fuse_limit() if launcher.tasks == 1 else 1
     cfg0 = source.check_space()
     source.storage_url = search.storage or store_url(cfg0)
     source.open()

@@ -36,10 +36,12 @@ def slurm_args(cluster: SlurmCluster, results: Path, cpus: int = 1) -> list[str]
 
 
 def test_small_sweep_through_slurm(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+    """Three points, fuse=2: a fused job of two members and one alone, as one job array."""
     res = run_cli(
         "-m",
-        "method=baseline,pgt",
+        "method=baseline,pgt,ls",
         "+experiment=smoke",
+        "hydra.launcher.fuse=2",
         *slurm_args(slurm_cluster, tmp_path),
         cwd=tmp_path,
         timeout=300,
@@ -49,20 +51,22 @@ def test_small_sweep_through_slurm(slurm_cluster: SlurmCluster, tmp_path: Path) 
     db = tmp_path / "results.db"
     assert sql(db, "SELECT method, status, epoch FROM runs ORDER BY method") == [
         ("baseline", "done", 3),
+        ("ls", "done", 3),
         ("pgt", "done", 3),
     ]
+    assert "3 points → 2 jobs: 1 fused (2 members), 1 alone" in out
     (launcher,) = sql(db, "SELECT launcher FROM sweeps WHERE id = 1")[0]
     assert launcher == "slurm"
     job_ids = sorted(r[0] for r in sql(db, "SELECT job_id FROM sweep_runs"))
     array = job_ids[0].split("_")[0]
-    assert job_ids == [f"{array}_0", f"{array}_1"]  # one job array of two tasks
+    assert job_ids == [f"{array}_0", f"{array}_0", f"{array}_1"]  # one array of two tasks
     assert f"submitted Slurm job array {array} (2 tasks)" in out
-    assert "[  2/2]" in out and "done 2 · failed 0" in out and "sweep summary" in out
+    assert "[  3/3]" in out and "done 3 · failed 0" in out and "sweep summary" in out
     # no accounting on this cluster: the launcher must not lean on sacct (nor spam about it)
     assert "sacct" not in out + res.stderr
     logs = sorted((tmp_path / "logs" / "jobs" / "sweep1").glob("*_log.out"))
     assert [p.name for p in logs] == [f"{array}_0_0_log.out", f"{array}_1_0_log.out"]
-    assert all("epoch   3/3" in p.read_text() for p in logs)
+    assert sum(p.read_text().count("epoch   3/3") for p in logs) == 3
 
     from mlflow import MlflowClient
 
@@ -70,9 +74,9 @@ def test_small_sweep_through_slurm(slurm_cluster: SlurmCluster, tmp_path: Path) 
     exp = client.get_experiment_by_name("gradsweep")
     runs = client.search_runs([exp.experiment_id], "tags.sweep_id = '1'")
     kids = [r for r in runs if r.data.tags.get("sweep") != "parent"]
-    assert sorted(r.data.tags["method"] for r in kids) == ["baseline", "pgt"]
+    assert sorted(r.data.tags["method"] for r in kids) == ["baseline", "ls", "pgt"]
     assert all(r.info.status == "FINISHED" for r in kids)
-    assert sql(db, "SELECT count(*) FROM runs WHERE mlflow_mirrored = 1") == [(2,)]
+    assert sql(db, "SELECT count(*) FROM runs WHERE mlflow_mirrored = 1") == [(3,)]
 
 
 def test_optuna_search_through_slurm(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:

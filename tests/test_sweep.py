@@ -38,9 +38,11 @@ def test_smoke_sweep_runs_every_point(smoke: tuple[Path, subprocess.CompletedPro
     assert sql(d / "results.db", "SELECT count(*) FROM sweep_runs") == [(3,)]
     out = res.stdout
     assert "[  3/3]" in out and "done 3 · failed 0" in out and "sweep summary" in out
-    # every job's own log, written by submitit, has its per-epoch lines
+    # fused by default: three points on two slots are one fused job of two and one alone
+    assert "3 points → 2 jobs: 1 fused (2 members), 1 alone" in out
+    # every job's own log, written by submitit, has its runs' per-epoch lines
     logs = list((d / "logs" / "jobs" / "sweep1").glob("*_log.out"))
-    assert len(logs) == 3 and all("epoch   3/3" in p.read_text() for p in logs)
+    assert len(logs) == 2 and sum(p.read_text().count("epoch   3/3") for p in logs) == 3
 
 
 def test_smoke_sweep_is_grouped_in_mlflow(smoke: tuple[Path, subprocess.CompletedProcess]) -> None:

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from trainers.records import EpochMetrics
 from trainers.registry import first_line
@@ -71,7 +71,7 @@ class Checkpoints:
                 "config_hash": self.config_hash,
                 "epoch": next_epoch,
                 "step": step,
-                "model": model.state_dict(),
+                "model": _compact(model.state_dict()),
                 "optimizer": opt.state_dict(),
                 "scaler": scaler.state_dict(),
                 "torch_rng": torch.get_rng_state(),
@@ -135,3 +135,15 @@ class Checkpoints:
         scaler.load_state_dict(scaler_sd)
         torch.set_rng_state(rng)
         return Resumed(epoch, step, history)
+
+
+def _compact(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Tensors that are views into a larger storage -- a fused group's member
+    (:mod:`trainers.fused`) holds its weights as one slice of the group's stacked tensors --
+    are copied out, since ``torch.save`` writes a view's whole storage: every member's file
+    would otherwise hold the weights of the whole group. The file is then the same as the
+    run's alone."""
+    return {
+        k: v.clone() if v.untyped_storage().nbytes() > v.numel() * v.element_size() else v
+        for k, v in state.items()
+    }

@@ -9,7 +9,6 @@ by ``data_seed``) is identical across run seeds.
 from __future__ import annotations
 
 import math
-import os
 import pickle
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -23,12 +22,35 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from trainers.config import DataConfig
+from trainers.datacheck import (  # the torch-free pre-flight side of each data set
+    _CIFAR,
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    CIFAR100_MEAN,
+    CIFAR100_STD,
+    _check_cifar,
+    _check_imagenet,
+    _cifar_dir,
+    _class_dirs,
+    _no_check,
+    check_data,
+    known_datasets,
+)
 from trainers.registry import ConfigError, Registry
 
-__all__ = ["DataConfig", "DataBundle", "TensorLoader", "build_data", "check_data", "known_datasets"]
+__all__ = [
+    "CIFAR100_MEAN",
+    "CIFAR100_STD",
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
+    "DataBundle",
+    "DataConfig",
+    "TensorLoader",
+    "build_data",
+    "check_data",
+    "known_datasets",
+]
 
-CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
-CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CIFAR_PAD = 4  # He et al. 2016: 4-pixel zero padding, random 32x32 crop, random flip
 
@@ -200,10 +222,6 @@ class DatasetSpec:
 DATASETS: Registry[DatasetSpec] = Registry("data")
 
 
-def _no_check(cfg: DataConfig) -> None:
-    """digits and synthetic need no files."""
-
-
 def _build_digits(cfg: DataConfig, batch_size: int, seed: int, device: torch.device) -> DataBundle:
     from trainers.digits import digits_split  # scikit-learn's bundled file, read without sklearn
 
@@ -244,37 +262,6 @@ def _build_synthetic(
 # --- CIFAR (python pickle version) ----------------------------------------------------------
 # Our own loader rather than torchvision.datasets.CIFAR10/100: torchvision verifies the official
 # files' MD5 sums, so the small files that tests write in the real format cannot load through it.
-_CIFAR = {  # name: (folder, train files, test file, labels key, classes, mean, std)
-    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], "test_batch",
-                b"labels", 10, CIFAR10_MEAN, CIFAR10_STD),
-    "cifar100": ("cifar-100-python", ["train"], "test", b"fine_labels", 100,
-                 CIFAR100_MEAN, CIFAR100_STD),
-}  # fmt: skip
-
-
-def _root(cfg: DataConfig, expected: str) -> Path:
-    if not cfg.root:
-        raise ConfigError(f"data.root is required for {cfg.name}: {expected}")
-    root = Path(cfg.root).expanduser()
-    if not root.is_dir():
-        raise ConfigError(
-            f"data.root {str(root)!r} does not exist or is not a directory ({cfg.name} expects {expected})"
-        )
-    return root
-
-
-def _cifar_dir(cfg: DataConfig) -> Path:
-    folder, train_files, test_file, *_ = _CIFAR[cfg.name]
-    root = _root(cfg, f"a directory in the CIFAR python format ({folder})")
-    need = [*train_files, test_file]
-    for cand in (root, root / folder):  # the extracted folder itself, or its parent
-        if all((cand / f).is_file() for f in need):
-            return cand
-    names = ", ".join(need)
-    raise ConfigError(
-        f"data.root {str(root)!r} holds no {cfg.name} data: expected {names} "
-        f"(CIFAR python version) in it or in {str(root / folder)!r}"
-    )
 
 
 class _CifarUnpickler(pickle.Unpickler):
@@ -307,13 +294,6 @@ def _load_cifar_file(path: Path, key: bytes) -> tuple[Tensor, Tensor]:
     return torch.from_numpy(x.copy()), torch.from_numpy(y)
 
 
-def _check_cifar(cfg: DataConfig) -> None:
-    if not cfg.download:
-        _cifar_dir(cfg)
-    elif not cfg.root:  # the download creates root, so only its name is needed up front
-        raise ConfigError(f"data.root is required for {cfg.name}: the directory to download into")
-
-
 def _build_cifar(cfg: DataConfig, batch_size: int, seed: int, device: torch.device) -> DataBundle:
     folder, train_files, test_file, key, classes, mean, std = _CIFAR[cfg.name]
     if cfg.download:  # opt-in; torchvision fetches, verifies and extracts into root
@@ -334,45 +314,6 @@ def _build_cifar(cfg: DataConfig, batch_size: int, seed: int, device: torch.devi
 
 
 # --- ImageNet (ImageFolder trees root/train and root/val) -------------------------------------
-def _class_dirs(split: Path) -> list[str]:
-    return sorted(e.name for e in os.scandir(split) if e.is_dir())
-
-
-def _has_image(split: Path, classes: list[str]) -> bool:
-    from torchvision.datasets.folder import IMG_EXTENSIONS
-
-    for c in classes:  # stops at the first image: cheap even on the full ImageNet tree
-        for e in os.scandir(split / c):
-            if e.name.lower().endswith(IMG_EXTENSIONS) and e.is_file():
-                return True
-    return False
-
-
-def _check_imagenet(cfg: DataConfig) -> None:
-    if cfg.download:
-        raise ConfigError("data.download is only supported for cifar10/cifar100, not imagenet")
-    expected = "a directory with train/ and val/ ImageFolder trees (one sub-folder per class)"
-    root = _root(cfg, expected)
-    classes: dict[str, list[str]] = {}
-    for split in ("train", "val"):
-        d = root / split
-        if not d.is_dir():
-            raise ConfigError(
-                f"data.root {str(root)!r} has no {split}/ folder: imagenet expects {expected}"
-            )
-        classes[split] = _class_dirs(d)
-        if not _has_image(d, classes[split]):
-            raise ConfigError(
-                f"{str(d)!r} holds no images: imagenet expects one sub-folder per class with image files"
-            )
-    unknown = sorted(set(classes["val"]) - set(classes["train"]))
-    if unknown:
-        raise ConfigError(
-            f"{str(root / 'val')!r} has class folders not in train/: {', '.join(unknown[:5])} "
-            "(val must use the train class names)"
-        )
-
-
 class _SeededImages(Dataset):
     """ImageFolder whose items are ``(index, sample_seed)``: the transform of each sample runs
     under its own seed, so augmentation depends on (seed, epoch, position) only, not on the
@@ -475,22 +416,6 @@ DATASETS.register("synthetic", DatasetSpec(_no_check, _build_synthetic))
 DATASETS.register("cifar10", DatasetSpec(_check_cifar, _build_cifar))
 DATASETS.register("cifar100", DatasetSpec(_check_cifar, _build_cifar))
 DATASETS.register("imagenet", DatasetSpec(_check_imagenet, _build_imagenet))
-
-
-def known_datasets() -> list[str]:
-    return DATASETS.names()
-
-
-def check_data(cfg: DataConfig) -> None:
-    """Cheap pre-flight: raises ConfigError naming the path when the data cannot be found
-    (for a ``_target_``: that it imports and accepts its arguments)."""
-    if cfg._target_:
-        from trainers.custom import check_call, resolve_target
-
-        fn = resolve_target(cfg._target_, "data")
-        check_call(fn, "data", cfg._target_, knobs=cfg.args, knobs_at="data.args")
-        return
-    DATASETS.get(cfg.name).check(cfg)
 
 
 def _build_custom(cfg: DataConfig, batch_size: int, seed: int, device: torch.device) -> DataBundle:

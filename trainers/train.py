@@ -108,9 +108,13 @@ class Trainer:
         self._ready = False
 
     # ------------------------------------------------------------------ set-up
-    def setup(self) -> None:
+    def setup(self, data: DataBundle | None = None) -> None:
         """Build data, model and optimiser. Bad data/model settings raise ConfigError here,
-        so a caller can run this before recording anything (fit() calls it if needed)."""
+        so a caller can run this before recording anything (fit() calls it if needed).
+
+        ``data``: an already built bundle of the same data set whose training loader draws
+        this run's own order and augmentation (a fused group shares one copy of the data,
+        :mod:`trainers.fused`)."""
         cfg, info = self.cfg, self.dist
         if cfg.batch_size % info.world:
             raise ConfigError(
@@ -118,7 +122,11 @@ class Trainer:
                 f"{info.world} data-parallel processes"
             )
         torch.manual_seed(cfg.seed)  # model init depends on the seed only
-        self.data: DataBundle = build_data(cfg.data, cfg.batch_size, cfg.seed, self.device)
+        self.data: DataBundle = (
+            data
+            if data is not None
+            else build_data(cfg.data, cfg.batch_size, cfg.seed, self.device)
+        )
         if info.enabled:
             self.data.train.shard(*distributed.shard_bounds(cfg.batch_size, info))
         model = build_model_from(cfg.model, self.data.num_classes, self.data.in_channels)
@@ -228,107 +236,152 @@ class Trainer:
                 torch.distributed.destroy_process_group()
 
     def _fit(self) -> TrainResult:
-        main, cfg = self.dist.is_main, self.cfg
-        if main:
+        start_epoch, step, result = self.begin()
+        for epoch in range(start_epoch, self.cfg.epochs):
+            t0 = time.perf_counter()
+            flog = self.epoch_filter_log(epoch, step)
+            try:
+                totals = self._train_epoch(epoch, step, flog)
+            except Diverged as d:
+                self.mark_diverged(result, epoch, d.step)
+                return result
+            step += self.steps_per_epoch
+            if self.end_epoch(epoch, step, totals, flog, result, time.perf_counter() - t0):
+                return result
+        self.finish(result, start_epoch)
+        return result
+
+    # The parts of an epoch that are the same whether this run trains alone or as a member
+    # of a fused group (trainers.fused): the group calls them for each of its members.
+    def begin(self) -> tuple[int, int, TrainResult]:
+        """Resume from the checkpoint (if any) and tell the sink the run started: returns
+        (first epoch to train, global step, the result being built)."""
+        if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         resumed = self.checkpoints.load(self.model, self.opt, self.scaler)
-        start_epoch, step, history = resumed.epoch, resumed.step, resumed.history or []
+        start_epoch, step = resumed.epoch, resumed.step
         result = TrainResult(
             status="done",
-            history=history,
+            history=resumed.history or [],
             device=describe_device(self.device)
             + (f" x{self.dist.world} processes" if self.dist.enabled else ""),
             precision=self.precision,
         )
-        if main:
+        if self.dist.is_main:
             self.sink.on_start(start_epoch, result.device, self.precision)
-        if start_epoch and main:
-            self.log(f"resuming after epoch {start_epoch}/{cfg.epochs} (step {step})")
+        if start_epoch and self.dist.is_main:
+            self.log(f"resuming after epoch {start_epoch}/{self.cfg.epochs} (step {step})")
+        self._start_epoch = start_epoch
+        return start_epoch, step, result
+
+    def epoch_filter_log(self, epoch: int, step: int) -> FilterLog:
+        """A new epoch's filter-norm log (with the step-0 snapshot on the very first one)."""
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        flog = FilterLog()
+        if self.cfg.filter_stats_every and step == 0 and self.dist.is_main:
+            self.filters.snapshot(flog, 0, epoch)
+        return flog
+
+    def mark_diverged(self, result: TrainResult, epoch: int, step: int) -> None:
+        result.status, result.diverged_step = "diverged", step
+        self.log(
+            f"epoch {epoch + 1}/{self.cfg.epochs}: non-finite loss at step {step}; "
+            "stopping (status diverged)"
+        )
+
+    def end_epoch(
+        self,
+        epoch: int,
+        step: int,
+        totals: EpochTotals,
+        flog: FilterLog,
+        result: TrainResult,
+        charged: float,
+    ) -> bool:
+        """Evaluate, record, checkpoint and log a trained epoch; True when the run stops
+        here (a non-finite test loss: diverged; its search's pruner: pruned). ``charged``:
+        the seconds of training charged to this run (a fused member: its share of the
+        group's); the evaluation's own time is added to it as the epoch's time."""
+        cfg, main = self.cfg, self.dist.is_main
+        t0 = time.perf_counter()
+        last = epoch == cfg.epochs - 1
+        test = self._evaluate(want_features=last)
         cuda = self.device.type == "cuda"
-        for epoch in range(start_epoch, cfg.epochs):
-            if cuda:
-                torch.cuda.reset_peak_memory_stats(self.device)
-            t0 = time.perf_counter()
-            flog = FilterLog()
-            if cfg.filter_stats_every and step == 0 and main:
-                self.filters.snapshot(flog, 0, epoch)
-            try:
-                totals = self._train_epoch(epoch, step, flog)
-            except Diverged as d:
-                result.status, result.diverged_step = "diverged", d.step
-                self.log(
-                    f"epoch {epoch + 1}/{cfg.epochs}: non-finite loss at step {d.step}; "
-                    "stopping (status diverged)"
-                )
-                return result
-            step += self.steps_per_epoch
-            last = epoch == cfg.epochs - 1
-            test = self._evaluate(want_features=last)
-            m = EpochMetrics(
-                epoch=epoch,
-                step=step,
-                train_loss=totals.train_loss,
-                train_acc=totals.train_acc,
-                test_loss=test.loss,
-                test_acc=test.top1,
-                test_top5=test.top5,
-                logit_norm=test.logit_norm,
-                gap=totals.train_acc - test.top1,
-                lr=self._lr(step - 1),
-                epoch_time=time.perf_counter() - t0,
-                images_per_s=self.steps_per_epoch * cfg.batch_size / max(totals.train_time, 1e-9),
-                grad_norm_before=totals.grad_norm_before,
-                grad_norm_after=totals.grad_norm_after,
-                peak_mem_mb=torch.cuda.max_memory_allocated(self.device) / 2**20 if cuda else None,
+        m = EpochMetrics(
+            epoch=epoch,
+            step=step,
+            train_loss=totals.train_loss,
+            train_acc=totals.train_acc,
+            test_loss=test.loss,
+            test_acc=test.top1,
+            test_top5=test.top5,
+            logit_norm=test.logit_norm,
+            gap=totals.train_acc - test.top1,
+            lr=self._lr(step - 1),
+            epoch_time=charged + time.perf_counter() - t0,
+            images_per_s=self.steps_per_epoch * cfg.batch_size / max(totals.train_time, 1e-9),
+            grad_norm_before=totals.grad_norm_before,
+            grad_norm_after=totals.grad_norm_after,
+            peak_mem_mb=torch.cuda.max_memory_allocated(self.device) / 2**20 if cuda else None,
+        )
+        if not all(math.isfinite(v) for v in (test.loss, test.logit_norm)):  # on all ranks
+            result.status, result.diverged_step = "diverged", step
+            self.log(f"epoch {epoch + 1}/{cfg.epochs}: non-finite test loss; stopping")
+            return True
+        result.history.append(m)
+        if last:
+            _set_features(result, test.features)
+        stop = False
+        if main:
+            filter_file = self.filters.write(epoch, flog)
+            self.sink.on_epoch(m, flog.stats, filter_file)
+            self.checkpoints.save(
+                epoch + 1, step, result.history, self.model, self.opt, self.scaler
             )
-            if not all(math.isfinite(v) for v in (test.loss, test.logit_norm)):  # on all ranks
-                result.status, result.diverged_step = "diverged", step
-                self.log(f"epoch {epoch + 1}/{cfg.epochs}: non-finite test loss; stopping")
-                return result
-            history.append(m)
-            if last:
-                _set_features(result, test.features)
-            stop = False
-            if main:
-                filter_file = self.filters.write(epoch, flog)
-                self.sink.on_epoch(m, flog.stats, filter_file)
-                self.checkpoints.save(epoch + 1, step, history, self.model, self.opt, self.scaler)
-                self.log(
-                    f"epoch {epoch + 1:>3}/{cfg.epochs}  train loss {m.train_loss:.4f} "
-                    f"acc {m.train_acc:6.2f}%  test loss {m.test_loss:.4f} "
-                    f"acc {m.test_acc:6.2f}% top5 {m.test_top5:6.2f}%  |z| {m.logit_norm:7.3f}  "
-                    f"lr {m.lr:.4g}  {m.epoch_time:5.1f}s {m.images_per_s:7.0f} img/s"
-                    + (f"  {m.peak_mem_mb:,.0f} MiB" if m.peak_mem_mb is not None else "")
-                )
-                # asked on the last epoch too: a search records every epoch's value
-                stop = self.sink.should_stop(m) and not last
-            if self.dist.enabled:  # rank 0 decides; every rank must leave the loop together
-                flag = torch.tensor([float(stop)], device=self.device)
-                stop = bool(distributed.broadcast(flag, self.dist).item())
-            if stop:
-                result.status = "pruned"
-                self.log(f"epoch {epoch + 1}/{cfg.epochs}: pruned by the search; stopping")
-                return result
-        if start_epoch >= cfg.epochs and history and main:
-            # finished before (e.g. killed after the last checkpoint): measure features again
+            self.log(
+                f"epoch {epoch + 1:>3}/{cfg.epochs}  train loss {m.train_loss:.4f} "
+                f"acc {m.train_acc:6.2f}%  test loss {m.test_loss:.4f} "
+                f"acc {m.test_acc:6.2f}% top5 {m.test_top5:6.2f}%  |z| {m.logit_norm:7.3f}  "
+                f"lr {m.lr:.4g}  {m.epoch_time:5.1f}s {m.images_per_s:7.0f} img/s"
+                + (f"  {m.peak_mem_mb:,.0f} MiB" if m.peak_mem_mb is not None else "")
+            )
+            # asked on the last epoch too: a search records every epoch's value
+            stop = self.sink.should_stop(m) and not last
+        if self.dist.enabled:  # rank 0 decides; every rank must leave the loop together
+            flag = torch.tensor([float(stop)], device=self.device)
+            stop = bool(distributed.broadcast(flag, self.dist).item())
+        if stop:
+            result.status = "pruned"
+            self.log(f"epoch {epoch + 1}/{cfg.epochs}: pruned by the search; stopping")
+        return stop
+
+    def finish(self, result: TrainResult, start_epoch: int) -> None:
+        """After the last epoch. A run that had finished before (e.g. killed after its last
+        checkpoint) measures its features again."""
+        if start_epoch >= self.cfg.epochs and result.history and self.dist.is_main:
             _set_features(result, self._evaluate(want_features=True).features)
-        return result
+
+    def new_epoch_sums(self) -> EpochSums:
+        return EpochSums(self.cfg.check_every, self.steps_per_epoch, self.device, self.dist)
+
+    def guard(self, loss: Tensor, after: Tensor) -> Tensor:
+        """A custom transform that breaks the gradients diverges at that step."""
+        if self._custom_grads:
+            return torch.where(torch.isfinite(after), loss, torch.nan)
+        return loss
+
+    def snapshot_due(self, flog: FilterLog, s: int, epoch: int) -> None:
+        """Filter norms after global step ``s`` when they are due."""
+        every = self.cfg.filter_stats_every
+        if every and (s + 1) % every == 0 and self.dist.is_main:
+            self.filters.snapshot(flog, s + 1, epoch)
 
     def _train_epoch(self, epoch: int, step: int, flog: FilterLog) -> EpochTotals:
         """Run one epoch from global step ``step``; raises :class:`Diverged` at the first
-        non-finite loss.
-
-        Losses go into a device buffer and are checked every ``check_every`` steps, so the
-        host syncs with the device only that often, yet the diverging step is exact.
-        """
-        cfg, dev = self.cfg, self.device
-        k = cfg.check_every
-        buf = torch.zeros(k, device=dev)
-        loss_sum = torch.zeros((), device=dev)
-        correct = torch.zeros((), device=dev, dtype=torch.long)
-        gn_b = torch.zeros((), device=dev)
-        gn_a = torch.zeros((), device=dev)
-        seen, i, t0 = 0, 0, time.perf_counter()
+        non-finite loss."""
+        sums = self.new_epoch_sums()
+        t0 = time.perf_counter()
         batches: Iterator[tuple[Tensor, Tensor]] = self.data.train.batches(epoch)
         for i, (x, y) in enumerate(batches):
             s = step + i
@@ -337,35 +390,57 @@ class Trainer:
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             loss, c, b, a = self._train_step(x, y)
-            if self._custom_grads:  # a custom transform that breaks the gradients diverges now
-                loss = torch.where(torch.isfinite(a), loss, torch.nan)
-            buf[i % k] = loss
-            loss_sum += loss
-            correct += c
-            gn_b += b
-            gn_a += a
-            seen += y.numel()
-            if (i + 1) % k == 0 or i + 1 == self.steps_per_epoch:
-                n = i % k + 1
-                pos = torch.arange(n, device=dev)
-                first = torch.where(torch.isfinite(buf[:n]), n, pos).min()
-                # every rank must stop at the same check: agree on the earliest bad step
-                first = int(distributed.all_min(first, self.dist))
-                if first < n:
-                    raise Diverged(s - n + 1 + first)
-            main = self.dist.is_main
-            if cfg.filter_stats_every and (s + 1) % cfg.filter_stats_every == 0 and main:
-                self.filters.snapshot(flog, s + 1, epoch)
-        steps = i + 1
-        train_time = time.perf_counter() - t0
-        totals = torch.stack([loss_sum.float(), correct.float()])
-        loss_total, correct_total = distributed.all_sum(totals, self.dist).tolist()
-        world = self.dist.world
+            sums.add(i, s, self.guard(loss, a), c, b, a, y.numel())
+            self.snapshot_due(flog, s, epoch)
+        return sums.totals(time.perf_counter() - t0)
+
+
+class EpochSums:
+    """One epoch's running sums of one run, kept on the device.
+
+    Losses go into a device buffer and are checked every ``check_every`` steps, so the host
+    syncs with the device only that often, yet the diverging step is exact (every rank of a
+    data-parallel run agrees on it)."""
+
+    def __init__(
+        self, check_every: int, steps: int, device: torch.device, dist: distributed.DistInfo
+    ) -> None:
+        self.k, self.steps, self.device, self.dist = check_every, steps, device, dist
+        self.buf = torch.zeros(check_every, device=device)
+        self.loss_sum = torch.zeros((), device=device)
+        self.correct = torch.zeros((), device=device, dtype=torch.long)
+        self.gn_b = torch.zeros((), device=device)
+        self.gn_a = torch.zeros((), device=device)
+        self.seen = self.done = 0
+
+    def add(self, i: int, s: int, loss: Tensor, c: Tensor, b: Tensor, a: Tensor, n: int) -> None:
+        """Step ``i`` of the epoch (global step ``s``); raises :class:`Diverged`."""
+        k = self.k
+        self.buf[i % k] = loss
+        self.loss_sum += loss
+        self.correct += c
+        self.gn_b += b
+        self.gn_a += a
+        self.seen += n
+        self.done = i + 1
+        if (i + 1) % k == 0 or i + 1 == self.steps:
+            m = i % k + 1
+            pos = torch.arange(m, device=self.device)
+            first = torch.where(torch.isfinite(self.buf[:m]), m, pos).min()
+            # every rank must stop at the same check: agree on the earliest bad step
+            first = int(distributed.all_min(first, self.dist))
+            if first < m:
+                raise Diverged(s - m + 1 + first)
+
+    def totals(self, train_time: float) -> EpochTotals:
+        steps, world = self.done, self.dist.world
+        t = torch.stack([self.loss_sum.float(), self.correct.float()])
+        loss_total, correct_total = distributed.all_sum(t, self.dist).tolist()
         return EpochTotals(
             train_loss=loss_total / (steps * world),
-            train_acc=100.0 * correct_total / (seen * world),
-            grad_norm_before=gn_b.item() / steps,
-            grad_norm_after=gn_a.item() / steps,
+            train_acc=100.0 * correct_total / (self.seen * world),
+            grad_norm_before=self.gn_b.item() / steps,
+            grad_norm_after=self.gn_a.item() / steps,
             train_time=train_time,
         )
 
