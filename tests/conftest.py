@@ -13,7 +13,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # the files that start many real processes go first, so that the two workers finish together
 HEAVY_FIRST = ["test_sweep.py", "test_slurm.py", "test_search.py", "test_resume.py",
-               "test_faults.py", "test_postgres.py", "test_custom_methods.py"]  # fmt: skip
+               "test_faults.py", "test_fused.py", "test_postgres.py", "test_custom_methods.py"]  # fmt: skip
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -112,8 +112,8 @@ def test_a_stacked_group_matches_its_separate_runs(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("stacked", [False, True], ids=["interleaved", "stacked"])
 def test_resnet20_on_cifar_shaped_data_fuses(tmp_path: Path, stacked: bool) -> None:
-    data = DataConfig(name="synthetic", num_train=128, num_test=64)
-    cfgs = [RunConfig(model=ModelConf(name="resnet20"), data=data, batch_size=64, epochs=3,
+    data = DataConfig(name="synthetic", num_train=64, num_test=32)
+    cfgs = [RunConfig(model=ModelConf(name="resnet20"), data=data, batch_size=32, epochs=3,
                       seed=s, method=MethodConf.preset(m), filter_stats_every=0)
             for s, m in ((0, "baseline"), (1, "ls_pgt"))]  # fmt: skip
     alone, fused = _alone(cfgs, tmp_path), _fused(cfgs, tmp_path, stacked=stacked)
@@ -129,16 +129,16 @@ def test_resnet20_on_cifar_shaped_data_fuses(tmp_path: Path, stacked: bool) -> N
 
 @pytest.mark.parametrize("stacked", [False, True], ids=["interleaved", "stacked"])
 def test_a_diverging_member_leaves_the_group_at_its_step(tmp_path: Path, stacked: bool) -> None:
-    base = dict(epochs=2, filter_stats_every=0, check_every=5)
-    cfgs = [RunConfig(seed=0, **base), RunConfig(seed=1, lr=1e5, **base),
+    base = dict(epochs=1, filter_stats_every=0, check_every=5)
+    cfgs = [RunConfig(seed=0, **base), RunConfig(seed=1, lr=1e7, **base),
             RunConfig(seed=2, **base)]  # fmt: skip
     alone, fused = _alone(cfgs, tmp_path), _fused(cfgs, tmp_path, stacked=stacked)
     assert alone[1].status == fused[1].status == "diverged"
     if not stacked:  # the exact step (stacked: rounding moves a chaotic run's step)
         assert fused[1].diverged_step == alone[1].diverged_step
-    assert fused[1].diverged_step <= 2 * 22  # within its two epochs (22 steps each)
+    assert fused[1].diverged_step < 22 and not fused[1].history  # in its first epoch
     for i in (0, 2):
-        assert fused[i].status == "done" and len(fused[i].history) == 2
+        assert fused[i].status == "done" and len(fused[i].history) == 1
         x, y = alone[i].history[-1].train_loss, fused[i].history[-1].train_loss
         assert x == y if not stacked else _rel(x, y) < STACKED_EPOCH3
 
@@ -273,18 +273,18 @@ def test_a_fused_sweep_records_every_member_as_its_own_run(tmp_path: Path) -> No
     # status shows how the sweep's points were run
     st = run_cli("status", cwd=tmp_path)
     assert st.returncode == 0 and "fused" in st.stdout
-    # the same points unfused, and one more: the four are the same runs (nothing retrained)
-    again = run_cli(*grid[:-2], "seed=0,1,2", "epochs=2", "hydra.launcher.fuse=off", cwd=tmp_path)
+    # the same points unfused are the same runs: nothing is trained again
+    again = run_cli(*grid, "hydra.launcher.fuse=off", cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert "6 points, 2 to run, 4 already finished" in again.stdout
-    assert len(sql(db, "SELECT id FROM runs")) == 6
+    assert "4 points, 0 to run, 4 already finished" in again.stdout
+    assert len(sql(db, "SELECT id FROM runs")) == 4
 
 
 def test_a_killed_fused_job_resumes_its_members(tmp_path: Path) -> None:
     """SIGKILL the fused job's process mid-way: the sweeper records its members
     interrupted; the same command resumes each from its checkpoint, a member already done
     is not trained again."""
-    grid = ["-m", "seed=0,1", "epochs=12", "mlflow.enabled=false"]
+    grid = ["-m", "seed=0,1", "epochs=6", "mlflow.enabled=false"]
     p = subprocess.Popen([sys.executable, "-m", "sweeper", *grid], cwd=tmp_path, env=cli_env(),
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     db = tmp_path / "results" / "results.db"
@@ -293,7 +293,9 @@ def test_a_killed_fused_job_resumes_its_members(tmp_path: Path) -> None:
         if poll_sql(db, "SELECT 1 FROM runs WHERE epoch >= 2"):
             break
         time.sleep(0.2)
-    pids = subprocess.run(["pgrep", "-f", "submitit.core._submit"], capture_output=True, text=True)
+    # only this test's job (the other test worker may be running jobs of its own)
+    mine = f"submitit.core._submit {tmp_path}"
+    pids = subprocess.run(["pgrep", "-f", mine], capture_output=True, text=True)
     for pid in pids.stdout.split():
         os.kill(int(pid), signal.SIGKILL)
     out, _ = p.communicate(timeout=120)
@@ -306,7 +308,7 @@ def test_a_killed_fused_job_resumes_its_members(tmp_path: Path) -> None:
         f.read_text() for f in (tmp_path / "results" / "logs" / "jobs").rglob("*_log.out")
     )
     rows = sql(db, "SELECT status, epoch FROM runs")
-    assert rows == [("done", 12), ("done", 12)]
+    assert rows == [("done", 6), ("done", 6)]
 
 
 def test_a_search_with_fuse_n_trains_its_trials_together(tmp_path: Path) -> None:
