@@ -45,6 +45,7 @@ class Submission:
     job: Any = None  # the submitit job, once submitted
     slurm_state: str | None = None  # last state squeue reported
     gone_since: float | None = None  # Slurm: when the job was first seen gone
+    error: str | None = None  # why it ended without an outcome, once asked (Dispatcher)
 
 
 class Backend(Protocol):

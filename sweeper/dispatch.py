@@ -300,12 +300,12 @@ class Dispatcher:
             p.status = "interrupted"
         elif backend.ended_without_result(p.sub):  # vanished: a signal, a lost node
             why = f"its job {p.job_id} ended without recording an outcome (killed or lost)"
-            self.store.mark_killed([run.id], why, backend.error(p.sub))
+            self.store.mark_killed([run.id], why, self._error(p.sub, backend))
             run = self.store.get_run_by_id(run.id)
             assert run is not None
             p.status = "interrupted" if run.status == RunStatus.interrupted else run.status.value
         else:  # it raised before it could record anything (e.g. while loading the data)
-            error = backend.error(p.sub)
+            error = self._error(p.sub, backend)
             last = (error or "").strip().splitlines()[-1:] or [""]
             if last[0].startswith("KeyboardInterrupt"):
                 # cancelled (Ctrl-C, a cancelled sweep) before it could record that itself,
@@ -316,6 +316,14 @@ class Dispatcher:
                 self.store.finish_run(run.id, RunStatus.failed, error=error)
                 p.status = "failed"
         p.run = self.store.get_run_by_id(run.id)
+
+    @staticmethod
+    def _error(sub: Submission, backend: Backend) -> str:
+        """Why a job ended without an outcome, asked once per job (the members of a fused
+        job share it)."""
+        if sub.error is None:
+            sub.error = backend.error(sub)
+        return sub.error
 
     def _cancel(self, backend: Backend) -> None:
         if threading.current_thread() is threading.main_thread():

@@ -126,6 +126,13 @@ def job_gone(job: Any, kind: str, states: dict[str, str] | None = None) -> bool:
 
 
 def job_error(job: Any, kind: str = "local", state: str | None = None) -> str:
+    if kind == "local" and not job.paths.result_pickle.exists():
+        # the job's process has ended (it is only asked then) and writes its result file
+        # before it exits: no file means none will come. submitit's own answer would wait
+        # 15 s for the file first, for each run of a fused job.
+        tail = _tail(job.paths.stderr, 40)
+        msg = f"job {job.job_id} ended without a result (state: {job.state})"
+        return f"{msg}; stderr ({job.paths.stderr}):\n{tail}" if tail else f"{msg}; no stderr"
     if kind == "local" or job.paths.result_pickle.exists():
         try:  # with the result file present this neither waits nor asks sacct
             exc = job.exception()
