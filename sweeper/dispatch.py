@@ -136,6 +136,8 @@ class Dispatcher:
         self.sweep = store.create_sweep(sweep_name, command, launcher_label, n_points)
         self.live: Any = None  # the sweep's MLflow side (sweeper.mirror.SweepMirror)
         self.base_tags: dict[str, str] = {"sweep_id": str(self.sweep.id), "sweep_name": sweep_name}
+        if getattr(params, "jobs_per_gpu", 1) > 1:  # packed jobs share a GPU: read their
+            self.base_tags["jobs_per_gpu"] = str(params.jobs_per_gpu)  # system metrics so
         self.running: list[Point] = []
 
     # ------------------------------------------------------------------- claiming
@@ -182,10 +184,12 @@ class Dispatcher:
         folder.mkdir(parents=True, exist_ok=True)
         return folder
 
-    def open_mlflow_parent(self, n_points: int) -> None:
+    def open_mlflow_parent(self, n_points: int, objective: tuple[str, str] | None = None) -> None:
         """The sweep's MLflow side (:class:`sweeper.mirror.SweepMirror`): its parent run (the
         jobs' runs are its children), opened in a thread so that MLflow's set-up overlaps
-        the first job's start; the same thread mirrors the members of fused jobs."""
+        the first job's start; the same thread mirrors the members of fused jobs and keeps
+        the parent's summary of the sweep current. ``objective``: a search's (metric,
+        direction), for its best trial."""
         if not self.cfg0.mlflow.enabled:
             return
         from sweeper.job import store_url, tracking_uri
@@ -194,7 +198,7 @@ class Dispatcher:
         self.live = SweepMirror(store_url(self.cfg0), tracking_uri(self.cfg0),
                                 self.cfg0.mlflow.experiment, Path(self.cfg0.results_dir),
                                 self.name, {"sweep_command": self.command, "n_points": n_points},
-                                self.sweep.id, self.out)  # fmt: skip
+                                self.sweep.id, self.out, objective=objective)  # fmt: skip
 
     @property
     def parent(self) -> Any:
@@ -264,7 +268,7 @@ class Dispatcher:
         if any(len(job) == 1 for job in jobs):
             self._parent_tag()
         for job in jobs:
-            tags = [{**self.base_tags, **p.mlflow_tags} for p in job]
+            tags = [self._tags(p) for p in job]
             if len(job) > 1 and self.live is not None:  # mirrored by the sweeper, not the job
                 tags = [{**t, MIRROR_TAG: "sweeper"} for t in tags]
             if len(job) == 1:  # one run: the job's arguments as they always were
@@ -280,14 +284,25 @@ class Dispatcher:
         backend.submit(subs)
         for job in jobs:
             if len(job) > 1 and self.live is not None:
-                self.live.watch([p.run.id for p in job], [{**self.base_tags, **p.mlflow_tags,
-                                                           "fused_group": str(len(job))}
-                                                          for p in job])  # type: ignore[union-attr]  # fmt: skip
+                self.live.watch(
+                    [p.run.id for p in job],  # type: ignore[union-attr]
+                    [{**self._tags(p), "fused_group": str(len(job))} for p in job],
+                )
             for p in job:
                 self.running.append(p)  # from here on a signal cancels it too
                 p.started, p.status = time.monotonic(), "running"
                 assert p.run is not None
                 self.store.set_job_id(self.sweep.id, p.run.id, str(p.job_id))
+
+    def _tags(self, p: Point) -> dict[str, str]:
+        """A point's MLflow tags: the sweep's, its point, its configuration's name within
+        the sweep (the point without its seed: what the parent's summary calls it)."""
+        from sweeper.describe import point_label
+
+        tags = {**self.base_tags, "point": p.label[:500], **p.mlflow_tags}
+        if label := point_label(p.label):
+            tags["config_label"] = label[:500]
+        return tags
 
     def _outcome(self, p: Point, backend: Backend) -> None:
         """A job is over when its process is gone; its outcome is its run's row."""
@@ -304,6 +319,7 @@ class Dispatcher:
             run = self.store.get_run_by_id(run.id)
             assert run is not None
             p.status = "interrupted" if run.status == RunStatus.interrupted else run.status.value
+            self._ended_here(run.id)
         else:  # it raised before it could record anything (e.g. while loading the data)
             error = self._error(p.sub, backend)
             last = (error or "").strip().splitlines()[-1:] or [""]
@@ -315,7 +331,13 @@ class Dispatcher:
             else:
                 self.store.finish_run(run.id, RunStatus.failed, error=error)
                 p.status = "failed"
+            self._ended_here(run.id)
         p.run = self.store.get_run_by_id(run.id)
+
+    def _ended_here(self, run_id: int) -> None:
+        """The sweeper recorded this run's outcome for its job: its MLflow run is closed."""
+        if self.live is not None:
+            self.live.ended([run_id])
 
     @staticmethod
     def _error(sub: Submission, backend: Backend) -> str:
@@ -331,8 +353,10 @@ class Dispatcher:
         backend.cancel(self._subs())
         # a job SIGKILLed by submitit's controller before it could record: say it here, so a
         # rerun resumes it at once instead of waiting for its lease to run out
-        self.store.mark_cancelled([p.run.id for p in self.running if p.run is not None],
-                                  "its sweep was interrupted")  # fmt: skip
+        ids = [p.run.id for p in self.running if p.run is not None]
+        self.store.mark_cancelled(ids, "its sweep was interrupted")
+        if self.live is not None:
+            self.live.ended(ids)
         self.close(failed=True)
 
     def close(self, failed: bool) -> None:

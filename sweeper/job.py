@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sweeper import provenance
+from sweeper.describe import STATUS_FOR_MLFLOW, outcome_tags
 from sweeper.identity import grid_columns, identity_of, preflight, resolved_config, run_dir_of
 from sweeper.schema import Config
 from sweeper.store import (
@@ -38,14 +39,7 @@ if TYPE_CHECKING:
     from trainers.train import Trainer
 
 log = logging.getLogger("gradsweep")
-
-STATUS_FOR_MLFLOW = {
-    "done": "FINISHED",
-    "diverged": "FAILED",
-    "failed": "FAILED",
-    "pruned": "KILLED",  # stopped by the search's pruner; the status tag says "pruned"
-    "interrupted": "KILLED",
-}
+REQUEUED = "requeued (time-out or pre-emption)"
 
 
 @dataclass
@@ -196,12 +190,12 @@ def run_job(
         store.dispose()
 
 
-def _start_mirror(
-    cfg: Config, store: Store, run: RunRecord, ident: dict, tags: dict[str, str]
-) -> BackgroundMirror | None:
+def _start_mirror(cfg: Config, store: Store, run: RunRecord, run_dir: Path, device_type: str,
+                  tags: dict[str, str]) -> BackgroundMirror | None:  # fmt: skip
+    """The run's MLflow run, opened (or resumed) from a thread of the job's own."""
     if not cfg.mlflow.enabled:
         return None
-    from sweeper.tracking import BackgroundMirror, MlflowMirror, run_name
+    from sweeper.tracking import BackgroundMirror, MlflowMirror
 
     def started(rid: str) -> None:
         if rid != run.mlflow_run_id:
@@ -212,13 +206,7 @@ def _start_mirror(
                      Path(cfg.results_dir) / "mlartifacts", warn=log.warning),
         on_started=started,
     )  # fmt: skip
-    mirror.start(
-        run.mlflow_run_id,
-        run_name(cfg.model.effective_name, cfg.method.spec.name, cfg.effective_alpha(), cfg.seed),
-        {**ident, "results_run_id": run.id},
-        {"config_hash": run.config_hash, "method": cfg.method.spec.name, "model": cfg.model.effective_name,
-         **tags},
-    )  # fmt: skip
+    mirror.open_run(run, run_dir, tags, cfg.mlflow.system_metrics_on(device_type))
     return mirror
 
 
@@ -231,7 +219,7 @@ def _train(
     mlflow_tags: dict[str, str],
     reporter: TrialReporter | None = None,
 ) -> JobOutcome:
-    mirror = _start_mirror(cfg, store, run, ident, mlflow_tags)
+    mirror = _start_mirror(cfg, store, run, trainer.run_dir, trainer.device.type, mlflow_tags)
     if mirror is not None and not mirror.wait_started():
         log.warning("warning: MLflow has not answered in 120 s; training goes on, mirroring later")
     gpus = trainer.dist.world if trainer.device.type == "cuda" else 0
@@ -252,8 +240,9 @@ def _train(
         # submitit's time-out / pre-emption handler requeues the job, then exits: the run
         # is not over, it resumes from its checkpoint when the requeued job starts (a
         # deliberate stop, so not counted as a kill)
-        store.mark_cancelled([run.id], "requeued (time-out or pre-emption)")
+        store.mark_cancelled([run.id], REQUEUED)
         if mirror is not None:
+            mirror.set_tags(outcome_tags("interrupted", error=REQUEUED))
             mirror.end("KILLED")
         raise
     except BaseException as e:
@@ -267,6 +256,7 @@ def _train(
             )
         store.finish_run(run.id, status, error=err)
         if mirror is not None:
+            mirror.set_tags(outcome_tags(status.value, error=err))
             mirror.end(STATUS_FOR_MLFLOW[status.value])
         raise
     return _record(cfg, store, run, trainer.run_dir, result, mirror, gpus)
@@ -306,7 +296,8 @@ def _record(
     if mirror is not None:
         secs = sum(h.epoch_time for h in result.history)  # as the store's train_seconds
         mirror.log_metrics({"train_seconds": secs, "gpu_hours": secs * gpus / 3600}, step=0)
-        mirror.set_tags({"status": result.status})
+        mirror.set_tags(outcome_tags(result.status, diverged_step=result.diverged_step,
+                                     epoch=len(result.history), epochs=cfg.epochs))  # fmt: skip
         mirrored = mirror.end(STATUS_FOR_MLFLOW[result.status])
         if mirror.run_id is not None:
             fields["mlflow_run_id"] = mirror.run_id
@@ -363,8 +354,17 @@ def run_group(cfgs: list[Config], mlflow_tags: list[dict[str, str]],
         # in a sweep the sweeper mirrors the members (sweeper.mirror.SweepMirror): MLflow's
         # import and a run's set-up each would otherwise delay this job's first step
         mirrors = [None if tags.get("gradsweep.mirror") == "sweeper" else
-                   _start_mirror(cfg, store, run, ident, {**tags, "fused_group": str(len(todo))})
-                   for cfg, ident, _, run, tags, _ in todo]  # fmt: skip
+                   _start_mirror(cfg, store, run, trainer.run_dir, trainer.device.type,
+                                 {**tags, "fused_group": str(len(todo))})
+                   for cfg, _, trainer, run, tags, _ in todo]  # fmt: skip
+        cfg0, dev = todo[0][0], todo[0][2].device.type
+        monitors = None  # the sweeper opens its members' MLflow runs: watch for their ids
+        if (cfg0.mlflow.enabled and cfg0.mlflow.system_metrics_on(dev)
+                and any(m is None for m in mirrors)):  # fmt: skip
+            from sweeper.tracking import GroupSystemMetrics
+
+            monitors = GroupSystemMetrics(tracking_uri(cfg0), store_url(cfg0),
+                                          [t[3].id for t in todo], log.warning)  # fmt: skip
         for m in mirrors:
             if m is not None and not m.wait_started():
                 log.warning("warning: MLflow has not answered in 120 s; training goes on")
@@ -398,8 +398,8 @@ def run_group(cfgs: list[Config], mlflow_tags: list[dict[str, str]],
                 left = [i for i in range(len(todo)) if i not in ended]
                 err = traceback.format_exc()
                 if isinstance(e, SystemExit):  # requeued (time-out, pre-emption): resumes
-                    store.mark_cancelled([todo[i][3].id for i in left],
-                                         "requeued (time-out or pre-emption)")  # fmt: skip
+                    store.mark_cancelled([todo[i][3].id for i in left], REQUEUED)
+                    err = REQUEUED
                     status = RunStatus.interrupted
                 elif isinstance(e, KeyboardInterrupt):
                     status = RunStatus.interrupted
@@ -411,8 +411,12 @@ def run_group(cfgs: list[Config], mlflow_tags: list[dict[str, str]],
                     if not isinstance(e, SystemExit):
                         store.finish_run(todo[i][3].id, status, error=err)
                     if mirrors[i] is not None:
+                        mirrors[i].set_tags(outcome_tags(status.value, error=err))  # type: ignore[union-attr]
                         mirrors[i].end(STATUS_FOR_MLFLOW[status.value])  # type: ignore[union-attr]
                 raise
+            finally:
+                if monitors is not None:
+                    monitors.stop()
         return outcomes
     finally:
         store.dispose()

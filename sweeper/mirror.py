@@ -21,6 +21,7 @@ from dataclasses import fields as dc_fields
 from pathlib import Path
 from typing import Any
 
+from sweeper.describe import STATUS_FOR_MLFLOW, outcome_tags
 from sweeper.store import (
     RunRecord,
     RunStatus,
@@ -29,7 +30,7 @@ from sweeper.store import (
     default_url,
     engine_url,
 )
-from sweeper.tracking import MlflowMirror, init_tracking_store, run_name
+from sweeper.tracking import MlflowMirror, init_tracking_store
 from trainers.records import EpochMetrics
 from trainers.registry import ConfigError, first_line
 
@@ -48,6 +49,12 @@ def _wanted(run: RunRecord) -> bool:
 
 # the per-epoch metrics a job logs (EpochMetrics without its step keys)
 METRICS = [f.name for f in dc_fields(EpochMetrics) if f.name not in ("epoch", "step")]
+
+
+def ended_tags(run: RunRecord) -> dict[str, str]:
+    """The ``status`` and ``reason`` tags of an ended run, from its row."""
+    return outcome_tags(run.status.value, error=run.error, diverged_step=run.diverged_step,
+                        epoch=run.epoch, epochs=run.epochs)  # fmt: skip
 
 
 def _first(e: BaseException) -> str:
@@ -85,15 +92,12 @@ def mirror_run(store: Store, run: RunRecord, uri: str, experiment: str, results_
     """Mirror one run; True when MLflow took everything (then the store says so)."""
     from mlflow import MlflowClient
 
-    from sweeper.job import STATUS_FOR_MLFLOW
-
     errors: list[str] = []
     m = MlflowMirror(uri, experiment, results_dir / "mlartifacts", warn=errors.append)
     client = MlflowClient(tracking_uri=engine_url(uri))
     existing = _existing(client, experiment, run)
-    params = {**(run.config or {}).get("identity", {}), "results_run_id": run.id}
-    tags = {"config_hash": run.config_hash, "method": run.method, "model": run.model}
-    rid = m.start(existing, run_name(run.model, run.method, run.alpha, run.seed), params, tags)
+    run_dir = Path(run.run_dir) if run.run_dir else results_dir / "runs" / run.config_hash[:16]
+    rid = m.open_run(run, run_dir, {}, existing)
     if rid is None:
         raise ConfigError(f"MLflow store {uri} is not reachable: {errors[0] if errors else '?'}")
     logged = {x.step for x in client.get_metric_history(rid, "test_acc")} if existing else set()
@@ -108,14 +112,13 @@ def mirror_run(store: Store, run: RunRecord, uri: str, experiment: str, results_
     if existing:
         have = {a.path for a in client.list_artifacts(rid)}
         have |= {a.path for a in client.list_artifacts(rid, "filter_norms")}
-    run_dir = Path(run.run_dir) if run.run_dir else results_dir / "runs" / run.config_hash[:16]
     for f in sorted((run_dir / "filter_norms").glob("epoch_*.npz")):
         if f"filter_norms/{f.name}" not in have:
             m.log_artifact(f, "filter_norms")
     feats = run_dir / "feature_norms.json"
     if feats.exists() and "feature_norms.json" not in have:
         m.log_artifact(feats)
-    m.set_tags({"status": run.status.value, "mirrored_later": "true"})
+    m.set_tags({**ended_tags(run), "mirrored_later": "true"})
     ok = m.end(STATUS_FOR_MLFLOW[run.status.value])
     if ok:
         store.set_fields(run.id, mlflow_run_id=rid, mlflow_mirrored=True)
@@ -182,6 +185,7 @@ class SweepMirror:
         sweep_id: int,
         warn: Callable[[str], None],
         every: float = 5.0,
+        objective: tuple[str, str] | None = None,
     ) -> None:
         import threading
 
@@ -195,6 +199,10 @@ class SweepMirror:
         self._live: dict[int, Any] = {}  # run id -> its MlflowMirror while it trains
         self._logged: dict[int, set[int]] = {}  # run id -> epochs logged
         self._files: dict[int, set[str]] = {}  # run id -> artifacts logged
+        self._ended: set[int] = set()  # runs the sweeper recorded ended for their jobs
+        self.objective = objective  # a search's (metric, direction)
+        self._summarized: object = None  # the state the parent's summary was made from
+        self.failed = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._work, name="gradsweep-mlflow", daemon=True)
         self._thread.start()
@@ -211,8 +219,16 @@ class SweepMirror:
             for rid, t in zip(run_ids, tags, strict=True):
                 self._watch[rid] = t
 
+    def ended(self, run_ids: list[int]) -> None:
+        """The sweeper recorded these runs' outcome for jobs that could not (killed, lost,
+        cancelled): their MLflow runs, left RUNNING by the dead job, are closed with that
+        outcome."""
+        with self._lock:
+            self._ended.update(run_ids)
+
     def close(self, failed: bool) -> None:
-        """Mirror what is left, end the parent run, stop the thread."""
+        """Mirror what is left, give the parent its last summary, end it, stop the thread."""
+        self.failed = failed
         self._stop.set()
         self._thread.join(timeout=600)
         if self.parent is not None:
@@ -237,6 +253,8 @@ class SweepMirror:
             while True:
                 stopping = self._stop.wait(self.every)
                 self._sync(store)
+                self._close_ended(store)
+                self._summarize(store, final=stopping)
                 if stopping:
                     return
         except Exception as e:
@@ -264,6 +282,58 @@ class SweepMirror:
                 with self._lock:
                     self._watch.pop(rid, None)
 
+    def _close_ended(self, store: Store) -> None:
+        with self._lock:
+            todo, self._ended = self._ended, set()
+        if self.parent is None or self.parent.client is None:
+            return
+        client = self.parent.client
+        for rid in sorted(todo):
+            run = store.get_run_by_id(rid)
+            if run is None or not run.mlflow_run_id or rid in self._live:
+                continue  # no MLflow run, or one this thread mirrors (it closes it itself)
+            if run.status in (RunStatus.queued, RunStatus.running):
+                continue
+            try:
+                if client.get_run(run.mlflow_run_id).info.status != "RUNNING":
+                    continue  # its job closed it before it went
+                for k, v in ended_tags(run).items():
+                    client.set_tag(run.mlflow_run_id, k, v)
+                client.set_terminated(run.mlflow_run_id, status=STATUS_FOR_MLFLOW[run.status.value])
+            except Exception as e:  # that run only; the sweep goes on
+                self.warn(f"warning: MLflow run of run {rid} not closed: {_first(e)}")
+
+    def _summarize(self, store: Store, final: bool) -> None:
+        """The parent run tells the sweep's result so far (:mod:`analysis.sweep`): logged
+        again whenever a run's status changes, with step = the number of ended runs, so
+        its metric history is the sweep's progress."""
+        if self.parent is None or not self.parent.ok:
+            return
+        state = tuple((link.run_id, run.status.value) for link, run in
+                      store.sweep_runs(self.sweep_id))  # fmt: skip
+        if state == self._summarized and not final:
+            return
+        from analysis.sweep import (
+            Objective,
+            summarize_sweep,
+            summary_csv,
+            summary_markdown,
+            summary_metrics,
+            summary_tags,
+        )
+
+        obj = Objective(*self.objective) if self.objective else None
+        s = summarize_sweep(store, self.sweep_id, obj)
+        self.parent.log_metrics(summary_metrics(s), step=s.ended)
+        folder = self.results_dir / "logs" / "jobs" / f"sweep{self.sweep_id}" / "summary"
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, text in (("sweep_summary.csv", summary_csv(s)), ("report.md", s.report)):
+            (folder / name).write_text(text)
+            self.parent.log_artifact(folder / name)
+        self.parent.set_tags({**summary_tags(s), "mlflow.note.content": summary_markdown(s),
+                              "runs_ended": f"{s.ended}/{len(s.runs)}"})  # fmt: skip
+        self._summarized = state
+
     def _sync_run(self, store: Store, run: RunRecord, tags: dict[str, str]) -> bool:
         """Mirror what is new of ``run``; True once it ended and is mirrored completely."""
         over = run.status in FINISHED or run.status == RunStatus.interrupted
@@ -271,13 +341,11 @@ class SweepMirror:
         if m is None:
             m = MlflowMirror(self.uri, self.experiment, self.results_dir / "mlartifacts",
                              warn=self.warn)  # fmt: skip
-            params = {**(run.config or {}).get("identity", {}), "results_run_id": run.id}
-            all_tags = {"config_hash": run.config_hash, "method": run.method,
-                        "model": run.model, **tags}  # fmt: skip
+            all_tags = dict(tags)
             if self.parent is not None and self.parent.run_id:
                 all_tags["mlflow.parentRunId"] = self.parent.run_id
-            name = run_name(run.model, run.method, run.alpha, run.seed)
-            rid = m.start(run.mlflow_run_id, name, params, all_tags)
+            run_dir = Path(run.run_dir) if run.run_dir else None
+            rid = m.open_run(run, run_dir, all_tags, run.mlflow_run_id)
             if rid is None:
                 return True  # MLflow refused: left unmirrored for `python -m sweeper mirror`
             if rid != run.mlflow_run_id:
@@ -305,9 +373,7 @@ class SweepMirror:
             feats = run_dir / "feature_norms.json" if run_dir is not None else None
             if feats is not None and feats.exists():
                 m.log_artifact(feats)
-        from sweeper.job import STATUS_FOR_MLFLOW
-
-        m.set_tags({"status": run.status.value})
+        m.set_tags(ended_tags(run))
         ok = m.end(STATUS_FOR_MLFLOW[run.status.value])
         if run.status in FINISHED:
             store.set_fields(run.id, mlflow_mirrored=ok)

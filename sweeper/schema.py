@@ -10,6 +10,9 @@ from hydra.core.config_store import ConfigStore
 from sweeper.search import SearchParams
 from sweeper.settings import LauncherParams
 from trainers.config import RunConfig
+from trainers.registry import ConfigError
+
+SYSTEM_METRICS = ("auto", "true", "false")
 
 _PLUGINS = "hydra_plugins.gradsweep_plugins"
 
@@ -24,6 +27,13 @@ class MlflowConf:
     enabled: bool = True
     tracking_uri: str | None = None  # None -> sqlite:///<results_dir>/mlflow.db
     experiment: str = "gradsweep"
+    # MLflow's system metrics (CPU, memory, disk, network; GPU utilisation and memory through
+    # NVML) on each run: auto = on for jobs on a GPU | true | false
+    system_metrics: str = "auto"
+
+    def system_metrics_on(self, device_type: str) -> bool:
+        v = str(self.system_metrics).lower()
+        return v == "true" or (v == "auto" and device_type == "cuda")
 
 
 @dataclass
@@ -34,6 +44,12 @@ class Config(RunConfig):
     sweep_name: str | None = None  # multirun: the sweep's name (default sweep-<timestamp>)
     store: StoreConf = field(default_factory=StoreConf)
     mlflow: MlflowConf = field(default_factory=MlflowConf)
+
+    def validate(self) -> None:
+        super().validate()
+        if str(self.mlflow.system_metrics).lower() not in SYSTEM_METRICS:
+            raise ConfigError(f"mlflow.system_metrics={self.mlflow.system_metrics} is not one of "
+                              f"{', '.join(SYSTEM_METRICS)}")  # fmt: skip
 
 
 @dataclass

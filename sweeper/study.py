@@ -346,7 +346,7 @@ def run_search(
             d = Dispatcher(store, launcher, cfg0, study_name, command,
                            f"optuna/{launcher.kind}", source.total, say)  # fmt: skip
             source.dispatcher = d
-            d.open_mlflow_parent(source.total)
+            d.open_mlflow_parent(source.total, (search.metric, search.resolved_direction()))
             try:
                 d.run(source, cap=search.n_jobs, batch=False)
             except KeyboardInterrupt:
@@ -354,9 +354,7 @@ def run_search(
                     "the same command again to resume them (their runs resume from "
                     "checkpoints)")  # fmt: skip
                 raise
-            best = source.best()
-            if d.parent is not None and best is not None:
-                d.parent.log_metrics({f"best_{search.metric}": best.value}, step=0)
+            best = source.best()  # the parent run's summary names it (analysis.sweep)
             d.close(failed=best is None)
         finally:
             store.dispose()

@@ -20,12 +20,19 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sweeper.store.url import engine_url
 from trainers.registry import first_line
 
+if TYPE_CHECKING:
+    from sweeper.store.records import RunRecord
+
 T = TypeVar("T")
+
+# MLflow 3's UI opens an experiment by its kind; without the tag it guesses "GenAI" (traces,
+# judges) for an experiment of training runs
+EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -82,6 +89,7 @@ class MlflowMirror:
         self.ok = True
         self.client: Any = None
         self.run_id: str | None = None
+        self.resumed = False  # start() re-opened an existing MLflow run
 
     def _guard(self, what: str, fn: Callable[[], T]) -> T | None:
         if not self.ok:
@@ -115,6 +123,7 @@ class MlflowMirror:
             if existing_run_id:
                 try:
                     self.client.update_run(existing_run_id, status="RUNNING")
+                    self.resumed = True
                     return existing_run_id
                 except Exception:  # deleted meanwhile: start a fresh one
                     pass
@@ -122,10 +131,14 @@ class MlflowMirror:
             if exp is None:
                 self.artifact_root.mkdir(parents=True, exist_ok=True)
                 exp_id = self.client.create_experiment(
-                    self.experiment, artifact_location=self.artifact_root.resolve().as_uri()
+                    self.experiment,
+                    artifact_location=self.artifact_root.resolve().as_uri(),
+                    tags={EXPERIMENT_KIND: MODEL_TRAINING},
                 )
             else:
                 exp_id = exp.experiment_id
+                if EXPERIMENT_KIND not in exp.tags:  # made by an older version: opens as
+                    self.client.set_experiment_tag(exp_id, EXPERIMENT_KIND, MODEL_TRAINING)
             run = self.client.create_run(exp_id, run_name=run_name, tags=tags)
             rid = run.info.run_id
             flat = flatten(params)
@@ -139,6 +152,61 @@ class MlflowMirror:
         self.run_id = self._guard("start", go)
         return self.run_id
 
+    def open_run(self, run: RunRecord, run_dir: Path | None, tags: dict[str, str],
+                 existing_run_id: str | None = None, describe: bool = True) -> str | None:  # fmt: skip
+        """Open the MLflow run of a store run, described as :mod:`sweeper.describe` says:
+        its params, grouping tags and ``tags``; then (``describe``) :meth:`describe_run`."""
+        from sweeper.describe import run_params, run_tags
+
+        ident = (run.config or {}).get("identity", {})
+        name = run_name(run.model, run.method, run.alpha, run.seed)
+        all_tags = {**run_tags(ident, run.config_hash, run.method, run.model), **tags}
+        rid = self.start(existing_run_id, name, run_params(ident, run.id), all_tags)
+        if rid is not None and describe:
+            self.describe_run(run, run_dir)
+        return rid
+
+    def describe_run(self, run: RunRecord, run_dir: Path | None) -> None:
+        """Once, when the MLflow run was created (not when a resumed run re-opens it): its
+        data set as a dataset input and its full resolved config as ``config.yaml``."""
+        if self.run_id is None or self.resumed:
+            return
+        from sweeper.describe import config_yaml
+
+        self.log_dataset((run.config or {}).get("identity", {}).get("data") or {})
+        if run_dir is not None and run.config:
+            try:
+                path = config_yaml(run_dir, run.config)
+            except OSError as e:  # e.g. `mirror` on another machine: the run folder is gone
+                self.warn(f"warning: config.yaml of run {run.id} not written: {first_line(e)}")
+                return
+            self.log_artifact(path)
+
+    def log_dataset(self, data: dict[str, Any]) -> None:
+        """The run's data set as an MLflow dataset input (``trainers.datacheck.dataset_ref``);
+        a data set that cannot be described (its files gone) is warned about, not fatal."""
+        if self.run_id is None:
+            return
+        from trainers.datacheck import dataset_ref
+
+        try:
+            ref = dataset_ref(data)
+        except Exception as e:
+            self.warn(f"warning: the run's data set is not recorded in MLflow: {first_line(e)}")
+            return
+
+        def go() -> None:
+            import json
+
+            from mlflow.entities import Dataset, DatasetInput, InputTag
+
+            ds = Dataset(ref.name, ref.digest, ref.source_type, ref.source,
+                         profile=json.dumps(ref.profile, default=str))  # fmt: skip
+            ctx = InputTag("mlflow.data.context", "training")
+            self.client.log_inputs(self.run_id, datasets=[DatasetInput(ds, [ctx])])
+
+        self._guard("log_inputs", go)
+
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if self.run_id is None:
             return
@@ -147,9 +215,9 @@ class MlflowMirror:
             from mlflow.entities import Metric
 
             ts = int(time.time() * 1000)
-            self.client.log_batch(
-                self.run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()]
-            )
+            batch = [Metric(k, float(v), ts, step) for k, v in metrics.items()]
+            for i in range(0, len(batch), 1000):  # MLflow takes 1,000 metrics per batch
+                self.client.log_batch(self.run_id, metrics=batch[i : i + 1000])
 
         self._guard("log_metrics", go)
 
@@ -187,6 +255,7 @@ class BackgroundMirror:
     def __init__(self, mirror: MlflowMirror, on_started: Callable[[str], None] | None = None,
                  timeout_s: float = 300.0) -> None:  # fmt: skip
         self.mirror, self.on_started, self.timeout_s = mirror, on_started, timeout_s
+        self.monitor: Any = None  # MLflow's SystemMetricsMonitor, when asked for
         self._calls: queue.Queue[Callable[[], None] | None] = queue.Queue()
         self._started = threading.Event()
         self._thread = threading.Thread(target=self._work, name="gradsweep-mlflow", daemon=True)
@@ -215,6 +284,33 @@ class BackgroundMirror:
 
         self._calls.put(go)
 
+    def open_run(self, run: RunRecord, run_dir: Path | None, tags: dict[str, str],
+                 system_metrics: bool = False) -> None:  # fmt: skip
+        """:meth:`MlflowMirror.open_run` in the thread (resuming the run's own MLflow run,
+        ``run.mlflow_run_id``); ``system_metrics``: then MLflow's system-metrics monitor
+        on it until :meth:`end`."""
+
+        def go() -> None:
+            rid = None
+            try:
+                rid = self.mirror.open_run(run, run_dir, tags, run.mlflow_run_id, describe=False)
+                if rid is not None and self.on_started is not None:
+                    self.on_started(rid)
+            finally:
+                self._started.set()  # the job's first epoch starts now; the rest is queued
+            if rid is None:
+                return
+            if system_metrics:
+                try:
+                    self.monitor = system_metrics_monitor(self.mirror.tracking_uri, rid)
+                except Exception as e:  # psutil/NVML trouble: the run goes on without
+                    self.mirror.warn(f"warning: MLflow system metrics not started: "
+                                     f"{first_line(e)}")  # fmt: skip
+            # hashing the data set's files (CIFAR: ~0.4 s) overlaps the first epoch
+            self.mirror.describe_run(run, run_dir)
+
+        self._calls.put(go)
+
     def wait_started(self, timeout_s: float = 120.0) -> bool:
         """Wait until :meth:`start` has run (MLflow imported, its run open, or the failure
         warned); True when it has. The job calls this before its first epoch: importing
@@ -236,7 +332,16 @@ class BackgroundMirror:
     def end(self, status: str) -> bool:
         """Close the MLflow run; True when everything was mirrored. Waits for the queue."""
         done: list[bool] = []
-        self._calls.put(lambda: done.append(self.mirror.end(status)))
+
+        def finish() -> None:
+            if self.monitor is not None:  # its last samples before the run is closed
+                try:
+                    self.monitor.finish()
+                except Exception:
+                    pass
+            done.append(self.mirror.end(status))
+
+        self._calls.put(finish)
         self._calls.put(None)
         self._thread.join(self.timeout_s)
         if self._thread.is_alive():
@@ -276,3 +381,60 @@ def open_parent(
     parent = MlflowMirror(tracking_uri, experiment, artifact_root, warn=warn)
     parent.start(None, sweep_name, params, {"sweep_id": str(sweep_id), "sweep": "parent"})
     return parent
+
+
+def system_metrics_monitor(tracking_uri: str, run_id: str) -> Any:
+    """MLflow's own system-metrics monitor on ``run_id``, started: CPU, memory, disk and
+    network through psutil, GPU utilisation and memory through NVML when a GPU is present,
+    logged as ``system/...`` metrics every ``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` seconds
+    (MLflow's default 10) until the run ends. A resumed run continues its step count."""
+    import logging
+
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+    mon = SystemMetricsMonitor(run_id, resume_logging=True, tracking_uri=engine_url(tracking_uri))
+    mon.start()
+    return mon
+
+
+class GroupSystemMetrics:
+    """System metrics for the members of a fused job whose MLflow runs the sweeper opens
+    (:class:`sweeper.mirror.SweepMirror`): a thread of the job waits for each member's MLflow
+    run id to appear in the results store, then starts a monitor on it. Every member's run
+    shows the job's machine (one GPU shared by the group: read with its ``fused_group`` tag)."""
+
+    def __init__(self, tracking_uri: str, store_url: str, run_ids: list[int],
+                 warn: Callable[[str], None], every: float = 5.0) -> None:  # fmt: skip
+        self.uri, self.store_url, self.run_ids = tracking_uri, store_url, run_ids
+        self.warn, self.every = warn, every
+        self.monitors: dict[int, Any] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._work, name="gradsweep-sysmetrics",
+                                        daemon=True)  # fmt: skip
+        self._thread.start()
+
+    def _work(self) -> None:
+        from sweeper.store import Store
+
+        store = Store(self.store_url, create=False)
+        try:
+            while not self._stop.is_set() and len(self.monitors) < len(self.run_ids):
+                for rid in self.run_ids:
+                    run = store.get_run_by_id(rid)
+                    if rid not in self.monitors and run is not None and run.mlflow_run_id:
+                        self.monitors[rid] = system_metrics_monitor(self.uri, run.mlflow_run_id)
+                self._stop.wait(self.every)
+        except Exception as e:  # never let monitoring take the job down
+            self.warn(f"warning: MLflow system metrics stopped: {first_line(e)}")
+        finally:
+            store.dispose()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+        for mon in self.monitors.values():
+            try:
+                mon.finish()
+            except Exception:  # its run may be gone already; nothing to keep
+                pass

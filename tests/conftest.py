@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # the files that start many real processes go first, so that the two workers finish together
 HEAVY_FIRST = ["test_sweep.py", "test_slurm.py", "test_search.py", "test_resume.py",
-               "test_faults.py", "test_fused.py", "test_postgres.py", "test_custom_methods.py"]  # fmt: skip
+               "test_faults.py", "test_fused.py", "test_mlflow_ui.py", "test_postgres.py",
+               "test_custom_methods.py"]  # fmt: skip
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -25,3 +28,41 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def shared_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One results dir shared by the in-process run tests (one MLflow DB initialisation)."""
     return tmp_path_factory.mktemp("shared_results")
+
+
+# ---------------------------------------------------------------- headless Chromium
+def _in_ci() -> bool:
+    return bool(os.environ.get("CI"))
+
+
+def _find_chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if path := shutil.which(name):
+            return path
+    return None
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Path of a Chromium binary, installed with apt-get under CI when missing."""
+    path = _find_chromium()
+    want_install = _in_ci() or os.environ.get("GRADSWEEP_INSTALL_CHROMIUM") == "1"
+    why = "chromium is not installed"
+    if path is None and want_install:
+        if os.geteuid() == 0 and shutil.which("apt-get"):
+            env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+            for cmd in (["apt-get", "update", "-q"],
+                        ["apt-get", "install", "-y", "-q", "--no-install-recommends",
+                         "chromium"]):  # fmt: skip
+                proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+                if proc.returncode != 0:
+                    why = f"{' '.join(cmd)} failed: {proc.stderr.strip()[-500:]}"
+                    break
+            path = _find_chromium()
+        else:
+            why = "chromium is not installed and apt-get (as root) is unavailable"
+    if path is None:
+        if _in_ci():
+            pytest.fail(f"CI needs headless Chromium (the HTML report and MLflow UI tests): {why}")
+        pytest.skip(f"{why} (set GRADSWEEP_INSTALL_CHROMIUM=1 to install it)")
+    return path

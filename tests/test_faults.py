@@ -79,7 +79,10 @@ def test_sigterm_on_the_sweeper_cancels_its_jobs_and_a_rerun_resumes(tmp_path: P
     # is replaced, not duplicated); one that finished an epoch after the row was read
     # resumes one after it
     for k in cut:
-        assert any(f"resuming after epoch {j}/5" in logs for j in (k - 1, k, k + 1)), (k, logs[-3000:])
+        assert any(f"resuming after epoch {j}/5" in logs for j in (k - 1, k, k + 1)), (
+            k,
+            logs[-3000:],
+        )
 
 
 # --------------------------------------------------------------------- a busy store

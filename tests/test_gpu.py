@@ -144,3 +144,22 @@ def test_a_stacked_group_on_cuda_matches_its_separate_runs(precision: str, tmp_p
     for a, f in zip(alone, fused, strict=True):
         x, y = a.history[0].train_loss, f.history[0].train_loss
         assert abs(x - y) / abs(x) < tol
+
+
+def test_a_cuda_run_logs_gpu_system_metrics(tmp_path: Path, monkeypatch) -> None:
+    """mlflow.system_metrics=auto: a job on the GPU logs MLflow's GPU utilisation and memory
+    (NVML), besides CPU and memory."""
+    from helpers import compose
+    from mlflow import MlflowClient
+
+    from sweeper.job import run_job
+
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
+    cfg = compose(f"results_dir={tmp_path}", "device=cuda", "epochs=40")  # > 1 s
+    out = run_job(cfg)
+    assert out.status == "done"
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("gradsweep").experiment_id])
+    keys = set(run.data.metrics)
+    assert "system/gpu_0_utilization_percentage" in keys, sorted(keys)
+    assert "system/gpu_0_memory_usage_megabytes" in keys, sorted(keys)

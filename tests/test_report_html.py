@@ -12,7 +12,6 @@ installed with apt-get; under CI a Chromium that cannot be had fails the test.
 from __future__ import annotations
 
 import base64
-import os
 import re
 import shutil
 import subprocess
@@ -50,43 +49,6 @@ FLAGS = [
     "--disable-dev-shm-usage",
     "--hide-scrollbars",
 ]
-
-
-def _in_ci() -> bool:
-    return bool(os.environ.get("CI"))
-
-
-def _find_chromium() -> str | None:
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        if path := shutil.which(name):
-            return path
-    return None
-
-
-@pytest.fixture(scope="session")
-def chromium() -> str:
-    """Path of a Chromium binary, installed with apt-get under CI when missing."""
-    path = _find_chromium()
-    want_install = _in_ci() or os.environ.get("GRADSWEEP_INSTALL_CHROMIUM") == "1"
-    why = "chromium is not installed"
-    if path is None and want_install:
-        if os.geteuid() == 0 and shutil.which("apt-get"):
-            env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-            for cmd in (["apt-get", "update", "-q"],
-                        ["apt-get", "install", "-y", "-q", "--no-install-recommends",
-                         "chromium"]):  # fmt: skip
-                proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-                if proc.returncode != 0:
-                    why = f"{' '.join(cmd)} failed: {proc.stderr.strip()[-500:]}"
-                    break
-            path = _find_chromium()
-        else:
-            why = "chromium is not installed and apt-get (as root) is unavailable"
-    if path is None:
-        if _in_ci():
-            pytest.fail(f"CI needs headless Chromium for the HTML report test: {why}")
-        pytest.skip(f"{why} (set GRADSWEEP_INSTALL_CHROMIUM=1 to install it)")
-    return path
 
 
 def _run(i: int, method: str, alpha: float | None, seed: int, test: float, **kw) -> Run:

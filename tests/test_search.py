@@ -300,6 +300,16 @@ def test_trials_are_runs_in_mlflow_tagged_with_their_number(search: tuple[Path, 
     for r in runs:
         assert r.data.tags["status"] in ("done", "pruned")
         assert "mlflow.parentRunId" in r.data.tags
+    # the search's parent run names its best trial: one with Optuna's best value (ties are
+    # possible: 360 test images)
+    study = optuna.load_study(study_name="alpha-search",
+                              storage=f"sqlite:///{d / 'results' / 'results.db'}")  # fmt: skip
+    (parent,) = client.search_runs([exp.experiment_id], "tags.sweep = 'parent'")
+    best = int(parent.data.tags["best_trial"])
+    assert study.trials[best].value == pytest.approx(study.best_value)
+    assert parent.data.metrics["best/test_acc"] == pytest.approx(study.best_value)
+    assert parent.data.metrics["best/trial"] == best
+    assert f"**Best trial**: {best} " in parent.data.tags["mlflow.note.content"]
 
 
 def test_rerun_with_more_trials_adds_exactly_the_difference(search: tuple[Path, list]) -> None:

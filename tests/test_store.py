@@ -215,8 +215,10 @@ print(",".join(heavy))
         "analysis.__main__",  # python -m analysis --help
         "hydra_plugins.gradsweep_plugins, hydra_plugins.gradsweep_plugins.launcher, "
         "hydra_plugins.gradsweep_plugins.sweeper, hydra_plugins.gradsweep_plugins.optuna_sweeper",
+        # what MLflow shows of a run and of a sweep: computed without MLflow or torch
+        "sweeper.describe, analysis.sweep, trainers.datacheck",
     ],
-    ids=["store", "status", "cli", "analysis", "plugins"],
+    ids=["store", "status", "cli", "analysis", "plugins", "describe"],
 )
 def test_light_modules_import_no_heavy_library(modules: str) -> None:
     """Start-up is part of the interface: these answer at once, and Hydra's plugin discovery

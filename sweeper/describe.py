@@ -1,0 +1,183 @@
+"""What MLflow shows of a run: its params, its grouping tags, its outcome -- all from the
+run's row in the results store (its recorded identity), so a job, the sweeper's mirror and
+``python -m sweeper mirror`` describe a run the same way. No MLflow, no torch here.
+
+* **params** (:func:`run_params`): the keys that define the run's result, as dotted config
+  keys, and only those that matter for *this* run: the data set's own knobs
+  (``trainers.datacheck.DATA_KNOBS``: a digits run has no ``data.image_size``) with what the
+  data set is (``data.images``, ``data.num_train``...), the method's own knobs (its
+  identity already holds only those), the schedule's own keys (``min_lr`` for cosine,
+  ``milestones``/``gamma`` for step), alpha only with PGT, the optimizer's knobs. The full
+  resolved config goes with the run as ``config.yaml``.
+* **grouping** (:func:`config_key`): the identity without the seed, hashed; the tag and
+  param ``config_key`` put the seeds of one configuration together under MLflow's "group
+  by", and ``config_label`` names it (e.g. ``digits_cnn pgt α=0.25 b64``).
+* **outcome** (:func:`outcome_tags`): the run's ``status`` and, for a run that did not
+  finish, a one-line ``reason``.
+
+MLflow params cannot change once logged: runs mirrored by an older version keep the params
+they had (the full identity, flattened); these apply to runs opened from now on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from trainers.datacheck import DATA_KNOBS, data_facts
+
+# the MLflow run status each of our statuses ends with; ``reason`` says why
+STATUS_FOR_MLFLOW = {
+    "done": "FINISHED",
+    "diverged": "FAILED",
+    "failed": "FAILED",
+    "pruned": "KILLED",  # stopped by the search's pruner
+    "interrupted": "KILLED",  # Ctrl-C, a cancelled sweep, a killed job, a requeue
+}
+SCHEDULE_KEYS = {
+    "cosine": ("name", "warmup_epochs", "warmup_start_factor", "min_lr"),
+    "step": ("name", "warmup_epochs", "warmup_start_factor", "milestones", "gamma"),
+}
+
+
+def config_key(identity: dict[str, Any]) -> str:
+    """16 hex digits naming a configuration whatever its seed: the seeds of one
+    configuration share it (and only they)."""
+    rest = {k: v for k, v in identity.items() if k != "seed"}
+    blob = json.dumps(rest, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def point_label(point: str) -> str:
+    """A sweep point's label without its seed (``method=pgt seed=1`` -> ``method=pgt``):
+    the name of its configuration within the sweep ('' when only the seed was swept)."""
+    return " ".join(t for t in point.split() if not t.startswith("seed="))
+
+
+def _model_name(model: Any) -> str:
+    return (
+        str(model.get("_target_", "?")).rsplit(".", 1)[-1]
+        if isinstance(model, dict)
+        else str(model)
+    )
+
+
+def config_label(identity: dict[str, Any]) -> str:
+    """A short readable name of a configuration (no seed): model, method, alpha, data,
+    batch, e.g. ``digits_cnn pgt a0.25 digits b64``."""
+    method = identity.get("method") or {}
+    data = identity.get("data") or {}
+    alpha = identity.get("alpha")
+    parts = [_model_name(identity.get("model")), str(method.get("name", "?"))]
+    if alpha is not None:
+        parts.append(f"a{alpha:g}")
+    parts.append(str(data.get("_target_") or data.get("name", "?")).rsplit(".", 1)[-1])
+    parts.append(f"b{identity.get('batch_size')}")
+    return " ".join(parts)
+
+
+def _flat(d: dict[str, Any], prefix: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def run_params(identity: dict[str, Any], run_id: int) -> dict[str, Any]:
+    """The run's MLflow params (see the module docstring)."""
+    ident = dict(identity)
+    out: dict[str, Any] = {}
+    model = ident.pop("model", None)
+    out.update(_flat(model, "model.") if isinstance(model, dict) else {"model": model})
+    out.update(_flat(ident.pop("method", {}) or {}, "method."))
+    data = dict(ident.pop("data", {}) or {})
+    if data.get("_target_"):  # your own data set: its dotted name and arguments
+        out.update(_flat(data, "data."))
+    else:
+        name = data.get("name")
+        out["data.name"] = name
+        for k in DATA_KNOBS.get(str(name), ()):
+            if k in data:
+                out[f"data.{k}"] = data[k]
+        for k, v in data_facts(data).items():
+            out.setdefault(f"data.{k}", v)
+    sched = dict(ident.pop("schedule", {}) or {})
+    for k in SCHEDULE_KEYS.get(str(sched.get("name")), tuple(sched)):
+        if k in sched:
+            out[f"schedule.{k}"] = sched[k]
+    if ident.get("alpha") is None:
+        ident.pop("alpha", None)  # no PGT: alpha has no effect
+    opt = ident.pop("optimizer", None)
+    out["optimizer.name"] = "sgd" if opt is None else opt.get("name")
+    if opt is not None:
+        out.update({f"optimizer.{k}": v for k, v in opt.items() if k != "name"})
+    out.update(_flat(ident, ""))
+    out["config_key"] = config_key(identity)
+    out["results_run_id"] = run_id
+    return out
+
+
+def run_tags(identity: dict[str, Any], config_hash: str, method: str, model: str) -> dict[str, str]:
+    """The tags every run's MLflow run carries (a sweep adds ``sweep_id`` and its parent)."""
+    data = identity.get("data") or {}
+    return {
+        "config_hash": config_hash,
+        "config_key": config_key(identity),
+        "config_label": config_label(identity),
+        "method": method,
+        "model": model,
+        "data": str(data.get("_target_") or data.get("name", "?")).rsplit(".", 1)[-1],
+        "seed": str(identity.get("seed")),
+    }
+
+
+def _last_line(text: str | None) -> str:
+    lines = [ln.strip() for ln in (text or "").strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else ""
+
+
+def reason(status: str, error: str | None = None, diverged_step: int | None = None,
+           epoch: int | None = None, epochs: int | None = None) -> str:  # fmt: skip
+    """Why a run did not finish, in one line ('' for a finished one)."""
+    if status == "done":
+        return ""
+    if status == "diverged":
+        at = f" at step {diverged_step}" if diverged_step is not None else ""
+        return f"diverged: non-finite loss{at}"
+    if status == "pruned":
+        at = f" after epoch {epoch}/{epochs}" if epoch is not None else ""
+        return f"pruned by the search's pruner{at}; asked for again, it resumes"
+    text = (error or "").strip()
+    first = (text.splitlines() or [""])[0].strip()
+    if status == "interrupted":
+        return (first or "interrupted; the same command resumes it")[:500]
+    # failed: a traceback's last line is the exception; a message of ours is its first line
+    line = _last_line(text) if first.startswith("Traceback") else first
+    return line[:500] or "failed"
+
+
+def outcome_tags(status: str, **why: Any) -> dict[str, str]:
+    """``status`` and (unless done) ``reason`` tags of an ended run."""
+    tags = {"status": status}
+    r = reason(status, **why)
+    if r:
+        tags["reason"] = r
+    return tags
+
+
+def config_yaml(run_dir: Path, config: dict[str, Any]) -> Path:
+    """Write the run's full resolved config (as the store records it) to
+    ``<run_dir>/config.yaml`` and return the path (logged as an MLflow artifact)."""
+    import yaml  # PyYAML, which Hydra and OmegaConf need anyway
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "config.yaml"
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(yaml.safe_dump(json.loads(json.dumps(config, default=str)), sort_keys=False))
+    tmp.replace(path)
+    return path
