@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import json
 import os
 from collections.abc import Callable
@@ -26,6 +27,20 @@ _CIFAR = {  # name: (folder, train files, test file, labels key, classes, mean, 
     "cifar100": ("cifar-100-python", ["train"], "test", b"fine_labels", 100,
                  CIFAR100_MEAN, CIFAR100_STD),
 }  # fmt: skip
+
+
+def digits_csv() -> Path:
+    """The ``sklearn/datasets/data/digits.csv.gz`` of the installed scikit-learn (its
+    loader, :mod:`trainers.digits`, reads it; :func:`dataset_ref` hashes it)."""
+    try:
+        spec = importlib.util.find_spec("sklearn")  # finds the package without importing it
+    except (ImportError, ValueError):
+        spec = None
+    for root in (spec.submodule_search_locations or []) if spec is not None else []:
+        path = Path(root) / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            return path
+    raise ConfigError("data=digits needs scikit-learn installed (it ships the digits data set)")
 
 
 def _no_check(cfg: DataConfig) -> None:
@@ -239,9 +254,7 @@ def dataset_ref(data: dict[str, Any]) -> DatasetRef:
         return DatasetRef(target.rsplit(".", 1)[-1], digest[:16], "code", target,
                           {"args": args})  # fmt: skip
     if name == "digits":
-        from trainers.digits import _digits_csv
-
-        path = _digits_csv()
+        path = digits_csv()
         digest = _sha(_digest_files([path]).encode(), _canon(knobs)).hexdigest()
         return DatasetRef("digits", digest[:16], "local", path.as_uri(), {**facts, **knobs})
     if name == "synthetic":

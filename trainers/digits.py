@@ -13,28 +13,13 @@ from __future__ import annotations
 
 import functools
 import gzip
-import importlib.util
 import math
-from pathlib import Path
 
 import numpy as np
 
-from trainers.registry import ConfigError
+from trainers.datacheck import digits_csv as _digits_csv  # found without numpy or sklearn
 
 TEST_SIZE = 0.2
-
-
-def _digits_csv() -> Path:
-    """The ``sklearn/datasets/data/digits.csv.gz`` of the installed scikit-learn."""
-    try:
-        spec = importlib.util.find_spec("sklearn")  # finds the package without importing it
-    except (ImportError, ValueError):
-        spec = None
-    for root in (spec.submodule_search_locations or []) if spec is not None else []:
-        path = Path(root) / "datasets" / "data" / "digits.csv.gz"
-        if path.is_file():
-            return path
-    raise ConfigError("data=digits needs scikit-learn installed (it ships the digits data set)")
 
 
 @functools.cache
