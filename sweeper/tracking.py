@@ -123,10 +123,15 @@ class MlflowMirror:
             if existing_run_id:
                 try:
                     self.client.update_run(existing_run_id, status="RUNNING")
-                    self.resumed = True
-                    return existing_run_id
                 except Exception:  # deleted meanwhile: start a fresh one
                     pass
+                else:
+                    self.resumed = True
+                    # running again: the last stop's outcome no longer holds
+                    self.client.set_tag(existing_run_id, "status", "running")
+                    if "reason" in self.client.get_run(existing_run_id).data.tags:
+                        self.client.delete_tag(existing_run_id, "reason")
+                    return existing_run_id
             exp = self.client.get_experiment_by_name(self.experiment)
             if exp is None:
                 self.artifact_root.mkdir(parents=True, exist_ok=True)
@@ -137,7 +142,7 @@ class MlflowMirror:
                 )
             else:
                 exp_id = exp.experiment_id
-                if EXPERIMENT_KIND not in exp.tags:  # made by an older version: opens as
+                if EXPERIMENT_KIND not in exp.tags:  # made by an older version: open it as training
                     self.client.set_experiment_tag(exp_id, EXPERIMENT_KIND, MODEL_TRAINING)
             run = self.client.create_run(exp_id, run_name=run_name, tags=tags)
             rid = run.info.run_id

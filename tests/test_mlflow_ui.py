@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -25,7 +26,7 @@ from typing import Any
 
 import pytest
 import yaml
-from helpers import cli_env, compose, run_cli, write_cifar10
+from helpers import cli_env, compose, poll_sql, run_cli, write_cifar10
 
 from sweeper.describe import config_key, reason, run_params
 from sweeper.identity import grid_columns, identity_of, resolved_config
@@ -389,3 +390,32 @@ def test_a_single_run_is_described_too(tmp_path: Path) -> None:
     assert r.data.tags["config_key"] == r.data.params["config_key"]
     assert r.inputs.dataset_inputs[0].dataset.name == "digits"
     assert "config.yaml" in {a.path for a in _client(tmp_path).list_artifacts(r.info.run_id)}
+
+
+def test_an_interrupted_run_resumes_its_own_mlflow_run(tmp_path: Path) -> None:
+    """Ctrl-C: the run ends KILLED with its reason; the same command resumes it into the same
+    MLflow run (no second run), which ends FINISHED without the old reason."""
+    args = [sys.executable, "-m", "sweeper", "epochs=6", f"results_dir={tmp_path}"]
+    proc = subprocess.Popen(args, cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        while not poll_sql(tmp_path / "results.db", "SELECT epoch FROM runs WHERE epoch >= 2"):
+            assert time.monotonic() < deadline and proc.poll() is None, "no epoch recorded"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    (first,) = _runs(tmp_path)
+    assert first.info.status == "KILLED", first.data.tags
+    assert first.data.tags["status"] == "interrupted"
+    assert first.data.tags["reason"].startswith("interrupted (Ctrl-C or a cancelled sweep)")
+    again = run_cli("epochs=6", f"results_dir={tmp_path}", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    (run,) = _runs(tmp_path)  # one MLflow run for the one configuration
+    assert run.info.run_id == first.info.run_id and run.info.status == "FINISHED"
+    assert run.data.tags["status"] == "done" and "reason" not in run.data.tags
+    steps = {m.step for m in _client(tmp_path).get_metric_history(run.info.run_id, "test_acc")}
+    assert steps == set(range(6))
