@@ -393,9 +393,11 @@ def test_a_single_run_is_described_too(tmp_path: Path) -> None:
 
 
 def test_an_interrupted_run_resumes_its_own_mlflow_run(tmp_path: Path) -> None:
-    """Ctrl-C: the run ends KILLED with its reason; the same command resumes it into the same
-    MLflow run (no second run), which ends FINISHED without the old reason."""
-    args = [sys.executable, "-m", "sweeper", "epochs=6", f"results_dir={tmp_path}"]
+    """Ctrl-C after epoch 2 of 10: the run ends KILLED with its reason; the same command
+    resumes it into the same MLflow run (no second run), which ends FINISHED without the old
+    reason."""
+    run = ["epochs=10", "batch_size=16", f"results_dir={tmp_path}"]  # ~1 s an epoch here
+    args = [sys.executable, "-m", "sweeper", *run]
     proc = subprocess.Popen(args, cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
@@ -404,7 +406,8 @@ def test_an_interrupted_run_resumes_its_own_mlflow_run(tmp_path: Path) -> None:
             assert time.monotonic() < deadline and proc.poll() is None, "no epoch recorded"
             time.sleep(0.1)
         proc.send_signal(signal.SIGINT)
-        proc.communicate(timeout=120)
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 130, out[-2000:]  # stopped, not finished
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -412,10 +415,10 @@ def test_an_interrupted_run_resumes_its_own_mlflow_run(tmp_path: Path) -> None:
     assert first.info.status == "KILLED", first.data.tags
     assert first.data.tags["status"] == "interrupted"
     assert first.data.tags["reason"].startswith("interrupted (Ctrl-C or a cancelled sweep)")
-    again = run_cli("epochs=6", f"results_dir={tmp_path}", cwd=tmp_path)
+    again = run_cli(*run, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-2000:]
     (run,) = _runs(tmp_path)  # one MLflow run for the one configuration
     assert run.info.run_id == first.info.run_id and run.info.status == "FINISHED"
     assert run.data.tags["status"] == "done" and "reason" not in run.data.tags
     steps = {m.step for m in _client(tmp_path).get_metric_history(run.info.run_id, "test_acc")}
-    assert steps == set(range(6))
+    assert steps == set(range(10))
