@@ -398,8 +398,11 @@ def test_an_interrupted_run_resumes_its_own_mlflow_run(tmp_path: Path) -> None:
     reason."""
     run = ["epochs=10", "batch_size=16", f"results_dir={tmp_path}"]  # ~1 s an epoch here
     args = [sys.executable, "-m", "sweeper", *run]
+    # a shell running this suite in the background hands its children SIGINT ignored; give
+    # the run Python's own Ctrl-C handling back, as a terminal would
     proc = subprocess.Popen(args, cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     try:
         deadline = time.monotonic() + 180
         while not poll_sql(tmp_path / "results.db", "SELECT epoch FROM runs WHERE epoch >= 2"):
