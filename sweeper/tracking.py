@@ -210,7 +210,20 @@ class MlflowMirror:
             ctx = InputTag("mlflow.data.context", "training")
             self.client.log_inputs(self.run_id, datasets=[DatasetInput(ds, [ctx])])
 
-        self._guard("log_inputs", go)
+        # Not through _guard: runs of one data set started together race on MLflow's "get or
+        # create" of the shared dataset row (one of them gets a unique-constraint error); a
+        # retry finds the row. A dataset that still cannot be logged costs only the input,
+        # never the rest of the run's mirror.
+        for attempt in range(4):
+            try:
+                go()
+                return
+            except Exception as e:
+                if attempt == 3:
+                    self.warn(f"warning: the run's data set is not recorded in MLflow: "
+                              f"{first_line(e)}")  # fmt: skip
+                    return
+                time.sleep(0.2 * (attempt + 1))
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if self.run_id is None:
