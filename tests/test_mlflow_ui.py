@@ -425,4 +425,3 @@ def test_an_interrupted_run_resumes_its_own_mlflow_run(tmp_path: Path) -> None:
     assert run.data.tags["status"] == "done" and "reason" not in run.data.tags
     steps = {m.step for m in _client(tmp_path).get_metric_history(run.info.run_id, "test_acc")}
     assert steps == set(range(10))
-
