@@ -48,8 +48,7 @@ figcaption strong { display: block; color: #1d2733; }
 """
 
 NOTE = (
-    "Cells: mean ± sample std (n seeds) over done runs, accuracies in %. Δ: vs the baseline "
-    "cell, 95% CI, p = paired by seed, w = Welch; no CI when n = 1. Paper columns: the "
+    render.CELL_LEGEND.replace("`", "") + " Paper columns: the "
     "paper's value for the same ImageNet setting, and our mean test top-1 minus the paper's. "
     "cost: GPU-hours of the cell's runs (all seeds; wall time of their epochs x GPUs), "
     "CPU-hours for runs without a GPU; img/s: mean training throughput per run."

@@ -40,6 +40,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from analysis.configs import (  # noqa: E402
+    extra_columns,
+    extra_values,
+    group_by,
+    is_method_key,
+    method_of,
+    setting_of,
+)
+from analysis.render import fmt_key  # noqa: E402
 from analysis.stats import summarize  # noqa: E402
 from analysis.zeroed import ZEROED_HEADER, zeroed_by_layer, zeroed_filters_table  # noqa: E402, F401
 from sweeper.store import RunRecord  # noqa: E402
@@ -49,9 +58,20 @@ ZERO_NORM = 1e-8  # same threshold as trainers.records.ZERO_NORM
 MAX_PROFILE_RUNS = 6
 MAX_GROUPS = 12  # settings (data, model, epochs, batch, schedule) drawn per figure kind
 PAPER_FIT = (0.01074, 0.25816)  # Fig. 8: loss = 0.01074 * logit_norm + 0.25816
-GROUP_KEYS = ("data", "model", "epochs", "batch_size", "schedule")
+SETTING_COLUMNS = ["data", "model", "epochs", "batch_size", "schedule", "optimizer"]
 
-GroupKey = tuple[str, str, int, int, str]
+
+class GroupKey(NamedTuple):
+    """What one α figure (or Fig. 8) is drawn for: a setting and one PGT configuration.
+    ``extra``: the identity keys that tell it apart from others with the same data, model,
+    epochs, batch and schedule (``lr``, ``method.pgt_impl``...; :mod:`analysis.configs`)."""
+
+    data: str
+    model: str
+    epochs: int
+    batch_size: int
+    schedule: str
+    extra: tuple[tuple[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -118,15 +138,51 @@ def _done(records: Sequence[RunRecord]) -> list[RunRecord]:
     return [r for r in records if r.status == "done"]
 
 
-def _group(r: RunRecord) -> GroupKey:
+def _group(r: RunRecord, extra: Sequence[str] = ()) -> GroupKey:
     # runs of another optimiser than the paper's SGD are a setting of their own
     sched = r.schedule if r.optimizer == "sgd" else f"{r.schedule}, {r.optimizer}"
-    return (r.data, r.model, r.epochs, r.batch_size, sched)
+    more = tuple(extra_values(r, extra).items())
+    return GroupKey(r.data, r.model, r.epochs, r.batch_size, sched, more)
+
+
+def _group_order(g: GroupKey) -> tuple[object, ...]:
+    return (*g[:5], tuple((k, v is None, repr(v)) for k, v in g.extra))
 
 
 def _group_label(g: GroupKey) -> str:
-    data, model, epochs, bs, sched = g
-    return f"{data} / {model}, {epochs} epochs, batch {bs}, {sched}"
+    more = "".join(f", {k} {fmt_key(v)}" for k, v in g.extra)
+    return f"{g.data} / {g.model}, {g.epochs} epochs, batch {g.batch_size}, {g.schedule}{more}"
+
+
+def _slug_of(g: GroupKey) -> str:
+    return _slug(*g[:5], *(f"{k}-{fmt_key(v)}" for k, v in g.extra))
+
+
+def _pgt_groups(
+    records: Sequence[RunRecord], ok: Callable[[RunRecord], bool]
+) -> tuple[dict[GroupKey, list[RunRecord]], dict[GroupKey, list[RunRecord]]]:
+    """The done PGT runs per (setting, PGT configuration), and each group's baseline: the
+    baseline runs of the same setting (every key but the method's and α). Runs failing
+    ``ok`` are left out; a setting with baseline runs only is a group of its own."""
+    done = [r for r in _done(records) if ok(r)]
+    pgt = [r for r in done if r.method == "pgt" and r.alpha is not None]
+    base = [r for r in done if r.method == "baseline"]
+    s_extra = extra_columns(pgt + base, SETTING_COLUMNS, lambda k: not is_method_key(k))
+    m_extra = extra_columns(pgt, ["method"], lambda k: is_method_key(k) and k != "alpha",
+                            within=setting_of)  # fmt: skip
+    extra = [*s_extra, *m_extra]
+    bases = group_by(base, setting_of)
+    groups: dict[GroupKey, list[RunRecord]] = {}
+    baselines: dict[GroupKey, list[RunRecord]] = {}
+    for (setting, _), runs in group_by(pgt, lambda r: (setting_of(r), method_of(r))).items():
+        g = _group(runs[0], extra)
+        groups[g], baselines[g] = runs, bases.get(setting, [])
+    with_pgt = {setting_of(r) for r in pgt}
+    for setting, runs in bases.items():
+        if setting not in with_pgt:
+            g = _group(runs[0], extra)
+            groups[g], baselines[g] = [], runs
+    return groups, baselines
 
 
 def _slug(*parts: object) -> str:
@@ -162,21 +218,18 @@ def _run_label(r: RunRecord) -> str:
 
 # ----------------------------------------------------------------------------- α grid
 def alpha_series(records: Sequence[RunRecord]) -> list[AlphaSeries]:
-    """Per group, PGT mean / std test and train top-1 per α over done runs (Figs. 10-13).
+    """Per setting and PGT configuration, mean / std test and train top-1 per α over done
+    runs (Figs. 10-13): only the seeds of one configuration are averaged.
 
     Only groups with done ``pgt`` runs (finite test accuracy) at >= 2 distinct α; the
-    baseline is the group's done ``baseline`` runs. Ordered by group key.
+    baseline is the done ``baseline`` runs of the same setting. Ordered by group key.
     """
-    pgt: dict[GroupKey, dict[float, list[RunRecord]]] = defaultdict(lambda: defaultdict(list))
-    base: dict[GroupKey, list[RunRecord]] = defaultdict(list)
-    for r in _done(records):
-        if r.method == "pgt" and r.alpha is not None and _finite(r.test_acc):
-            pgt[_group(r)][float(r.alpha)].append(r)
-        elif r.method == "baseline" and _finite(r.test_acc):
-            base[_group(r)].append(r)
+    groups, baselines = _pgt_groups(records, lambda r: _finite(r.test_acc))
     out: list[AlphaSeries] = []
-    for g in sorted(pgt):
-        by_alpha = pgt[g]
+    for g in sorted(groups, key=_group_order):
+        by_alpha: dict[float, list[RunRecord]] = defaultdict(list)
+        for r in groups[g]:
+            by_alpha[float(r.alpha)].append(r)  # type: ignore[arg-type]
         if len(by_alpha) < 2:
             continue
         alphas = sorted(by_alpha)
@@ -185,8 +238,9 @@ def alpha_series(records: Sequence[RunRecord]) -> list[AlphaSeries]:
             summarize([float(r.train_acc) for r in by_alpha[a] if _finite(r.train_acc)])  # type: ignore[arg-type]
             for a in alphas
         ]
-        b_test = summarize([float(r.test_acc) for r in base[g]])  # type: ignore[arg-type]
-        b_train = summarize([float(r.train_acc) for r in base[g] if _finite(r.train_acc)])  # type: ignore[arg-type]
+        base = baselines[g]
+        b_test = summarize([float(r.test_acc) for r in base])  # type: ignore[arg-type]
+        b_train = summarize([float(r.train_acc) for r in base if _finite(r.train_acc)])  # type: ignore[arg-type]
         means = [float(t.mean) for t in test]  # type: ignore[arg-type]
         out.append(
             AlphaSeries(
@@ -231,7 +285,7 @@ def _alpha_figure(s: AlphaSeries, out_dir: Path) -> Figure:
     _label_axes(ax, "PGT α", "top-1 accuracy (%)")
     title = f"Top-1 vs α: {_group_label(s.group)}"
     ax.set_title(title, fontsize=9)
-    path = _save(fig, out_dir / f"alpha_grid_{_slug(*s.group)}.png")
+    path = _save(fig, out_dir / f"alpha_grid_{_slug_of(s.group)}.png")
     base = (
         f"dashed: baseline mean (n={s.baseline_n})" if s.baseline_test is not None
         else "no baseline run"
@@ -256,22 +310,23 @@ class Fig8Point(NamedTuple):
 
 
 def _fig8_groups(records: Sequence[RunRecord]) -> list[tuple[GroupKey, list[Fig8Point]]]:
-    """Per group, the done baseline and PGT runs with a finite logit norm and test loss."""
-    groups: dict[GroupKey, list[Fig8Point]] = defaultdict(list)
-    for r in _done(records):
-        if not (_finite(r.logit_norm) and _finite(r.test_loss)):
-            continue
-        if r.method in ("pgt", "baseline"):
-            groups[_group(r)].append(
-                Fig8Point(r.method, r.alpha, float(r.logit_norm), float(r.test_loss))  # type: ignore[arg-type]
-            )
-    return sorted(groups.items())
+    """Per setting and PGT configuration, its done PGT runs and the setting's baseline runs
+    with a finite logit norm and test loss."""
+    groups, baselines = _pgt_groups(
+        records, lambda r: _finite(r.logit_norm) and _finite(r.test_loss)
+    )
+    out = []
+    for g in sorted(groups, key=_group_order):
+        pts = [Fig8Point(r.method, r.alpha, float(r.logit_norm), float(r.test_loss))  # type: ignore[arg-type]
+               for r in [*baselines[g], *groups[g]]]  # fmt: skip
+        out.append((g, pts))
+    return out
 
 
 def _fig8(g: GroupKey, pts: list[Fig8Point], out_dir: Path) -> list[Figure]:
     """One group's Fig. 8: logit norm and test loss vs α, and loss against logit norm."""
     figs: list[Figure] = []
-    slug = _slug(*g)
+    slug = _slug_of(g)
     by_alpha: dict[float, list[tuple[float, float]]] = defaultdict(list)
     for p in pts:
         if p.method == "pgt" and p.alpha is not None:

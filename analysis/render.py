@@ -17,6 +17,7 @@ import csv
 import io
 from collections.abc import Sequence
 
+from analysis.configs import extra_values
 from analysis.paper import PaperRow, paper_of
 from analysis.stats import Comparison, Summary
 from analysis.tables import Cost, Excluded, Row, Table
@@ -35,6 +36,11 @@ LABELS = {
     "train_acc": "train top-1",
     "test_acc": "test top-1",
     "gap": "gap",
+    # identity keys shown as extra columns, where a plain name says it
+    "data.name": "data",
+    "schedule.name": "schedule",
+    "optimizer.name": "optimizer",
+    "method.label_smoothing": "LS",
 }
 EXCLUDED_COLUMNS = ["id", "model", "method", "alpha", "seed", "status", "error"]
 
@@ -43,9 +49,22 @@ def fmt_key(v: object) -> str:
     """A key value for display; None (e.g. no alpha) is "—"."""
     if v is None:
         return DASH
+    if isinstance(v, bool):
+        return str(v).lower()
     if isinstance(v, float):
         return f"{v:g}"
+    if isinstance(v, tuple):  # a list-valued key (schedule.milestones, optimizer.betas)
+        return "[" + ", ".join(fmt_key(x) for x in v) + "]"
     return str(v)
+
+
+def csv_key(v: object) -> object:
+    """A key value for CSV: numbers at full precision, lists as ``[a, b]``, None empty."""
+    if v is None:
+        return ""
+    if isinstance(v, (bool, tuple)):
+        return fmt_key(v) if isinstance(v, bool) else "[" + ", ".join(map(str, v)) + "]"
+    return v
 
 
 def fmt_summary(s: Summary | None) -> str:
@@ -56,8 +75,21 @@ def fmt_summary(s: Summary | None) -> str:
     return f"{s.mean:.2f} ± {std} ({s.n})"
 
 
-def fmt_diff(c: Comparison | None) -> str:
-    """``+d [lo, hi] p|w``; ``+d`` without CI; "—" when nothing to compare."""
+NO_BASELINE = "no baseline"
+CELL_LEGEND = (
+    "Cells: one configuration; mean ± sample std over its seeds (n), `done` runs only, "
+    "accuracies in %. Runs that differ in anything but the seed are never averaged: a key "
+    "that tells two configurations apart gets a column of its own. Δ: vs the baseline of "
+    "the same setting (the same configuration but for the method and α), 95% CI, p = paired "
+    f'by seed, w = Welch; no CI when n = 1; "{NO_BASELINE}" where no baseline run matches.'
+)
+
+
+def fmt_diff(c: Comparison | None, no_baseline: bool = False) -> str:
+    """``+d [lo, hi] p|w``; ``+d`` without CI; "no baseline" for a cell whose setting has no
+    baseline run; "—" when nothing to compare."""
+    if no_baseline:
+        return NO_BASELINE
     if c is None:
         return DASH
     if c.ci_low is None or c.ci_high is None:
@@ -121,7 +153,8 @@ def _cells(table: Table, row: Row, i: int = 0) -> list[str]:
     out = [fmt_key(row.keys[c]) for c in table.key_columns]
     out += [fmt_summary(row.stats.get(m)) if row.present else DASH for m in table.metrics]
     if table.compared:
-        out += [DASH if row.is_baseline else fmt_diff(row.diffs.get(m)) for m in table.metrics]
+        out += [DASH if row.is_baseline else fmt_diff(row.diffs.get(m), row.no_baseline)
+                for m in table.metrics]  # fmt: skip
     out += [fmt_cost(row.cost), fmt_speed(row.cost)] if row.present else [DASH, DASH]
     paper = paper_of(table)
     if paper is not None:
@@ -136,7 +169,14 @@ def grid(table: Table) -> tuple[list[str], list[list[str]]]:
 
 def excluded_grid(ex: Excluded) -> tuple[list[str], list[list[str]]]:
     """The excluded runs' display header and cells."""
-    return list(EXCLUDED_COLUMNS), _excluded_rows(ex)
+    return _excluded_header(ex), _excluded_rows(ex)
+
+
+def _excluded_header(ex: Excluded) -> list[str]:
+    """The excluded runs' columns; identity keys that tell apart runs of one model, method
+    and α go before the seed."""
+    i = EXCLUDED_COLUMNS.index("seed")
+    return [*EXCLUDED_COLUMNS[:i], *ex.extra, *EXCLUDED_COLUMNS[i:]]
 
 
 def md_grid(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -168,6 +208,7 @@ def _excluded_rows(ex: Excluded) -> list[list[str]]:
             r.model,
             r.method,
             fmt_key(r.alpha),
+            *(fmt_key(v) for v in extra_values(r, ex.extra).values()),
             str(r.seed),
             r.status,
             first_line(r.error, DASH),
@@ -190,10 +231,9 @@ def markdown(tables: Sequence[Table], ex: Excluded, total: tuple[Cost, Cost] | N
     """The whole report as Markdown; ``total``: (all runs, excluded runs) cost."""
     parts = ["# gradsweep report", ""]
     parts.append(
-        "Cells: mean ± sample std (n seeds) over `done` runs, accuracies in %. "
-        "Δ: vs the baseline cell, 95% CI, p = paired by seed, w = Welch; no CI when n = 1. "
-        "cost: GPU-hours of the cell's runs (all seeds; wall time of their epochs x GPUs), "
-        "CPU-hours for runs without a GPU; img/s: mean training throughput per run."
+        CELL_LEGEND + " cost: GPU-hours of the cell's runs (all seeds; wall time of their "
+        "epochs x GPUs), CPU-hours for runs without a GPU; img/s: mean training throughput "
+        "per run."
     )
     if total is not None:
         parts.append("")
@@ -211,7 +251,7 @@ def markdown(tables: Sequence[Table], ex: Excluded, total: tuple[Cost, Cost] | N
             parts.append("(no runs)")
     parts += ["", f"## Excluded runs ({len(ex.runs)} failed, diverged or pruned)", ""]
     if ex.runs:
-        parts.append(_md_grid(EXCLUDED_COLUMNS, _excluded_rows(ex)))
+        parts.append(_md_grid(*excluded_grid(ex)))
     else:
         parts.append("(none)")
     if ex.not_finished:
@@ -232,7 +272,7 @@ def csv_table(table: Table) -> str:
                 "ci_method", "gpu_hours", "cpu_hours", "images_per_s", "peak_gpu_mem_mb",
                 *(["paper", "diff_vs_paper"] if paper is not None else [])])  # fmt: skip
     for i, row in enumerate(table.rows):
-        keys = ["" if row.keys[c] is None else row.keys[c] for c in table.key_columns]
+        keys = [csv_key(row.keys[c]) for c in table.key_columns]
         for m in table.metrics:
             s = row.stats.get(m) or Summary(0, None, None)
             c = row.diffs.get(m)
@@ -252,10 +292,11 @@ def csv_excluded(ex: Excluded) -> str:
     """The excluded runs, one line each."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(EXCLUDED_COLUMNS)
+    w.writerow(_excluded_header(ex))
     for r in ex.runs:
         err = first_line(r.error)
-        w.writerow([r.id, r.model, r.method, _num(r.alpha), r.seed, r.status, err])
+        extra = [csv_key(v) for v in extra_values(r, ex.extra).values()]
+        w.writerow([r.id, r.model, r.method, _num(r.alpha), *extra, r.seed, r.status, err])
     return buf.getvalue()
 
 
@@ -297,6 +338,4 @@ def tex_table(table: Table) -> str:
 
 def tex_excluded(ex: Excluded) -> str:
     """The excluded runs as a booktabs table."""
-    return _tex_grid(
-        "Excluded runs (failed, diverged or pruned)", EXCLUDED_COLUMNS, _excluded_rows(ex)
-    )
+    return _tex_grid("Excluded runs (failed, diverged or pruned)", *excluded_grid(ex))

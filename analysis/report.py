@@ -23,7 +23,7 @@ from analysis.studies import (
     trials_grid,
 )
 from analysis.tables import build_tables, cost_of
-from analysis.zeroed import ZEROED_HEADER, zeroed_by_layer, zeroed_filters_table
+from analysis.zeroed import zeroed_by_layer, zeroed_filters_table
 from sweeper.store import display_url
 
 FORMATS = ("md", "csv", "tex", "html")
@@ -59,8 +59,7 @@ def _source(req: ReportRequest) -> str:
 
 def _zeroed(runs: list, last_stats: list) -> tuple[list[str], list[list[str]]]:
     """Last-snapshot zeroed filters per layer x method (from the store's filter_stats)."""
-    rows = zeroed_by_layer(zeroed_filters_table(runs, last_stats))
-    return (ZEROED_HEADER, rows) if rows else ([], [])
+    return zeroed_by_layer(zeroed_filters_table(runs, last_stats), runs)
 
 
 def _study_tables(studies: list[StudySummary]) -> list[tuple[str, list[str], list[list[str]]]]:

@@ -16,7 +16,7 @@ import io
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from analysis.render import fmt_summary, markdown
@@ -112,6 +112,7 @@ def summarize_sweep(store: Store, sweep_id: int, objective: Objective | None = N
             tuple(sorted(t for r in members for t in trials.get(r.id, []))),
         ))  # fmt: skip
     rows.sort(key=lambda r: r.label)
+    rows = _distinct_labels(rows)
     counts = {s: 0 for s in STATUSES}
     for run in runs.values():
         counts[run.status.value] = counts.get(run.status.value, 0) + 1
@@ -123,6 +124,15 @@ def summarize_sweep(store: Store, sweep_id: int, objective: Objective | None = N
         tables, ex = build_tables(every)  # as python -m analysis --sweep ID builds them
         out.report = markdown(tables, ex, (cost_of(every), cost_of(ex.runs)))
     return out
+
+
+def _distinct_labels(rows: list[ConfigRow]) -> list[ConfigRow]:
+    """Rows whose label another configuration shares get their config key appended: each
+    label names one configuration (the parent's metrics are keyed by it)."""
+    seen: dict[str, int] = {}
+    for r in rows:
+        seen[r.label] = seen.get(r.label, 0) + 1
+    return [replace(r, label=f"{r.label} [{r.key}]") if seen[r.label] > 1 else r for r in rows]
 
 
 def _best_trial(store: Store, rows: list[ConfigRow], trials: dict[int, list[int]],

@@ -1,9 +1,13 @@
 """The three paper-style tables (and the excluded-runs list) built from ``done`` runs.
 
-A *cell* is the set of runs that share every grid key except the seed, restricted to the
-keys below (``lr`` is left out: it is resolved from the batch size). Every table row is one
-cell, or a missing cell (``present=False``) where the table expects one, e.g. a PGT arm
-without runs; missing cells render as "—".
+A *cell* is one configuration: the runs that share their whole identity but the seed
+(:mod:`analysis.configs`), so only seeds are averaged. Each table shows the columns below;
+where its runs differ in keys it does not show (``lr``, ``momentum``, ``method.gc_max_norm``,
+``method.grad.strength``...), those keys become extra columns, so two configurations are
+two rows. Every table row is one cell, or a missing cell (``present=False``) where the table
+expects one, e.g. a PGT arm without runs; missing cells render as "—". A treatment is
+compared with the baseline of its own setting: the same configuration in every key but the
+method's and α; where no baseline run matches, its Δ says so (``no_baseline``).
 
 * Table 1: per (data, model, epochs, batch_size, schedule), label smoothing 0: baseline
   and PGT (the best alpha by mean test accuracy, a given alpha, or all alphas); PGT rows
@@ -18,17 +22,25 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
+from analysis.configs import (
+    Key,
+    config_of,
+    extra_columns,
+    extra_values,
+    is_method_key,
+    method_of,
+    setting_of,
+)
 from analysis.queries import RunRecord
 from analysis.stats import Comparison, Summary, compare, summarize
 
 METRICS = ("train_acc", "test_acc")
 ABLATION_METHODS = ("baseline", "pgt", "ls", "ls_pgt")
 EXCLUDED_STATUSES = ("failed", "diverged", "pruned")  # pruned: stopped early by a search
-
-Key = tuple[object, ...]
 
 
 @dataclass(frozen=True)
@@ -69,6 +81,7 @@ class Row:
     diffs: dict[str, Comparison | None] = field(default_factory=dict)
     is_baseline: bool = False
     cost: Cost | None = None  # of the cell's runs (all seeds)
+    no_baseline: bool = False  # a treatment whose setting has no baseline run: no Δ
 
 
 @dataclass
@@ -89,6 +102,7 @@ class Excluded:
 
     runs: list[RunRecord]
     not_finished: int  # queued, running or interrupted: neither averaged nor listed
+    extra: list[str] = field(default_factory=list)  # identity keys shown for each run
 
 
 def metric_values(runs: Sequence[RunRecord], metric: str) -> list[tuple[int, float]]:
@@ -105,7 +119,7 @@ def metric_values(runs: Sequence[RunRecord], metric: str) -> list[tuple[int, flo
     return out
 
 
-def _sort_key(key: Key) -> tuple[object, ...]:
+def _sort_key(key: Sequence[object]) -> tuple[object, ...]:
     out: list[object] = []
     for k in key:
         if k == "baseline":
@@ -125,8 +139,8 @@ def _optimizer_col(runs: Sequence[RunRecord]) -> list[str]:
     return ["optimizer"] if len({r.optimizer for r in runs}) > 1 else []
 
 
-def _group(runs: Sequence[RunRecord], key: Callable[[RunRecord], Key]) -> dict[Key, list]:
-    groups: dict[Key, list[RunRecord]] = defaultdict(list)
+def _group(runs: Sequence[RunRecord], key: Callable[[RunRecord], Hashable]) -> dict[Any, list]:
+    groups: dict[Hashable, list[RunRecord]] = defaultdict(list)
     for r in runs:
         groups[key(r)].append(r)
     return dict(groups)
@@ -154,7 +168,8 @@ def _row(
     metrics: Sequence[str],
     is_baseline: bool,
 ) -> Row:
-    row = Row(keys=keys, present=bool(runs), is_baseline=is_baseline, cost=cost_of(runs or []))
+    row = Row(keys=keys, present=bool(runs), is_baseline=is_baseline, cost=cost_of(runs or []),
+              no_baseline=bool(runs) and not is_baseline and not base)  # fmt: skip
     for m in metrics:
         vals = metric_values(runs or [], m)
         row.stats[m] = summarize([v for _, v in vals])
@@ -171,27 +186,54 @@ def _compared_table(
     methods: Callable[[list[str]], list[str]],
     alpha: str,
 ) -> Table:
-    """Rows per setting × method × alpha, each compared with the setting's baseline."""
+    """Rows per setting × method configuration × alpha, each compared with the baseline of
+    its own setting (the same configuration in every key but the method's and α)."""
     runs = [r for r in done if r.label_smoothing == 0]
     setting_cols = [*setting_cols, *_optimizer_col(runs)]
-    by_setting = _group(runs, lambda r: tuple(getattr(r, c) for c in setting_cols))
+    # keys that tell settings apart beyond the shown columns, then method knobs that tell
+    # configurations of one method apart within a setting
+    s_extra = extra_columns(runs, setting_cols, lambda k: not is_method_key(k))
+    shown_methods = {"baseline", *methods(sorted({r.method for r in runs}))}
+    m_extra = extra_columns([r for r in runs if r.method in shown_methods], ["method"],
+                            lambda k: is_method_key(k) and k != "alpha", within=setting_of)  # fmt: skip
+    by_setting = _group(runs, setting_of)
+
+    def shown(setting: Key) -> tuple[object, ...]:
+        r = by_setting[setting][0]
+        return (*(getattr(r, c) for c in setting_cols), *extra_values(r, s_extra).values())
+
     rows: list[Row] = []
-    for setting in sorted(by_setting, key=_sort_key):
-        cells = _group(by_setting[setting], lambda r: (r.method, r.alpha))
-        present = sorted({m for m, _ in cells})
-        base = cells.get(("baseline", None))
-        keys = dict(zip(setting_cols, setting, strict=True))
+    for setting in sorted(by_setting, key=lambda s: (_sort_key(shown(s)), repr(s))):
+        first = by_setting[setting][0]
+        keys = {
+            **{c: getattr(first, c) for c in setting_cols},
+            **extra_values(first, s_extra),
+        }
+        cells = _group(by_setting[setting], lambda r: (r.method, method_of(r), r.alpha))
+        present = sorted({m for m, _, _ in cells})
+        base = next((rs for (m, _, _), rs in cells.items() if m == "baseline"), None)
         for method in ["baseline", *[m for m in methods(present) if m != "baseline"]]:
-            alphas = {a: rs for (m, a), rs in cells.items() if m == method}
-            if method == "baseline":
-                alphas = {None: base or []}
-            elif not alphas:
-                alphas = {None: []}
-            for a in _pick_alphas(alphas, alpha):
-                k = {**keys, "method": method, "alpha": a}
-                rows.append(_row(k, alphas.get(a), base, METRICS, method == "baseline"))
-    cols = [*setting_cols, "method", "alpha"]
+            configs = _group([r for (m, _, _), rs in cells.items() if m == method for r in rs],
+                             method_of)  # fmt: skip
+            if method == "baseline" or not configs:
+                configs = {(): (base or []) if method == "baseline" else []}
+            for mkey in sorted(configs, key=lambda k: _sort_key(_mvalues(configs[k], m_extra))):
+                alphas = _group(configs[mkey], lambda r: r.alpha)
+                if not alphas:
+                    alphas = {None: []}
+                knobs = dict(zip(m_extra, _mvalues(configs[mkey], m_extra), strict=True))
+                for a in _pick_alphas(alphas, alpha):
+                    k = {**keys, "method": method, "alpha": a, **knobs}
+                    rows.append(_row(k, alphas.get(a), base, METRICS, method == "baseline"))
+    cols = [*setting_cols, *s_extra, "method", "alpha", *m_extra]
     return Table(name, title, cols, list(METRICS), True, rows)
+
+
+def _mvalues(runs: Sequence[RunRecord] | None, extra: Sequence[str]) -> tuple[object, ...]:
+    """The method-side extra columns' values of a cell's runs (None for an empty cell)."""
+    if not runs:
+        return tuple(None for _ in extra)
+    return tuple(extra_values(runs[0], extra).values())
 
 
 def table1(done: Sequence[RunRecord], alpha: str = "best") -> Table:
@@ -223,20 +265,27 @@ def table3(done: Sequence[RunRecord]) -> Table:
     runs = [r for r in done if r.method in ABLATION_METHODS]
     cols = ["data", "model", "epochs", "batch_size", "schedule", *_optimizer_col(runs),
             "label_smoothing", "alpha"]  # fmt: skip
-    cells = _group(runs, lambda r: tuple(getattr(r, c) for c in cols))
+    extra = extra_columns(runs, cols)
+    cells = _group(runs, config_of)
+
+    def shown(k: Key) -> tuple[object, ...]:
+        r = cells[k][0]
+        return (*(getattr(r, c) for c in cols), *extra_values(r, extra).values())
+
     metrics = [*METRICS, "gap"]
     rows = [
-        _row(dict(zip(cols, k, strict=True)), cells[k], None, metrics, True)
-        for k in sorted(cells, key=_sort_key)
+        _row(dict(zip([*cols, *extra], shown(k), strict=True)), cells[k], None, metrics, True)
+        for k in sorted(cells, key=lambda k: (_sort_key(shown(k)), repr(k)))
     ]
-    return Table("table3_ablation", "Table 3: ablation", cols, metrics, False, rows)
+    return Table("table3_ablation", "Table 3: ablation", [*cols, *extra], metrics, False, rows)
 
 
 def excluded(runs: Sequence[RunRecord]) -> Excluded:
-    """Failed / diverged / pruned runs, and how many are still queued or running."""
+    """Failed / diverged / pruned runs, and how many are still queued or running; ``extra``:
+    the identity keys that tell apart excluded runs of one model, method and α."""
     bad = [r for r in runs if r.status in EXCLUDED_STATUSES]
     waiting = sum(1 for r in runs if r.status in ("queued", "running", "interrupted"))
-    return Excluded(bad, waiting)
+    return Excluded(bad, waiting, extra_columns(bad, ["model", "method", "alpha"]))
 
 
 def build_tables(runs: Sequence[RunRecord], alpha: str = "best") -> tuple[list[Table], Excluded]:

@@ -1,5 +1,5 @@
 """The paper's zeroed filters (Sec. 5.2, Figs. 5-7) as a table: filters whose L2 norm is
-below 1e-8 at each run's last snapshot, per layer and method. Plain Python over the store's
+below 1e-8 at each run's last snapshot, per layer and configuration (seeds averaged). Plain Python over the store's
 records (no matplotlib): the report keeps this table even when figures cannot be drawn."""
 
 from __future__ import annotations
@@ -9,6 +9,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from analysis.configs import config_of, extra_columns, extra_values
+from analysis.render import LABELS, fmt_key
 from sweeper.store import FilterStatRecord, RunRecord
 
 
@@ -71,19 +73,41 @@ ZEROED_HEADER = [
 ]
 
 
-def zeroed_by_layer(rows: Sequence[dict]) -> list[list[str]]:
-    """The report's "zeroed filters per layer x method" table (paper Sec. 5.2): the rows of
-    :func:`zeroed_filters_table` pooled over runs (seeds, alpha) per model, method, layer."""
+def zeroed_by_layer(
+    rows: Sequence[dict], runs: Sequence[RunRecord]
+) -> tuple[list[str], list[list[str]]]:
+    """The report's "zeroed filters per layer x configuration" table (paper Sec. 5.2): the
+    rows of :func:`zeroed_filters_table` averaged over the seeds of each configuration
+    (:mod:`analysis.configs`), per layer. Configurations of one model and method are told
+    apart by extra columns (α, batch size, a method's knobs...) placed after ``method``.
+    Returns the header and the cells ([] when there are no rows)."""
+    by_id = {r.id: r for r in runs}
+    done = [by_id[i] for i in dict.fromkeys(r["run_id"] for r in rows)]
+    extra = extra_columns(done, ["model", "method"])
     groups: dict[tuple, list[dict]] = defaultdict(list)
+    shown: dict[tuple, tuple] = {}
     for r in rows:
-        groups[(r["model"], r["method"], r["layer_index"], r["layer_name"])].append(r)
+        run = by_id[r["run_id"]]
+        key = (run.model, run.method, config_of(run))
+        shown[key] = tuple(extra_values(run, extra).values())
+        groups[(key, r["layer_index"], r["layer_name"])].append(r)
+
+    def order(g: tuple) -> tuple:
+        (model, method, cfg), idx, name = g
+        vals = tuple((v is None, str(v) if isinstance(v, (str, tuple)) else v)
+                     for v in shown[(model, method, cfg)])  # fmt: skip
+        return (model, method, vals, repr(cfg), idx, name)
+
     out = []
-    for (model, method, idx, name), rs in sorted(groups.items()):
+    for g in sorted(groups, key=order):
+        (model, method, cfg), idx, name = g
+        rs = groups[g]
         zs = [int(r["n_zero"]) for r in rs]
         out.append(
             [
                 model,
                 method,
+                *(fmt_key(v) for v in shown[(model, method, cfg)]),
                 str(idx),
                 name,
                 str(rs[0]["n_filters"]),
@@ -92,4 +116,5 @@ def zeroed_by_layer(rows: Sequence[dict]) -> list[list[str]]:
                 str(len(rs)),
             ]
         )
-    return out
+    header = [*ZEROED_HEADER[:2], *(LABELS.get(k, k) for k in extra), *ZEROED_HEADER[2:]]
+    return (header, out) if out else ([], [])

@@ -152,11 +152,13 @@ def _populate(url: str, artifacts: Path) -> None:
     try:
         sweep = store.create_sweep("grid", "-m method=baseline,pgt", "local", 14)
         layers = [("conv1", 4), ("layer1.conv", 6), ("fc", 3)]
-        specs = [("baseline", None, s) for s in (0, 1)]
-        specs += [("pgt", a, s) for a in (0.1, 0.25, 0.5) for s in (0, 1)]
-        for i, (method, alpha, seed) in enumerate([*specs, ("pgt", 0.25, 9)]):
+        specs = [("baseline", None, s, 0.05) for s in (0, 1)]
+        specs += [("pgt", a, s, 0.05) for a in (0.1, 0.25, 0.5) for s in (0, 1)]
+        # another configuration of the same columns but lr: a row of its own
+        specs += [("baseline", None, s, 0.01) for s in (0, 1)]
+        for i, (method, alpha, seed, lr) in enumerate([*specs, ("pgt", 0.25, 9, 0.05)]):
             cols = dict(model="resnet20", method=method, alpha=alpha, data="cifar10",
-                        batch_size=128, epochs=2, lr=0.05, schedule="cosine",
+                        batch_size=128, epochs=2, lr=lr, schedule="cosine",
                         label_smoothing=0.0, seed=seed)  # fmt: skip
             run = store.claim_run(f"{i:04d}" + "cd" * 30, cols, {"i": i})
             store.link_run(sweep.id, run.id, f"method={method} alpha={alpha} seed={seed}")
@@ -215,4 +217,7 @@ def test_a_report_over_postgres_equals_the_report_over_sqlite(pg: PgServer, tmp_
     assert sum(f.startswith("filter_norms_grid_") for f in figures) == 2  # baseline, pgt
     assert "feature_norms.png" in figures and any(f.startswith("alpha_grid_") for f in figures)
     zeroed = (sq / "zeroed_filters.csv").read_text().splitlines()
-    assert any(line.startswith("resnet20,pgt,2,layer1.conv,6,2.00,2,6") for line in zeroed), zeroed
+    assert zeroed[0].startswith("model,method,α,lr,layer,")
+    for a in (0.1, 0.25, 0.5):  # one configuration each: its two seeds
+        assert f"resnet20,pgt,{a:g},0.05,2,layer1.conv,6,2.00,2,2" in zeroed, zeroed
+    assert "| lr |" in md  # two baseline configurations: lr 0.05 and 0.01
