@@ -19,6 +19,8 @@ knobs, the optimizer's -- are two cells, whatever columns a table shows.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections import defaultdict
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import Any
@@ -184,3 +186,40 @@ def group_by(runs: Iterable[RunRecord], key: Callable[[RunRecord], Hashable]) ->
     for r in runs:
         out[key(r)].append(r)
     return dict(out)
+
+
+# ------------------------------------------------------------ naming configurations
+def config_key(identity: dict[str, Any]) -> str:
+    """16 hex digits naming a configuration whatever its seed: the seeds of one
+    configuration share it (and only they)."""
+    rest = {k: v for k, v in identity.items() if k != "seed"}
+    blob = json.dumps(rest, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def point_label(point: str) -> str:
+    """A sweep point's label without its seed (``method=pgt seed=1`` -> ``method=pgt``):
+    the name of its configuration within the sweep ('' when only the seed was swept)."""
+    return " ".join(t for t in point.split() if not t.startswith("seed="))
+
+
+def _model_name(model: Any) -> str:
+    return (
+        str(model.get("_target_", "?")).rsplit(".", 1)[-1]
+        if isinstance(model, dict)
+        else str(model)
+    )
+
+
+def config_label(identity: dict[str, Any]) -> str:
+    """A short readable name of a configuration (no seed): model, method, alpha, data,
+    batch, e.g. ``digits_cnn pgt a0.25 digits b64``."""
+    method = identity.get("method") or {}
+    data = identity.get("data") or {}
+    alpha = identity.get("alpha")
+    parts = [_model_name(identity.get("model")), str(method.get("name", "?"))]
+    if alpha is not None:
+        parts.append(f"a{alpha:g}")
+    parts.append(str(data.get("_target_") or data.get("name", "?")).rsplit(".", 1)[-1])
+    parts.append(f"b{identity.get('batch_size')}")
+    return " ".join(parts)

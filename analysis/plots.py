@@ -539,8 +539,8 @@ def make_figures(records: Sequence[RunRecord], out_dir: Path) -> list[Figure]:
         return []
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    # A big store has hundreds of settings; a figure costs ~0.1 s of matplotlib and a
-    # page of hundreds is unreadable: draw the settings with the most runs, say so.
+    # A big store has hundreds of settings; each figure costs matplotlib time and a page
+    # of hundreds is unreadable: draw the settings with the most runs, say so.
     sizes = Counter(_group(r) for r in done)
     shown = {g for g, _ in sizes.most_common(MAX_GROUPS)}
     capped = [r for r in done if _group(r) in shown]
@@ -577,9 +577,9 @@ def _feature_figures(runs: list[tuple[RunRecord, Path]], out_dir: Path) -> list[
 def _draw(tasks: list[_Task]) -> list[Figure]:
     """Run the figure tasks in order and concatenate their figures.
 
-    Why processes: matplotlib draws one figure at a time under the GIL, ~0.2 s each on the
-    2-core machine, and the figures were 8.5 of the 10.5 s of a 10,000-run report
-    (benchmarks/analysis_report.py). Each task writes its own files, so forked workers
+    Why processes: matplotlib draws one figure at a time under the GIL, and the figures are
+    most of a big report's time (benchmarks/analysis_report.py). Each task writes its own
+    files, so forked workers
     (the parent's imports and data come for free) draw them side by side. Serial when
     there is one CPU, few tasks, no ``fork`` (macOS/Windows default to spawn, whose
     start-up costs more than it saves here) or other threads in this process (forking a

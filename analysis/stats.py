@@ -8,11 +8,7 @@ CI choice (``compare``):
   error and Welch-Satterthwaite df;
 * **none**: a side with n = 1 (or a single shared seed): the difference, no interval.
 
-The t quantile comes from SciPy when it is installed. Without SciPy, :func:`t_quantile`
-uses an exact table of the 97.5% quantile for df 1..30 (for non-integer df, log t
-interpolated linearly in 1/df: relative error < 3% for 1 < df < 2, < 0.13% for df >= 3)
-and the Cornish-Fisher expansion around the normal quantile above 30 (relative error
-< 1e-5 there); that fallback supports only the 95% two-sided level.
+The t quantile comes from SciPy (always installed).
 """
 
 from __future__ import annotations
@@ -20,23 +16,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from statistics import NormalDist
 
 import numpy as np
 
 CONFIDENCE = 0.95
-
-# 97.5% quantiles of Student's t for df = 1..30 (from scipy.stats.t.ppf)
-_T975 = (
-    12.706204736174694, 4.302652729749462, 3.1824463052837078, 2.7764451051977934,
-    2.5705818356363146, 2.4469118511449786, 2.364624251592784, 2.306004135204166,
-    2.262157162798205, 2.228138851986274, 2.200985160091639, 2.1788128296672284,
-    2.1603686564627913, 2.144786687917804, 2.131449545559776, 2.1199052992212546,
-    2.1098155778333156, 2.1009220402410382, 2.0930240544083087, 2.085963447265864,
-    2.0796138447276795, 2.0738730679040254, 2.0686576104190486, 2.0638985616280245,
-    2.0595385527532972, 2.0555294386428735, 2.0518305164802846, 2.0484071417952454,
-    2.045229642132703, 2.0422724563012378,
-)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -68,35 +51,13 @@ def summarize(values: Sequence[float]) -> Summary:
     return Summary(n, float(np.mean(arr)), std)
 
 
-def _t_fallback(df: float) -> float:
-    if df <= 30:
-        lo = max(1, math.floor(df))
-        hi = min(30, lo + 1)
-        if lo == hi or df == lo:
-            return _T975[lo - 1]
-        w = (1 / df - 1 / lo) / (1 / hi - 1 / lo)
-        a, b = math.log(_T975[lo - 1]), math.log(_T975[hi - 1])
-        return math.exp(a + w * (b - a))
-    z = NormalDist().inv_cdf(0.975)
-    g1 = (z**3 + z) / 4
-    g2 = (5 * z**5 + 16 * z**3 + 3 * z) / 96
-    g3 = (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / 384
-    g4 = (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / 92160
-    return z + g1 / df + g2 / df**2 + g3 / df**3 + g4 / df**4
-
-
-def t_quantile(df: float, use_scipy: bool = True) -> float:
-    """Two-sided 95% critical value of Student's t with ``df`` degrees of freedom."""
+def t_quantile(df: float, confidence: float = CONFIDENCE) -> float:
+    """Two-sided critical value of Student's t with ``df`` degrees of freedom (SciPy)."""
     if df < 1:
         raise ValueError(f"df must be >= 1, got {df}")
-    if use_scipy:
-        try:
-            from scipy.stats import t
-        except ImportError:
-            pass
-        else:
-            return float(t.ppf(0.5 + CONFIDENCE / 2, df))
-    return _t_fallback(df)
+    from scipy.stats import t
+
+    return float(t.ppf(0.5 + confidence / 2, df))
 
 
 def _interval(diff: float, se: float, df: float, kind: str) -> Comparison:

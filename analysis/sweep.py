@@ -1,28 +1,22 @@
-"""One sweep's result, as its MLflow parent run shows it (:class:`sweeper.mirror.SweepMirror`
-updates it as runs finish): per configuration (its seeds together, by
-:func:`sweeper.describe.config_key`) the mean, sample std and n of the final test and train
+"""One sweep's result: per configuration (its seeds together, by
+:func:`analysis.configs.config_key`) the mean, sample std and n of the final test and train
 top-1 over ``done`` runs; the best configuration; the counts of runs by status; for a search,
 its best trial; and the report's tables (:func:`analysis.render.markdown`) over the sweep's
-runs. Read through the store's read API, like the rest of the analysis.
-
-MLflow metric names allow letters, digits, ``_ - . / : space``; a configuration's label (the
-sweep's point without its seed, ``method=pgt alpha=0.25``) becomes ``method:pgt alpha:0.25``.
+runs. Read through the store's read API, like the rest of the analysis. The sweeper's MLflow
+thread shows it on the sweep's parent run (:mod:`sweeper.tracking.sweep` formats it).
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from analysis.render import fmt_summary, markdown
+from analysis.configs import config_key, config_label, point_label
+from analysis.render import markdown
 from analysis.stats import Summary, summarize
 from analysis.tables import build_tables, cost_of
-from sweeper.describe import config_key, config_label, point_label
 from sweeper.store import RunRecord, RunStatus, Store
 
 STATUSES = ("done", "failed", "diverged", "pruned", "interrupted", "running", "queued")
@@ -38,12 +32,6 @@ class ConfigRow:
     test: Summary
     train: Summary
     trials: tuple[int, ...] = ()
-
-    @property
-    def metric_label(self) -> str:
-        """The label as MLflow allows it in a metric name."""
-        s = re.sub(r"[^\w.\- :/]", "_", self.label.replace("=", ":")).replace("/", "_")
-        return s[:180]
 
 
 @dataclass(frozen=True)
@@ -153,104 +141,3 @@ def _best_trial(store: Store, rows: list[ConfigRow], trials: dict[int, list[int]
         if better:
             best = (number, float(v), row.label)
     return best
-
-
-def summary_metrics(s: SweepSummary) -> dict[str, float]:
-    """The parent run's metrics: ``test_acc.mean/<configuration>`` (and ``.std``, ``.n``,
-    the same for ``train_acc``), ``best/test_acc.mean``, ``runs/<status>``, and for a
-    search ``best/<metric>`` and ``best/trial``."""
-    out: dict[str, float] = {}
-    for row in s.rows:
-        for name, summ in (("test_acc", row.test), ("train_acc", row.train)):
-            out[f"{name}.n/{row.metric_label}"] = float(summ.n)
-            if summ.mean is not None:
-                out[f"{name}.mean/{row.metric_label}"] = summ.mean
-            if summ.std is not None:
-                out[f"{name}.std/{row.metric_label}"] = summ.std
-    best = s.best
-    if best is not None and best.test.mean is not None:
-        out["best/test_acc.mean"] = best.test.mean
-    for status, n in s.counts.items():
-        out[f"runs/{status}"] = float(n)
-    out["runs/total"] = float(len(s.runs))
-    if s.best_trial is not None and s.objective is not None:
-        out[f"best/{s.objective.metric}"] = s.best_trial[1]
-        out["best/trial"] = float(s.best_trial[0])
-    return out
-
-
-def summary_tags(s: SweepSummary) -> dict[str, str]:
-    """The parent run's tags naming the best configuration (and trial)."""
-    tags: dict[str, str] = {}
-    best = s.best
-    if best is not None and best.test.mean is not None:
-        tags.update(best_config=best.label, best_config_key=best.key,
-                    best_test_acc=f"{best.test.mean:.2f}")  # fmt: skip
-    if s.best_trial is not None:
-        tags.update(best_trial=str(s.best_trial[0]), best_value=f"{s.best_trial[1]:.6g}")
-    return tags
-
-
-HEADER = ["configuration", "config_key", "runs", "seeds", "test top-1", "train top-1",
-          "status"]  # fmt: skip
-
-
-def _rows(s: SweepSummary) -> list[list[str]]:
-    best = s.best
-    out = []
-    for row in s.rows:
-        st: dict[str, int] = {}
-        for r in row.runs:
-            st[r.status.value] = st.get(r.status.value, 0) + 1
-        mark = " **best**" if best is not None and row.key == best.key else ""
-        out.append([row.label + mark, row.key, str(len(row.runs)),
-                    ",".join(str(r.seed) for r in row.runs),
-                    fmt_summary(row.test), fmt_summary(row.train),
-                    ", ".join(f"{n} {k}" for k, n in st.items())])  # fmt: skip
-    return out
-
-
-def summary_markdown(s: SweepSummary, limit: int = 7900) -> str:
-    """The parent run's description (MLflow renders it as Markdown on the run page):
-    progress, the best configuration, the per-configuration table, then the report's
-    tables while they fit in ``limit`` characters (MLflow's tag limit is 8,000)."""
-    c = s.counts
-    lines = [f"## Sweep {s.sweep_id}: {s.name}", ""]
-    lines.append(f"**{s.ended} of {len(s.runs)} runs ended**: " + " · ".join(
-        f"{n} {k}" for k, n in c.items() if n) + ".")  # fmt: skip
-    best = s.best
-    if best is not None and best.test.mean is not None:
-        lines.append(f"\n**Best configuration**: `{best.label}`: test top-1 "
-                     f"{fmt_summary(best.test)} (mean ± sample std (n seeds)).")  # fmt: skip
-    if s.best_trial is not None and s.objective is not None:
-        n, v, label = s.best_trial
-        lines.append(f"\n**Best trial**: {n} (`{label}`): {s.objective.metric} {v:.4g} "
-                     f"({s.objective.direction}).")  # fmt: skip
-    lines += ["", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
-    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in r) + " |" for r in _rows(s)]
-    lines += ["", "Final epoch's top-1 in %, over `done` runs; a run's own page has its "
-              "curves. The table is also the artifact `sweep_summary.csv`."]  # fmt: skip
-    text = "\n".join(lines) + "\n"
-    if s.report:
-        report = "\n" + s.report.replace("\n## ", "\n### ").replace(
-            "# gradsweep report", "## The report's tables", 1
-        )
-        if len(text) + len(report) <= limit:
-            text += report
-        else:
-            text += ("\n_The report's tables are in the artifact `report.md` (too long for "
-                     "this description)._\n")  # fmt: skip
-    return text[:limit]
-
-
-def summary_csv(s: SweepSummary) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["configuration", "config_key", "runs", "seeds", "test_mean", "test_std",
-                "test_n", "train_mean", "train_std", "train_n", "best"])  # fmt: skip
-    best = s.best
-    for row in s.rows:
-        w.writerow([row.label, row.key, len(row.runs), " ".join(str(r.seed) for r in row.runs),
-                    row.test.mean, row.test.std, row.test.n, row.train.mean, row.train.std,
-                    row.train.n, int(best is not None and row.key == best.key)])  # fmt: skip
-    return buf.getvalue()

@@ -42,10 +42,13 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
+from trainers.catalog.data import CIFAR
 from trainers.config import ModelConf, RunConfig
-from trainers.data import CIFAR10_MEAN, CIFAR10_STD, CIFAR_PAD, DataConfig, TensorLoader
+from trainers.data import CIFAR_PAD, DataConfig, TensorLoader
 from trainers.probes import FilterLog
 from trainers.train import Trainer
+
+CIFAR10_MEAN, CIFAR10_STD = CIFAR["cifar10"].mean, CIFAR["cifar10"].std
 
 GOAL = 1.5  # dataloader epoch time / resident epoch time, on CUDA
 BATCH = 128

@@ -1,29 +1,14 @@
 """gradsweep's sweeper: configs in, training jobs dispatched, results recorded.
 
-Public surface: :func:`run_job` (one run from a typed Config), :class:`Store` (the results
-store), :class:`Config` (the Hydra schema). Resolved on first use, so that ``import
-sweeper.<module>`` (the CLI, Hydra's plugin discovery, ``status``) never pulls in torch,
-submitit or MLflow.
+By concern, every import pointing down this list (``docs/architecture.md`` is the map):
+
+* :mod:`sweeper.cli`, :mod:`sweeper.status` -- ``python -m sweeper`` and its subcommands;
+* :mod:`sweeper.launch` -- jobs and where they run: the dispatcher, grids and searches,
+  fused groups, local and Slurm backends, one job;
+* :mod:`sweeper.tracking` -- everything MLflow: what a run shows, a run's record brought
+  up to date from the store, a job's and the sweeper's MLflow threads;
+* :mod:`sweeper.config` -- the Hydra schema, composition and checks, a run's identity;
+* :mod:`sweeper.store` -- the results store, the source of truth;
+* :mod:`sweeper.errors`, :mod:`sweeper.provenance` -- the error boundary; what every row
+  records of where it was made.
 """
-
-from __future__ import annotations
-
-from importlib import import_module
-from typing import Any
-
-_LAZY = {
-    "Config": "sweeper.schema",
-    "JobOutcome": "sweeper.job",
-    "run_job": "sweeper.job",
-    "RunRecord": "sweeper.store",
-    "RunStatus": "sweeper.store",
-    "Store": "sweeper.store",
-}
-
-__all__ = sorted(_LAZY)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'sweeper' has no attribute {name!r}")

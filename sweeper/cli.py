@@ -2,7 +2,7 @@
 
 ``python -m sweeper [overrides]`` trains one run; ``-m`` sweeps a grid (our Hydra sweeper
 and launcher plugins) or a search (``hydra/sweeper=optuna``); ``status`` and ``mirror`` are
-subcommands. Before Hydra starts, :func:`~sweeper.compose.preflight_argv` checks the command
+subcommands. Before Hydra starts, :func:`~sweeper.config.compose.preflight_argv` checks the command
 line (bad input: one line, exit 2, nothing written). Everything below raises; only
 :func:`main` prints and exits (:func:`sweeper.errors.boundary`).
 
@@ -18,11 +18,12 @@ import sys
 
 from omegaconf import DictConfig
 
-from sweeper.compose import CONF_DIR, preflight_argv, to_config
+from sweeper.config.compose import CONF_DIR, preflight_argv, to_config
+from sweeper.config.schema import register_configs
 from sweeper.errors import Failed, boundary
-from sweeper.schema import register_configs
 
 # Hydra's own flags that print and exit: no pre-flight, no run
+SUBCOMMANDS = ("status", "mirror")
 HYDRA_INFO_FLAGS = ("--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c",
                     "--shell-completion", "-sc")  # fmt: skip
 
@@ -35,7 +36,7 @@ class _TaskResult:
 
 
 def _task(dcfg: DictConfig) -> None:
-    from sweeper.job import run_job
+    from sweeper.launch.job import run_job
 
     try:
         outcome = run_job(to_config(dcfg))
@@ -64,20 +65,58 @@ def _run_hydra(argv: list[str]) -> None:
         raise _TaskResult.error
 
 
+HELP = """gradsweep: run, record and analyse sweeps of backward-pass gradient methods.
+
+usage:
+  python -m sweeper [KEY=VALUE ...]             one run (default: digits on this machine)
+  python -m sweeper -m KEY=V1,V2 [KEY=VALUE ...]  a grid of runs (hydra.launcher.* settings)
+  python -m sweeper -m hydra/sweeper=optuna KEY=interval(LO,HI) ...   a search
+  python -m sweeper --cfg job [KEY=VALUE ...]   print the composed config, run nothing
+  python -m sweeper status [--help]             sweeps and runs in the results store
+  python -m sweeper mirror [--help]             copy finished runs that missed MLflow into it
+  python -m analysis [--help]                   the report: tables, verdicts, figures
+
+Reference: docs/cli.md (every key), docs/sweeps.md, docs/methods.md, docs/store.md.
+
+== Config groups (GROUP=OPTION) ==
+{groups}
+
+== Config (override anything: KEY=VALUE) ==
+{config}"""
+
+
+def _help(argv: list[str]) -> None:
+    """``--help``: our usage, the config groups and the composed config (Hydra's own help
+    would list the schema nodes our configs extend as groups of their own)."""
+    from omegaconf import OmegaConf
+
+    from sweeper.config.compose import GROUPS, compose_dict, group_options
+
+    overrides = [a for a in argv if not a.startswith("-")]
+    dcfg = compose_dict(overrides)
+    groups = "\n".join(f"{g}: {', '.join(group_options(g))}" for g in GROUPS)
+    print(HELP.format(groups=groups, config=OmegaConf.to_yaml(dcfg)), end="")
+
+
 def _dispatch(argv: list[str]) -> int | None:
+    if any(a in ("--help", "-h") for a in argv) and (not argv or argv[0] not in SUBCOMMANDS):
+        _help(argv)
+        return 0
     if argv and argv[0] == "status":
         from sweeper.status import status
 
         status(argv[1:])
         return 0
     if argv and argv[0] == "mirror":  # runs that missed MLflow (an outage) -> MLflow, once
-        from sweeper.mirror import mirror
+        from sweeper.tracking.catch_up import catch_up
 
-        return mirror(argv[1:])
+        return catch_up(argv[1:])
     _run_hydra(argv)
     return 0
 
 
 def main(argv: list[str] | None = None) -> None:
+    from sweeper.config.compose import hydra_error_line
+
     argv = sys.argv[1:] if argv is None else argv
-    sys.exit(boundary(lambda: _dispatch(argv)))
+    sys.exit(boundary(lambda: _dispatch(argv), hydra_error_line))

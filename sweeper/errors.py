@@ -10,6 +10,7 @@ of the job: its traceback is printed and the status is 1.
 
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 from collections.abc import Callable
@@ -44,10 +45,17 @@ def _is_config_exception(e: BaseException) -> bool:
     return mod.startswith(("hydra.errors", "omegaconf.errors", "hydra.core.override_parser"))
 
 
-def boundary(main: Callable[[], int | None]) -> int:
-    """Run an entry point; return its exit status after printing any error in one line."""
+def boundary(main: Callable[[], int | None],
+             config_error_line: Callable[[BaseException], str] = first_line) -> int:  # fmt: skip
+    """Run an entry point; return its exit status after printing any error in one line.
+    ``config_error_line``: the one line of a Hydra / OmegaConf error (the CLI's parser of
+    their multi-line messages). Output piped into a reader that stopped (``| head``) ends
+    quietly."""
     try:
         return main() or EXIT_OK
+    except BrokenPipeError:
+        _quiet_stdout()
+        return EXIT_OK
     except ConfigError as e:
         _say(first_line(e))
         return EXIT_BAD_INPUT
@@ -59,12 +67,20 @@ def boundary(main: Callable[[], int | None]) -> int:
         return EXIT_INTERRUPTED
     except Exception as e:
         if _is_config_exception(e):
-            from sweeper.compose import hydra_error_line
-
-            _say(hydra_error_line(e))
+            _say(config_error_line(e))
             return EXIT_BAD_INPUT
         traceback.print_exc()
         return EXIT_FAILED
+
+
+def _quiet_stdout() -> None:
+    """The reader of our stdout went away: point stdout at /dev/null, so that flushing it at
+    exit does not raise again (Python's documented way to handle SIGPIPE)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # no real stdout file descriptor (e.g. captured)
+        pass
 
 
 def _say(line: str) -> None:

@@ -31,6 +31,14 @@ def _elapsed(run: RunRecord, now: dt.datetime) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
+HELP = f"""{USAGE}
+
+Every sweep in the results store with its runs by state, then the runs of the latest sweep
+(sweep=ID: of that sweep; all=true: every run) with their progress, elapsed time and test
+accuracy. Works while sweeps run, from any shell, for local and Slurm sweeps alike. Its one
+write: runs whose job stopped sending heartbeats are marked interrupted."""
+
+
 def parse_args(argv: list[str]) -> dict[str, str]:
     out: dict[str, str] = {}
     for a in argv:
@@ -46,6 +54,9 @@ def parse_args(argv: list[str]) -> dict[str, str]:
 def status(argv: list[str], console: Console | None = None) -> None:
     from sqlalchemy.exc import SQLAlchemyError
 
+    if any(a in ("-h", "--help") for a in argv):
+        print(HELP)
+        return
     args = parse_args(argv)
     url = args.get("store.url") or default_url(args.get("results_dir", "./results"))
     console = console or Console(width=max(170, Console().width))  # every header in full

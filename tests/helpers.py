@@ -64,20 +64,20 @@ def main_in_process(args: list[str], capsys, monkeypatch) -> tuple[int, list[str
 
 
 # ----------------------------------------------------------- configs and runs, in process
-def compose(*overrides: str):  # -> sweeper.schema.Config
+def compose(*overrides: str):  # -> sweeper.config.schema.Config
     """The typed config of ``python -m sweeper OVERRIDES``, composed with Hydra's compose
     API in this process (the same composition and checks as the CLI)."""
-    from sweeper.compose import compose as _compose
-    from sweeper.schema import register_configs
+    from sweeper.config.compose import compose as _compose
+    from sweeper.config.schema import register_configs
 
     register_configs()
     return _compose(list(overrides))
 
 
-def train(*overrides: str):  # -> sweeper.job.JobOutcome
+def train(*overrides: str):  # -> sweeper.launch.job.JobOutcome
     """``python -m sweeper OVERRIDES`` in this process: compose, pre-flight, run_job."""
-    from sweeper.compose import preflight_argv
-    from sweeper.job import run_job
+    from sweeper.config.compose import preflight_argv
+    from sweeper.launch.job import run_job
 
     cfg = preflight_argv(list(overrides))
     assert cfg is not None

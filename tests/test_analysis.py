@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import math
 import sqlite3
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from helpers import REPO, cli_env
 from scipy import stats as sps
 
 from analysis.__main__ import main
-from analysis.stats import _t_fallback, t_quantile
+from analysis.stats import t_quantile
 from sweeper.store import RunStatus, Store
 from sweeper.store.models import Run, SweepRun
 
@@ -375,13 +374,8 @@ def test_filters_and_formats(store_dir: Path, tmp_path: Path, capsys) -> None:
 
 
 @pytest.mark.parametrize("df", [1, 1.4, 2, 3.5, 7.3, 12, 29.9, 30, 31, 45.2, 200, 10_000])
-def test_t_quantile_fallback(df: float) -> None:
-    """SciPy is used when installed; the documented no-SciPy fallback is close to it."""
-    exact = sps.t.ppf(0.975, df)
-    assert abs(t_quantile(df) - exact) < 1e-12
-    assert math.isclose(_t_fallback(df), exact, rel_tol=3e-2 if df < 2 else 1.3e-3)
-    if df == int(df) and df <= 30 or df > 30:
-        assert math.isclose(_t_fallback(df), exact, rel_tol=1e-5)
+def test_t_quantile(df: float) -> None:
+    assert t_quantile(df) == pytest.approx(sps.t.ppf(0.975, df), abs=1e-12)
 
 
 def test_alpha_option(store_dir: Path, tmp_path: Path, capsys) -> None:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from helpers import compose, run_cli, sql, train
 
-from sweeper.identity import identity_of
+from sweeper.config.identity import identity_of
 from trainers.custom import bound_grads, check_method
 from trainers.methods import apply_grad_transforms_, pgt_cross_entropy
 

@@ -16,20 +16,12 @@ import torch
 import torch.nn.functional as F
 from helpers import write_cifar10, write_cifar100, write_imagefolder, write_pickle
 
-from trainers.data import (
-    CIFAR10_MEAN,
-    CIFAR10_STD,
-    CIFAR100_MEAN,
-    CIFAR100_STD,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    DataConfig,
-    TensorLoader,
-    build_data,
-    check_data,
-    known_datasets,
-)
+from trainers.catalog.data import CIFAR, check_data, known_datasets
+from trainers.data import IMAGENET_MEAN, IMAGENET_STD, DataConfig, TensorLoader, build_data
 from trainers.registry import ConfigError
+
+CIFAR10_MEAN, CIFAR10_STD = CIFAR["cifar10"].mean, CIFAR["cifar10"].std
+CIFAR100_MEAN, CIFAR100_STD = CIFAR["cifar100"].mean, CIFAR["cifar100"].std
 
 
 def _epoch(loader, epoch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

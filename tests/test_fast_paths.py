@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from trainers.catalog.data import CIFAR
 from trainers.config import MethodConf, ModelConf, RunConfig
-from trainers.data import CIFAR10_MEAN, CIFAR10_STD, DataConfig
+from trainers.data import DataConfig
 from trainers.models import build_model
 from trainers.runtime import resolve_compile_mode
 from trainers.schedule import lr_at
@@ -74,8 +75,8 @@ def _read(path: Path) -> tuple[Tensor, Tensor]:
 
 
 def _normalise(img: Tensor) -> Tensor:
-    mean = torch.tensor(CIFAR10_MEAN).view(3, 1, 1)
-    std = torch.tensor(CIFAR10_STD).view(3, 1, 1)
+    mean = torch.tensor(CIFAR["cifar10"].mean).view(3, 1, 1)
+    std = torch.tensor(CIFAR["cifar10"].std).view(3, 1, 1)
     return (img.float() / 255 - mean) / std
 
 

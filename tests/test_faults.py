@@ -22,8 +22,8 @@ from helpers import cli_env, poll_sql, run_cli, sql
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sweeper.compose import preflight_argv
-from sweeper.schema import register_configs
+from sweeper.config.compose import preflight_argv
+from sweeper.config.schema import register_configs
 from sweeper.store import Store
 from trainers.registry import ConfigError
 

@@ -20,10 +20,10 @@ import pytest
 import torch
 from helpers import cli_env, compose, main_in_process, poll_sql, run_cli, sql
 
-from sweeper.fuse import SLURM_AUTO_GROUP, describe, fuse_key, plan_groups, why_alone
-from sweeper.settings import LauncherParams
+from sweeper.config.launcher import LauncherParams
+from sweeper.launch.fuse import SLURM_AUTO_GROUP, describe, fuse_key, plan_groups, why_alone
 from trainers import fused as fused_mod
-from trainers.config import BUILTIN_MODELS, DataConfig, MethodConf, ModelConf, RunConfig
+from trainers.config import DataConfig, MethodConf, ModelConf, RunConfig
 from trainers.fused import FusedTrainer, footprint_bytes
 from trainers.train import Trainer
 
@@ -221,12 +221,6 @@ def test_which_points_fuse() -> None:
     assert LauncherParams(fuse="off").fuse_limit() == 1
     assert LauncherParams(fuse=4).fuse_limit() == 4
     assert LauncherParams().fuse_limit() is None
-
-
-def test_the_model_names_known_without_torch_are_the_registry() -> None:
-    from trainers.models import known_models
-
-    assert set(known_models()) == BUILTIN_MODELS
 
 
 @pytest.mark.parametrize("bad", ["-1", "0", "banana", "2.5"])

@@ -1,6 +1,6 @@
 """CUDA paths: bf16 / fp16 (GradScaler) / fp32 training, channels-last, compile, PGT on GPU.
 
-Skipped cleanly where no CUDA device is present (CI); run on the lent GPU machine.
+Skipped cleanly where no CUDA device is present (CI); run on a GPU machine.
 """
 
 from __future__ import annotations
@@ -152,7 +152,7 @@ def test_a_cuda_run_logs_gpu_system_metrics(tmp_path: Path, monkeypatch) -> None
     from helpers import compose
     from mlflow import MlflowClient
 
-    from sweeper.job import run_job
+    from sweeper.launch.job import run_job
 
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
     cfg = compose(f"results_dir={tmp_path}", "device=cuda", "epochs=40")  # > 1 s

@@ -2,8 +2,8 @@
 MLflow's client, a real ``mlflow server`` (its REST API) and its UI in headless Chromium.
 
 Two real sweeps share one results dir and MLflow store: a fused grid of 2 methods x 2 seeds
-(its members mirrored by the sweeper, ``sweeper.mirror.SweepMirror``) and an unfused pair
-with one diverging point (each job mirrors itself, ``sweeper.tracking.BackgroundMirror``),
+(its members tracked by the sweeper, ``sweeper.tracking.sweep.SweepTracker``) and an unfused
+pair with one diverging point (each job tracks itself, ``sweeper.tracking.job.JobTracker``),
 with MLflow's system metrics asked for on the CPU. The UI screenshots are saved under
 ``test-artifacts/mlflow_ui/`` in the checkout (or ``$GRADSWEEP_TEST_ARTIFACTS``).
 """
@@ -28,10 +28,11 @@ import pytest
 import yaml
 from helpers import cli_env, compose, poll_sql, run_cli, write_cifar10
 
-from sweeper.describe import config_key, reason, run_params
-from sweeper.identity import grid_columns, identity_of, resolved_config
+from analysis.configs import config_key
+from sweeper.config.identity import grid_columns, identity_of, resolved_config
 from sweeper.store import RunStatus, Store
-from trainers.datacheck import dataset_ref
+from sweeper.tracking.describe import reason, run_params
+from trainers.catalog import dataset_ref
 
 REPO = Path(__file__).resolve().parent.parent
 FUSED = ["-m", "method=baseline,pgt", "alpha=0.25", "seed=0,1", "+experiment=smoke"]
@@ -223,8 +224,8 @@ def test_outcomes_end_with_a_status_and_a_reason(results: Path) -> None:
 def test_a_run_the_sweeper_records_killed_is_closed_in_mlflow(tmp_path: Path) -> None:
     """A job SIGKILLed leaves its MLflow run RUNNING; the sweeper, which records the kill in
     the store, closes it KILLED with the store's reason."""
-    from sweeper.mirror import SweepMirror
-    from sweeper.tracking import MlflowMirror
+    from sweeper.tracking.client import MlflowRun
+    from sweeper.tracking.sweep import SweepTracker
 
     cfg = compose(f"results_dir={tmp_path}", "epochs=1")
     ident, chash = identity_of(cfg)
@@ -234,12 +235,14 @@ def test_a_run_the_sweeper_records_killed_is_closed_in_mlflow(tmp_path: Path) ->
     run = store.claim_run(chash, grid_columns(cfg), resolved_config(cfg, ident))
     store.link_run(sweep.id, run.id, "seed=0")
     store.start_run(run.id, {}, 0)
-    job_side = MlflowMirror(uri, "gradsweep", tmp_path / "mlartifacts")
+    job_side = MlflowRun(uri, "gradsweep", tmp_path / "mlartifacts")
     rid = job_side.open_run(run, tmp_path / "run", {})
     assert rid is not None
     store.set_fields(run.id, mlflow_run_id=rid)
     warned: list[str] = []
-    live = SweepMirror(url, uri, "gradsweep", tmp_path, "s", {}, sweep.id, warned.append, every=0.2)
+    live = SweepTracker(
+        url, uri, "gradsweep", tmp_path, "s", {}, sweep.id, warned.append, every=0.2
+    )
     assert live.wait_parent() is not None
     assert store.mark_killed([run.id], "its job 123 ended without recording an outcome") == 1
     live.ended([run.id])

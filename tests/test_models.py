@@ -55,6 +55,17 @@ def test_registry_names() -> None:
     assert all(name in MODELS for name in EXPECTED_NAMES)
 
 
+def test_every_catalog_entry_has_its_config_and_no_config_is_unknown() -> None:
+    """One catalog entry per model and data set, each with its ``conf/<group>/NAME.yaml``."""
+    from helpers import REPO
+
+    from trainers.catalog import known_datasets
+
+    for group, names in (("model", known_models()), ("data", known_datasets())):
+        files = sorted(p.stem for p in (REPO / "conf" / group).glob("*.yaml"))
+        assert files == sorted(names), group
+
+
 @pytest.mark.parametrize("name", EXPECTED_NAMES)
 def test_contract_and_one_train_step(name: str) -> None:
     torch.manual_seed(0)

@@ -12,7 +12,7 @@ from helpers import compose, sql, train
 from torch import nn
 
 from analysis.tables import build_tables
-from sweeper.identity import identity_of
+from sweeper.config.identity import identity_of
 from sweeper.store import RunRecord, RunStatus
 from trainers.runtime import build_optimizer
 

@@ -1,4 +1,4 @@
-"""The paper presets expand to exactly the paper's runs (shared/paper tables as data)."""
+"""The paper presets expand to exactly the paper's runs (the paper's tables as data, analysis/paper/)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from sweeper.compose import CONF_DIR, to_config
-from sweeper.schema import Config, register_configs
+from sweeper.config.compose import CONF_DIR, to_config
+from sweeper.config.schema import Config, register_configs
 
 PAPER = Path(__file__).resolve().parent.parent / "analysis" / "paper"
 

@@ -16,9 +16,10 @@ from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from sweeper.compose import CONF_DIR
-from sweeper.schema import register_configs
-from sweeper.search import SearchParams, build_sampler, parse_space
+from sweeper.config.compose import CONF_DIR
+from sweeper.config.schema import register_configs
+from sweeper.config.search import SearchParams
+from sweeper.launch.trials import build_sampler, parse_space
 from sweeper.store import SCHEMA_VERSION, Store
 from trainers.registry import ConfigError
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from helpers import REPO, cli_env, compose, run_cli, sql
 
-from sweeper.identity import identity_of
+from sweeper.config.identity import identity_of
 from sweeper.store import (
     KILLED_TWICE,
     SCHEMA_VERSION,
@@ -216,7 +216,7 @@ print(",".join(heavy))
         "hydra_plugins.gradsweep_plugins, hydra_plugins.gradsweep_plugins.launcher, "
         "hydra_plugins.gradsweep_plugins.sweeper, hydra_plugins.gradsweep_plugins.optuna_sweeper",
         # what MLflow shows of a run and of a sweep: computed without MLflow or torch
-        "sweeper.describe, analysis.sweep, trainers.datacheck",
+        "sweeper.tracking.describe, analysis.sweep, trainers.catalog, sweeper.config.compose",
     ],
     ids=["store", "status", "cli", "analysis", "plugins", "describe"],
 )

@@ -1,6 +1,6 @@
 """Trainer behaviour: real datasets through a job, divergence, schedules, run identity.
 
-Runs here go through :func:`sweeper.job.run_job` in this process (composed like the CLI
+Runs here go through :func:`sweeper.launch.job.run_job` in this process (composed like the CLI
 does): the process itself is not what these tests are about."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from helpers import sql, train, write_cifar10, write_imagefolder
 
-from sweeper.identity import identity_of
+from sweeper.config.identity import identity_of
 from trainers.config import MethodConf, ModelConf, RunConfig, ScheduleConf
 from trainers.data import DataConfig
 from trainers.schedule import lr_at

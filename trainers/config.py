@@ -4,9 +4,9 @@ These dataclasses are the schema Hydra checks overrides against (the sweeper reg
 with Hydra's ConfigStore) and the typed object everything below the CLI receives. Values
 live in ``conf/*.yaml``; defaults here only make the dataclasses usable from Python.
 
-This module imports no torch: the CLI composes, prints and hashes configs without it
-(``python -m sweeper --help`` answers at once). Only :meth:`RunConfig.validate` looks up the
-model and data registries, which import torch, when a run is about to be started.
+This module imports no torch: the CLI composes, prints, validates and hashes configs without
+it (``python -m sweeper --help`` answers at once); the data sets and models it checks
+against are the torch-free catalog (:mod:`trainers.catalog`).
 """
 
 from __future__ import annotations
@@ -16,8 +16,11 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from trainers.catalog import DATASETS, MODELS, DataConfig, ModelConf
 from trainers.registry import ConfigError
 from trainers.specs import METHODS, MethodSpec, method_spec
+
+__all__ = ["DataConfig", "MethodConf", "ModelConf", "OptimizerConf", "RunConfig", "ScheduleConf"]
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # torch.compile modes; auto: reduce-overhead (CUDA graphs) for a single-process CUDA run,
@@ -25,49 +28,6 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # all-reduce hooks CUDA graphs do not capture)
 COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 DEVICES_HELP = "auto, cpu, cuda or cuda:N"
-
-
-@dataclass  # mutable: it is also Hydra's schema for the `data` group (overrides write to it)
-class DataConfig:
-    name: str = "digits"  # digits | synthetic | cifar10 | cifar100 | imagenet
-    root: str | None = None  # directory for cifar10/cifar100/imagenet
-    download: bool = False  # cifar only: opt-in torchvision download into root
-    augment: bool = True  # apply the dataset's standard training augmentation
-    image_size: int = 32  # synthetic: side; imagenet: train crop (test: resize size*8/7, crop)
-    num_classes: int = 10  # synthetic only
-    channels: int = 3  # synthetic only
-    num_train: int = 1024  # synthetic only
-    num_test: int = 256  # synthetic only
-    data_seed: int = 0  # synthetic generation + digits split; NOT the run seed
-    num_workers: int = 2  # imagenet DataLoader workers
-    # your own data: a callable returning (x_train, y_train, x_test, y_test), images uint8
-    # N x C x H x W, labels int 0..C-1; kept on the device like digits and CIFAR
-    _target_: str | None = None
-    args: Any = None  # keyword arguments for _target_, e.g. data.args={n_train: 256}
-
-    @property
-    def effective_name(self) -> str:
-        """``name``, or for a ``_target_`` the callable's name (what runs.data records)."""
-        return self._target_.rsplit(".", 1)[-1] if self._target_ else self.name
-
-
-@dataclass
-class ModelConf:
-    name: str = "digits_cnn"
-    # your own model: any callable taking num_classes (and in_channels, if it names it)
-    # returning an nn.Module whose final classifier is an nn.Linear named ``fc``
-    _target_: str | None = None
-    args: Any = None  # keyword arguments for _target_, e.g. model.args={width: 16}
-
-    @property
-    def effective_name(self) -> str:
-        """``name``, or for a ``_target_`` the callable's name (what runs.model records)."""
-        return self._target_.rsplit(".", 1)[-1] if self._target_ else self.name
-
-    def identity(self) -> Any:
-        if not self._target_:
-            return self.name  # the identity registered models always had
-        return {"_target_": self._target_, **(self.args or {})}
 
 
 @dataclass
@@ -129,15 +89,6 @@ class ScheduleConf:
     min_lr: float = 0.0  # cosine floor (absolute)
     milestones: list[int] = field(default_factory=lambda: [30, 60, 90])  # step: epochs
     gamma: float = 0.1  # step: factor at each milestone
-
-
-# The model registry's names (trainers.models, which imports torch), so that validating a
-# config needs no torch; tests/test_fused.py checks it equals the registry.
-BUILTIN_MODELS = frozenset(
-    {"resnet18", "resnet34", "resnet50", "resnet101", "resnet18_nobn", "resnet34_nobn",
-     "resnet50_nobn", "resnet101_nobn", "seresnet18", "seresnet50", "resnet20", "resnet32",
-     "resnet56", "digits_cnn"}
-)  # fmt: skip
 
 
 @dataclass
@@ -241,20 +192,12 @@ class RunConfig:
     # ---------------------------------------------------------------------- validation
     def validate(self) -> None:
         """Raise ConfigError (one line: the bad value and what is allowed) on bad input."""
-        from trainers.datacheck import known_datasets  # torch-free
-
-        if not self.model._target_ and self.model.name not in BUILTIN_MODELS:
-            from trainers.models import known_models  # the registry (imports torch)
-
-            raise ConfigError(
-                f"unknown model {self.model.name!r}; known: {', '.join(known_models())}"
-            )
+        if not self.model._target_:
+            MODELS.get(self.model.name)  # ConfigError listing the known ones
         for key, args in (("model.args", self.model.args), ("data.args", self.data.args)):
             _check(args is None or isinstance(args, dict), key, args, "a mapping, e.g. {width: 16}")
-        if not self.data._target_ and self.data.name not in known_datasets():
-            raise ConfigError(
-                f"unknown data {self.data.name!r}; known: {', '.join(known_datasets())}"
-            )
+        if not self.data._target_:
+            DATASETS.get(self.data.name)
         m = self.method
         method_spec(m.pgt, m.label_smoothing, m.grad, m.loss)  # raises for an unknown piece
         _check(

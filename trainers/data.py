@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import pickle
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -21,35 +21,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from trainers.config import DataConfig
-from trainers.datacheck import (  # the torch-free pre-flight side of each data set
-    _CIFAR,
-    CIFAR10_MEAN,
-    CIFAR10_STD,
-    CIFAR100_MEAN,
-    CIFAR100_STD,
-    _check_cifar,
-    _check_imagenet,
-    _cifar_dir,
-    _class_dirs,
-    _no_check,
-    check_data,
-    known_datasets,
-)
-from trainers.registry import ConfigError, Registry
+from trainers.catalog.data import CIFAR, DATASETS, DataConfig, cifar_dir, class_dirs
+from trainers.registry import ConfigError
 
-__all__ = [
-    "CIFAR100_MEAN",
-    "CIFAR100_STD",
-    "CIFAR10_MEAN",
-    "CIFAR10_STD",
-    "DataBundle",
-    "DataConfig",
-    "TensorLoader",
-    "build_data",
-    "check_data",
-    "known_datasets",
-]
+__all__ = ["DataBundle", "DataConfig", "TensorLoader", "build_data"]
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CIFAR_PAD = 4  # He et al. 2016: 4-pixel zero padding, random 32x32 crop, random flip
@@ -213,16 +188,7 @@ def _check_batch_size(name: str, batch_size: int, num_train: int) -> None:
         )
 
 
-@dataclass(frozen=True)
-class DatasetSpec:
-    check: Callable[[DataConfig], None]
-    build: Callable[[DataConfig, int, int, torch.device], DataBundle]
-
-
-DATASETS: Registry[DatasetSpec] = Registry("data")
-
-
-def _build_digits(cfg: DataConfig, batch_size: int, seed: int, device: torch.device) -> DataBundle:
+def build_digits(cfg: DataConfig, batch_size: int, seed: int, device: torch.device) -> DataBundle:
     from trainers.digits import digits_split  # scikit-learn's bundled file, read without sklearn
 
     xtr, xte, ytr, yte = (torch.from_numpy(a) for a in digits_split(cfg.data_seed))
@@ -232,7 +198,7 @@ def _build_digits(cfg: DataConfig, batch_size: int, seed: int, device: torch.dev
     return _bundle(cfg, arrays, _channel_stats(xtr), 10, None, batch_size, seed, device)
 
 
-def _build_synthetic(
+def build_synthetic(
     cfg: DataConfig, batch_size: int, seed: int, device: torch.device
 ) -> DataBundle:
     for field in ("image_size", "num_classes", "channels", "num_train", "num_test"):
@@ -294,23 +260,24 @@ def _load_cifar_file(path: Path, key: bytes) -> tuple[Tensor, Tensor]:
     return torch.from_numpy(x.copy()), torch.from_numpy(y)
 
 
-def _build_cifar(cfg: DataConfig, batch_size: int, seed: int, device: torch.device) -> DataBundle:
-    folder, train_files, test_file, key, classes, mean, std = _CIFAR[cfg.name]
+def build_cifar(cfg: DataConfig, batch_size: int, seed: int, device: torch.device) -> DataBundle:
+    c = CIFAR[cfg.name]
     if cfg.download:  # opt-in; torchvision fetches, verifies and extracts into root
         import torchvision.datasets as tvd
 
         root = Path(str(cfg.root)).expanduser()
         root.mkdir(parents=True, exist_ok=True)
         (tvd.CIFAR10 if cfg.name == "cifar10" else tvd.CIFAR100)(str(root), download=True)
-    d = _cifar_dir(cfg)
-    parts = [_load_cifar_file(d / f, key) for f in train_files]
-    xte, yte = _load_cifar_file(d / test_file, key)
+    d = cifar_dir(cfg)
+    parts = [_load_cifar_file(d / f, c.labels_key) for f in c.train_files]
+    xte, yte = _load_cifar_file(d / c.test_file, c.labels_key)
     xtr, ytr = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     for y in (ytr, yte):  # num_classes comes from the data set, not from the labels present
-        if len(y) and (int(y.min()) < 0 or int(y.max()) >= classes):
-            raise ConfigError(f"{cfg.name} labels in {str(d)!r} must lie in [0, {classes})")
+        if len(y) and (int(y.min()) < 0 or int(y.max()) >= c.classes):
+            raise ConfigError(f"{cfg.name} labels in {str(d)!r} must lie in [0, {c.classes})")
     pad = CIFAR_PAD if cfg.augment else None
-    return _bundle(cfg, (xtr, ytr, xte, yte), (mean, std), classes, pad, batch_size, seed, device)
+    stats = (c.mean, c.std)
+    return _bundle(cfg, (xtr, ytr, xte, yte), stats, c.classes, pad, batch_size, seed, device)
 
 
 # --- ImageNet (ImageFolder trees root/train and root/val) -------------------------------------
@@ -387,9 +354,7 @@ class ImageFolderLoader:
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
 
-def _build_imagenet(
-    cfg: DataConfig, batch_size: int, seed: int, device: torch.device
-) -> DataBundle:
+def build_imagenet(cfg: DataConfig, batch_size: int, seed: int, device: torch.device) -> DataBundle:
     from torchvision import transforms as T
 
     if cfg.image_size <= 0 or cfg.num_workers < 0:
@@ -400,7 +365,7 @@ def _build_imagenet(
     aug = [T.RandomResizedCrop(size), T.RandomHorizontalFlip()] if cfg.augment else []
     train_tf = T.Compose([*aug, *norm])
     test_tf = T.Compose([T.Resize(round(size * 8 / 7)), T.CenterCrop(size), *norm])  # 256/224
-    classes = {c: i for i, c in enumerate(_class_dirs(root / "train"))}
+    classes = {c: i for i, c in enumerate(class_dirs(root / "train"))}
     train = _SeededImages(root / "train", classes, train_tf)
     test = _SeededImages(root / "val", classes, test_tf)
     _check_batch_size(cfg.name, batch_size, len(train))
@@ -409,13 +374,6 @@ def _build_imagenet(
         ImageFolderLoader(test, batch_size, seed, False, cfg.num_workers, device),
         len(classes), 3, size, len(train), len(test),
     )  # fmt: skip
-
-
-DATASETS.register("digits", DatasetSpec(_no_check, _build_digits))
-DATASETS.register("synthetic", DatasetSpec(_no_check, _build_synthetic))
-DATASETS.register("cifar10", DatasetSpec(_check_cifar, _build_cifar))
-DATASETS.register("cifar100", DatasetSpec(_check_cifar, _build_cifar))
-DATASETS.register("imagenet", DatasetSpec(_check_imagenet, _build_imagenet))
 
 
 def _build_custom(cfg: DataConfig, batch_size: int, seed: int, device: torch.device) -> DataBundle:
@@ -454,6 +412,6 @@ def build_data(
         raise ConfigError(f"batch_size={batch_size} must be a positive integer")
     if cfg._target_:
         return _build_custom(cfg, batch_size, seed, torch.device(device))
-    spec = DATASETS.get(cfg.name)
-    spec.check(cfg)
-    return spec.build(cfg, batch_size, seed, torch.device(device))
+    entry = DATASETS.get(cfg.name)
+    entry.check(cfg)
+    return entry.build(cfg, batch_size, seed, torch.device(device))

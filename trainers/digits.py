@@ -1,6 +1,6 @@
 """scikit-learn's 8x8 digits and their stratified train/test split, without importing sklearn.
 
-``import sklearn`` costs about 1.7 s of a job's start-up, so this module reads the
+``import sklearn`` is a large part of a job's start-up, so this module reads the
 ``digits.csv.gz`` that ships inside the installed scikit-learn package (located with
 ``importlib.util.find_spec``, which does not run ``sklearn/__init__.py``) and re-implements
 ``sklearn.model_selection.train_test_split(..., test_size=0.2, random_state=seed,
@@ -17,7 +17,7 @@ import math
 
 import numpy as np
 
-from trainers.datacheck import digits_csv as _digits_csv  # found without numpy or sklearn
+from trainers.catalog.data import digits_csv as _digits_csv  # found without numpy or sklearn
 
 TEST_SIZE = 0.2
 

@@ -2,7 +2,7 @@
 
 A sweep's points that differ only in what each run does with its own copy of the model --
 seed, alpha, the method's pieces and knobs, learning rate, momentum, weight decay, label
-smoothing -- can share one job (``hydra.launcher.fuse``, :mod:`sweeper.fuse`). Each member
+smoothing -- can share one job (``hydra.launcher.fuse``, :mod:`sweeper.launch.fuse`). Each member
 is a full :class:`~trainers.train.Trainer`: its own initialisation (its seed), data order
 and augmentation (its seed, from the one resident copy of the data), loss, gradient
 transforms (its own GC / AGC / ZNorm reductions), optimiser, schedule, BatchNorm running
@@ -16,10 +16,9 @@ start-up, one copy of the data) and, when ``stacked``, the kernels:
   own optimiser, transforms, evaluation and checkpoint work on them unchanged. A small
   network on a GPU is launch-bound, and K members cost about the kernels of one.
 * **interleaved** (the default on a CPU): each member takes its step in turn, exactly as it
-  would alone. On a CPU a stacked step is slower than the members' separate steps (2-core
-  VM, float32, batch 64: digits CNN K=3 74-84 ms stacked vs 65-68 ms separate, K=9 223-246
-  vs 189-204 ms; ResNet-20 K=3 1,065-1,126 vs 816-870 ms -- ``benchmarks/fused.py``), so
-  there the gain is the start-ups saved, and the arithmetic is that of the separate runs.
+  would alone. On a CPU a stacked step is slower than the members' separate steps
+  (``benchmarks/fused.py`` measures both), so there the gain is the start-ups saved, and
+  the arithmetic is that of the separate runs.
 
 Members may leave the group at any step: a member whose loss turns non-finite is
 ``diverged`` at that step, one its search prunes is ``pruned``; the stacks are rebuilt

@@ -1,6 +1,6 @@
 """ImageNet-style ResNets on torchvision's ``ResNet`` class: BN, non-BN and SE variants.
 
-Kept apart from :mod:`trainers.models` because importing torchvision costs about 2 s: a
+Kept apart from :mod:`trainers.models` because importing torchvision is slow: a
 digits or CIFAR run never pays it; :mod:`trainers.models` imports this module only when one
 of these models is built.
 """

@@ -194,7 +194,7 @@ def _agc_segmented(params: list[Tensor], clip_factor: float, eps: float) -> None
     """All tensors at once with a constant number of kernels (about 15, whatever the model).
 
     On a GPU the per-tensor loop is launch-bound: timm's takes ~10 launches per tensor,
-    ~1,600 for a ResNet-50, 21 ms on an H200 (docs/architecture.md, measured facts). Here every weight and gradient
+    ~1,600 for a ResNet-50 (``benchmarks/agc.py`` measures both). Here every weight and gradient
     is flattened into one vector, every unit's sum of squares is one segmented reduction
     (CUB), and the per-unit scales are expanded back and applied by one multi-tensor
     ``_foreach_mul_``. Squares are summed in float64 so that the different summation order

@@ -1,6 +1,7 @@
-"""Image classifiers for the sweeps, by name.
+"""Image classifiers for the sweeps: the networks behind the model catalog
+(:mod:`trainers.catalog.models`, where each built-in model's name points at its factory).
 
-Every factory in :data:`MODELS` builds a randomly initialised network (``weights=None``;
+Every factory builds a randomly initialised network (``weights=None``;
 nothing is ever downloaded) that maps ``(N, in_channels, H, W)`` images to ``(N, num_classes)``
 logits. Contract relied on by the trainer: the final classifier is an ``nn.Linear`` attribute
 named ``fc`` whose input is the pooled feature vector. The trainer hooks that input to measure
@@ -13,20 +14,17 @@ References:
   (arXiv:1512.03385). ImageNet ResNets (Sec. 3.4) and CIFAR ResNets (Sec. 4.2).
 - J. Hu, L. Shen, G. Sun, "Squeeze-and-Excitation Networks", CVPR 2018 (arXiv:1709.01507).
 - B. Das, M. Mondal, B. Lall, S. D. Joshi, S. Dutta Roy, "Altering Backward Pass Gradients
-  improves Convergence" (``shared/paper/``): non-BN ResNets with BN replaced by identity.
+  improves Convergence" (the paper this tool reproduces): non-BN ResNets with BN replaced by identity.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
-from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainers.config import ModelConf
-from trainers.registry import ConfigError, Registry
+from trainers.catalog.models import MODELS, ModelConf, known_models
+from trainers.registry import ConfigError
 
 __all__ = [
     "MODELS",
@@ -36,32 +34,6 @@ __all__ = [
     "count_parameters",
     "known_models",
 ]
-
-#: Name -> factory ``(num_classes, in_channels) -> nn.Module``.
-MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
-
-
-def _imagenet_model(builder: str, depth: int, **kw: object) -> Callable[..., nn.Module]:
-    """A factory that imports torchvision (in :mod:`trainers.imagenet_models`) only when called."""
-
-    def factory(num_classes: int, in_channels: int = 3) -> nn.Module:
-        from trainers import imagenet_models
-
-        return getattr(imagenet_models, builder)(depth, num_classes, in_channels, **kw)
-
-    return factory
-
-
-# --- torchvision ResNets, with and without BatchNorm, and SE-ResNets (trainers.imagenet_models)
-for _depth in (18, 34, 50, 101):  # BN variants first: registration order is the listing order
-    MODELS.register(f"resnet{_depth}", _imagenet_model("torchvision_resnet", _depth))
-for _depth in (18, 34, 50, 101):
-    MODELS.register(
-        f"resnet{_depth}_nobn", _imagenet_model("torchvision_resnet", _depth, batchnorm=False)
-    )
-for _depth in (18, 50):
-    MODELS.register(f"seresnet{_depth}", _imagenet_model("se_resnet", _depth))
-
 
 # --- CIFAR ResNets (He et al. 2016, Sec. 4.2) --------------------------------------------------
 
@@ -138,10 +110,6 @@ class CifarResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-for _depth in (20, 32, 56):
-    MODELS.register(f"resnet{_depth}", partial(CifarResNet, (_depth - 2) // 6))
-
-
 # --- Small CNN for scikit-learn's 8x8 digits ---------------------------------------------------
 
 
@@ -174,15 +142,12 @@ class DigitsCNN(nn.Module):
         return self.fc(torch.flatten(self.avgpool(self.features(x)), 1))
 
 
-MODELS.register("digits_cnn", DigitsCNN)
-
-
 # --- Public helpers ----------------------------------------------------------------------------
 
 
 def build_model(name: str, num_classes: int, in_channels: int = 3) -> nn.Module:
     """Build the registered model ``name``; raises :class:`ConfigError` for bad arguments."""
-    factory = MODELS.get(name)  # ConfigError listing the known names
+    factory = MODELS.get(name).builder()  # ConfigError listing the known names
     if num_classes < 1:
         raise ConfigError(f"num_classes must be >= 1, got {num_classes}")
     if in_channels < 1:
@@ -215,11 +180,6 @@ def build_model_from(conf: ModelConf, num_classes: int, in_channels: int = 3) ->
             "alone and whose input the feature norms measure)"
         ) from None
     return model
-
-
-def known_models() -> list[str]:
-    """Registered model names, in registration order."""
-    return MODELS.names()
 
 
 def classifier_of(model: nn.Module) -> nn.Linear:

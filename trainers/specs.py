@@ -73,11 +73,6 @@ class MethodSpec:
         out = [self.loss] if self.loss is not None else []
         return out + [g for g in self.grads if isinstance(g, CustomPiece)]
 
-    @property
-    def grad_transform(self) -> str:
-        """The transforms as one string (``none``, ``gc``, ``gc+znorm``, ...)."""
-        return "+".join(g if isinstance(g, str) else g.short for g in self.grads) or "none"
-
     def knobs(self) -> list[str]:
         """The ``method.*`` config keys that matter for this method (others are ignored)."""
         keys: list[str] = []

@@ -1,4 +1,4 @@
-"""``hydra/launcher=local|slurm``: compose each point, hand the grid to :mod:`sweeper.grid`."""
+"""``hydra/launcher=local|slurm``: compose each point, hand the grid to :mod:`sweeper.launch.grid`."""
 
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 if TYPE_CHECKING:  # imported when a sweep starts, not at Hydra's plugin discovery
-    from sweeper.schema import Config
+    from sweeper.config.schema import Config
 
 
 class GradsweepLauncher(Launcher):
     def __init__(self, **kwargs: Any) -> None:
-        from sweeper.settings import LauncherParams
+        from sweeper.config.launcher import LauncherParams
 
         kwargs = {
             k: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v for k, v in kwargs.items()
@@ -31,7 +31,7 @@ class GradsweepLauncher(Launcher):
 
     def compose(self, overrides: list[str]) -> Config:
         """One point's typed config: the sweep's config with these overrides applied."""
-        from sweeper.compose import hydra_error_line, to_config
+        from sweeper.config.compose import hydra_error_line, to_config
         from trainers.registry import ConfigError
 
         try:
@@ -47,7 +47,7 @@ class GradsweepLauncher(Launcher):
     def launch(
         self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
     ) -> Sequence[JobReturn]:
-        from sweeper.grid import format_command, run_grid, validate_points
+        from sweeper.launch.grid import format_command, run_grid, validate_points
         from trainers.registry import ConfigError
 
         self.params.validate()

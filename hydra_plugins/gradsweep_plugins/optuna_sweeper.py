@@ -1,7 +1,7 @@
-"""``hydra/sweeper=optuna``: read the search space, hand the study to :mod:`sweeper.study`.
+"""``hydra/sweeper=optuna``: read the search space, hand the study to :mod:`sweeper.launch.study`.
 
-A thin shim: parsing and validation live in :mod:`sweeper.search`, the ask / tell source in
-:mod:`sweeper.study`; trials go through our own launcher (``hydra/launcher=local|slurm``),
+A thin shim: parsing and validation live in :mod:`sweeper.launch.trials`, the ask / tell source in
+:mod:`sweeper.launch.study`; trials go through our own launcher (``hydra/launcher=local|slurm``),
 whose settings apply unchanged.
 """
 
@@ -21,7 +21,7 @@ _MISSING = object()
 
 class OptunaSweeper(Sweeper):
     def __init__(self, **kwargs: Any) -> None:
-        from sweeper.search import SearchParams
+        from sweeper.config.search import SearchParams
 
         kwargs = {
             k: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v for k, v in kwargs.items()
@@ -37,10 +37,10 @@ class OptunaSweeper(Sweeper):
         )
 
     def sweep(self, arguments: list[str]) -> Any:
-        from sweeper.compose import hydra_error_line
-        from sweeper.grid import format_command
-        from sweeper.search import default_study_name, parse_space
-        from sweeper.study import run_search
+        from sweeper.config.compose import hydra_error_line
+        from sweeper.launch.grid import format_command
+        from sweeper.launch.study import run_search
+        from sweeper.launch.trials import default_study_name, parse_space
         from trainers.registry import ConfigError
 
         self.search.validate()

@@ -135,8 +135,8 @@ def _copy(cls: type, row: object, **extra: Any) -> Any:
     return cls(**{n: getattr(row, n) for n in _names(cls) if n not in extra}, **extra)
 
 
-# The columns a RunRecord is made of, for bulk reads that skip the ORM: building 10,000 ORM
-# objects and then copying them cost ~1 s of the 10,000-run report (benchmarks/analysis_report.py).
+# The columns a RunRecord is made of, for bulk reads that skip the ORM: building ORM objects
+# and then copying them was a large share of a big report (benchmarks/analysis_report.py).
 RUN_COLUMNS = tuple(Run.__table__.c[n] for n in _names(RunRecord))
 
 

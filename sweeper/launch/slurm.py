@@ -23,7 +23,7 @@ SLURM_COMMANDS = ("sbatch", "srun", "squeue", "scancel", "sinfo")
 # RUNNING, REQUEUED, REQUEUE_HOLD, CONFIGURING, COMPLETING, SUSPENDED, SPECIAL_EXIT, ...) is
 # alive: a requeued job passes through REQUEUED and PENDING before it runs again. PREEMPTED
 # is here because it ends a job under PreemptMode=CANCEL; under REQUEUE it is followed by
-# PENDING, which the grace period of sweeper.backends waits for.
+# PENDING, which the grace period of sweeper.launch.backends waits for.
 SLURM_ENDED = {
     "BOOT_FAIL",
     "CANCELLED",

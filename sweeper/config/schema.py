@@ -3,18 +3,22 @@ sweeper and launcher plugins (all registered once, by :func:`register_configs`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
-from sweeper.search import SearchParams
-from sweeper.settings import LauncherParams
+from sweeper.config.launcher import LauncherParams
+from sweeper.config.search import SearchParams
+from sweeper.store.url import default_tracking_uri, default_url
+from trainers.catalog import DATASETS, DataConfig, data_config
 from trainers.config import RunConfig
 from trainers.registry import ConfigError
 
 SYSTEM_METRICS = ("auto", "true", "false")
 
 _PLUGINS = "hydra_plugins.gradsweep_plugins"
+DATA_SCHEMAS = "gradsweep/data"  # where conf/data/NAME.yaml finds its schema
 
 
 @dataclass
@@ -40,10 +44,27 @@ class MlflowConf:
 class Config(RunConfig):
     """``conf/config.yaml`` is checked against this: a typo or a wrong type is an error."""
 
+    # each data set's config has its own keys (trainers.catalog): conf/data/NAME.yaml
+    # extends the schema DATASETS registers as gradsweep/data/NAME; to_config makes the
+    # typed DataConfig of it
+    data: Any = field(default_factory=dict)
     results_dir: str = "./results"
     sweep_name: str | None = None  # multirun: the sweep's name (default sweep-<timestamp>)
     store: StoreConf = field(default_factory=StoreConf)
     mlflow: MlflowConf = field(default_factory=MlflowConf)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.data, DataConfig):  # the data set's own node, from Hydra
+            node = self.data if isinstance(self.data, dict) else asdict(self.data)
+            self.data = data_config(node)
+
+    def store_url(self) -> str:
+        """The results store: ``store.url``, or the SQLite file in the results dir."""
+        return self.store.url or default_url(self.results_dir)
+
+    def tracking_uri(self) -> str:
+        """The MLflow tracking store: ``mlflow.tracking_uri``, or SQLite in the results dir."""
+        return self.mlflow.tracking_uri or default_tracking_uri(self.results_dir)
 
     def validate(self) -> None:
         super().validate()
@@ -82,6 +103,9 @@ def register_configs() -> None:
     our CLI, rather than at plugin discovery: see ``hydra_plugins/gradsweep_plugins``)."""
     cs = ConfigStore.instance()
     cs.store(name="gradsweep_schema", node=Config)
+    for name in DATASETS:
+        cs.store(group=DATA_SCHEMAS, name=name, node=DATASETS.get(name).schema,
+                 provider="gradsweep")  # fmt: skip
     cs.store(group="hydra/launcher", name="local", node=LocalLauncherConf, provider="gradsweep")
     cs.store(group="hydra/launcher", name="slurm", node=SlurmLauncherConf, provider="gradsweep")
     cs.store(group="hydra/sweeper", name="gradsweep", node=SweeperConf, provider="gradsweep")

@@ -14,13 +14,12 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
-from sweeper.dispatch import Decision, Dispatcher, Point
+from sweeper.config.identity import identity_of, preflight
+from sweeper.config.launcher import LauncherParams
+from sweeper.config.schema import Config
 from sweeper.errors import Failed
-from sweeper.fuse import describe, plan_groups
-from sweeper.identity import identity_of, preflight
-from sweeper.job import open_store, store_url
-from sweeper.schema import Config
-from sweeper.settings import LauncherParams
+from sweeper.launch.dispatch import Decision, Dispatcher, Point, open_sweep
+from sweeper.launch.fuse import describe, plan_groups
 from trainers.registry import ConfigError
 
 
@@ -40,7 +39,7 @@ def validate_points(points: list[tuple[str, Config]]) -> list[Point]:
             ident, chash = identity_of(cfg)
         except ConfigError as e:
             raise ConfigError(f"point [{label}]: {e}") from None
-        urls.add(store_url(cfg))
+        urls.add(cfg.store_url())
         out.append(Point(label, cfg, chash, ident))
     if len(urls) > 1:
         raise ConfigError(f"all points of a sweep must share one results store; got {sorted(urls)}")
@@ -75,7 +74,7 @@ class GridSource:
 
     def plan(self, slots: float) -> list[list[Point]]:
         """The jobs to run: the points to dispatch, fused where they can be
-        (:mod:`sweeper.fuse`), with the header's line about it."""
+        (:mod:`sweeper.launch.fuse`), with the header's line about it."""
         if self.jobs is None:
             p = self.params
             limit = p.fuse_limit() if p is not None else 1
@@ -108,6 +107,13 @@ class GridSource:
         )
 
 
+INTERRUPTED = (
+    "interrupted: running jobs cancelled (their runs are marked interrupted); run the "
+    "same command again to resume (finished points are skipped, interrupted ones "
+    "resume from their checkpoints)"
+)
+
+
 def run_grid(
     points: list[Point],
     params: LauncherParams,
@@ -121,9 +127,7 @@ def run_grid(
     say = out or (lambda s: print(s, flush=True))
     name = sweep_name or "sweep-" + dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     cfg0 = points[0].cfg
-    store = open_store(cfg0)
-    try:
-        d = Dispatcher(store, params, cfg0, name, command, params.kind, len(points), say)
+    with open_sweep(cfg0, params, name, command, params.kind, len(points), say) as d:
         grid = GridSource(points, say, params)
         grid.claim_all(d, params.retry_failed)
         shared = sum(p.status == "shared" for p in points)
@@ -137,17 +141,8 @@ def run_grid(
             say("nothing to start: every point is already finished "
                 "(use hydra.launcher.retry_failed=true to retry failed ones)")  # fmt: skip
             return points
-        d.open_mlflow_parent(len(points))
-        try:
-            d.run(grid)
-        except KeyboardInterrupt:
-            say("interrupted: running jobs cancelled (their runs are marked interrupted); run "
-                "the same command again to resume (finished points are skipped, interrupted "
-                "ones resume from their checkpoints)")  # fmt: skip
-            raise
+        d.dispatch(grid, len(points), INTERRUPTED)
         d.close(failed=any(p.status == "failed" for p in points))
-    finally:
-        store.dispose()
     say(summary_table(points))
     bad = [p for p in points if p.status in ("failed", "interrupted")]
     if bad:

@@ -23,7 +23,7 @@ import math
 from dataclasses import asdict
 from typing import Any
 
-from sweeper.schema import Config
+from sweeper.config.schema import Config
 
 # top-level Config keys that may differ inside a group (method: all of its pieces/knobs)
 FUSIBLE = (

@@ -17,7 +17,7 @@ class LauncherParams:
     max_parallel: int | None = None  # local: None -> (GPUs x jobs_per_gpu) or 1 on CPU
     jobs_per_gpu: int = 1  # local: pack several small jobs on one GPU
     retry_failed: bool = False  # re-run points whose run ended failed / diverged
-    # fuse compatible points into one job (sweeper.fuse): auto | off | the largest group size
+    # fuse compatible points into one job (sweeper.launch.fuse): auto | off | the largest group size
     fuse: Any = "auto"
     timeout_min: int = 60 * 24 * 3  # per job (local and Slurm time limit)
     poll_s: float = 0.5
@@ -62,7 +62,7 @@ class LauncherParams:
                 f"hydra.launcher.poll_s={self.poll_s} is not allowed; expected a number > 0"
             )
         if self.kind == "slurm":
-            from sweeper.slurm import check_slurm
+            from sweeper.launch.slurm import check_slurm
 
             check_slurm(self.partition)
 

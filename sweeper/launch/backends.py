@@ -1,6 +1,6 @@
 """Where jobs run: two backends of the dispatcher, local processes and a Slurm cluster.
 
-Both submit :class:`~sweeper.job.TrainJob` through submitit and answer the same questions:
+Both submit :class:`~sweeper.launch.job.TrainJob` through submitit and answer the same questions:
 how many jobs may be in flight, is this job's process gone for good, why did it end without
 recording an outcome (and was it killed, or did it raise), and how to cancel the running
 ones. A job's *outcome* is never read from here: each job records its own in the store.
@@ -8,7 +8,7 @@ ones. A job's *outcome* is never read from here: each job records its own in the
 Why not hydra-submitit-launcher: it blocks until every job of the array ends, reports a task
 exception as a success, starts all local jobs at once and never requeues. Why not
 submitit's Slurm watcher: it asks ``sacct``, which fails where accounting is disabled
-(:mod:`sweeper.slurm`).
+(:mod:`sweeper.launch.slurm`).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from sweeper.settings import LauncherParams
-from sweeper.slurm import SlurmQueue, job_error, job_gone
+from sweeper.config.launcher import LauncherParams
+from sweeper.launch.slurm import SlurmQueue, job_error, job_gone
 from trainers.registry import ConfigError, first_line
 
 # A Slurm job that looks gone (an ended state, or no longer listed) while its run has no
@@ -67,9 +67,9 @@ class Backend(Protocol):
 
 
 def gpu_count() -> int:
-    from sweeper.identity import surely_no_cuda
+    from sweeper.config.identity import surely_no_cuda
 
-    if surely_no_cuda():  # no torch import on a CPU machine (sweeper.identity)
+    if surely_no_cuda():  # no torch import on a CPU machine (sweeper.config.identity)
         return 0
     try:
         import torch
@@ -149,7 +149,7 @@ class LocalBackend:
         self.ex.update_parameters(timeout_min=params.timeout_min)
 
     def submit(self, subs: Sequence[Submission]) -> None:
-        from sweeper.job import TrainJob
+        from sweeper.launch.job import TrainJob
 
         for sub in subs:
             sub.slot = self.free.pop(0)
@@ -227,7 +227,7 @@ class SlurmBackend:
         self.live: dict[str, int] = {}  # submission id -> its jobs not yet released
 
     def submit(self, subs: Sequence[Submission]) -> None:
-        from sweeper.job import TrainJob
+        from sweeper.launch.job import TrainJob
 
         err = io.StringIO()
         try:  # one job array (a single job when alone)

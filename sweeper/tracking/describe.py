@@ -4,7 +4,7 @@ run's row in the results store (its recorded identity), so a job, the sweeper's 
 
 * **params** (:func:`run_params`): the keys that define the run's result, as dotted config
   keys, and only those that matter for *this* run: the data set's own knobs
-  (``trainers.datacheck.DATA_KNOBS``: a digits run has no ``data.image_size``) with what the
+  (:mod:`trainers.catalog`: a digits run has no ``data.image_size``) with what the
   data set is (``data.images``, ``data.num_train``...), the method's own knobs (its
   identity already holds only those), the schedule's own keys (``min_lr`` for cosine,
   ``milestones``/``gamma`` for step), alpha only with PGT, the optimizer's knobs. The full
@@ -21,12 +21,12 @@ they had (the full identity, flattened); these apply to runs opened from now on.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
-from trainers.datacheck import DATA_KNOBS, data_facts
+from analysis.configs import config_key, config_label
+from trainers.catalog import data_facts, data_knobs
 
 # the MLflow run status each of our statuses ends with; ``reason`` says why
 STATUS_FOR_MLFLOW = {
@@ -40,42 +40,6 @@ SCHEDULE_KEYS = {
     "cosine": ("name", "warmup_epochs", "warmup_start_factor", "min_lr"),
     "step": ("name", "warmup_epochs", "warmup_start_factor", "milestones", "gamma"),
 }
-
-
-def config_key(identity: dict[str, Any]) -> str:
-    """16 hex digits naming a configuration whatever its seed: the seeds of one
-    configuration share it (and only they)."""
-    rest = {k: v for k, v in identity.items() if k != "seed"}
-    blob = json.dumps(rest, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def point_label(point: str) -> str:
-    """A sweep point's label without its seed (``method=pgt seed=1`` -> ``method=pgt``):
-    the name of its configuration within the sweep ('' when only the seed was swept)."""
-    return " ".join(t for t in point.split() if not t.startswith("seed="))
-
-
-def _model_name(model: Any) -> str:
-    return (
-        str(model.get("_target_", "?")).rsplit(".", 1)[-1]
-        if isinstance(model, dict)
-        else str(model)
-    )
-
-
-def config_label(identity: dict[str, Any]) -> str:
-    """A short readable name of a configuration (no seed): model, method, alpha, data,
-    batch, e.g. ``digits_cnn pgt a0.25 digits b64``."""
-    method = identity.get("method") or {}
-    data = identity.get("data") or {}
-    alpha = identity.get("alpha")
-    parts = [_model_name(identity.get("model")), str(method.get("name", "?"))]
-    if alpha is not None:
-        parts.append(f"a{alpha:g}")
-    parts.append(str(data.get("_target_") or data.get("name", "?")).rsplit(".", 1)[-1])
-    parts.append(f"b{identity.get('batch_size')}")
-    return " ".join(parts)
 
 
 def _flat(d: dict[str, Any], prefix: str) -> dict[str, Any]:
@@ -101,7 +65,7 @@ def run_params(identity: dict[str, Any], run_id: int) -> dict[str, Any]:
     else:
         name = data.get("name")
         out["data.name"] = name
-        for k in DATA_KNOBS.get(str(name), ()):
+        for k in data_knobs(str(name)):
             if k in data:
                 out[f"data.{k}"] = data[k]
         for k, v in data_facts(data).items():

@@ -1,20 +1,17 @@
-"""MLflow mirror of the results store, for browsing in the MLflow UI.
+"""The MLflow client side: one MLflow run (:class:`MlflowRun`), a sweep's parent run, the
+tracking store's one-time set-up, and MLflow's system-metrics monitors.
 
-The results store is the source of truth; MLflow is a mirror. Every MLflow call goes
-through :meth:`MlflowMirror._guard`: an MLflow error prints one warning, disables the
-mirror for the rest of the run, and never loses the run from the results store (the run
-row keeps ``mlflow_mirrored = false``).
+The results store is the source of truth; MLflow shows it for browsing. Every MLflow call
+goes through :meth:`MlflowRun._guard`: an MLflow error prints one warning, switches that
+run's MLflow calls off, and never loses the run from the results store (its row keeps
+``mlflow_mirrored = false`` until ``python -m sweeper mirror`` completes it).
 
-``mlflow`` is imported lazily: it costs seconds to import and the training hot path never
-needs it (the lent GPU machine does not even have it installed). A training job talks to
-MLflow through :class:`BackgroundMirror`: the import, the tracking store's set-up and every
-call run in a thread of their own, in order, so the first training step does not wait for
-MLflow and a slow tracking server never stalls an epoch.
+``mlflow`` is imported lazily: it is slow to import and the training hot path never needs
+it (a GPU machine without it still trains).
 """
 
 from __future__ import annotations
 
-import queue
 import sys
 import threading
 import time
@@ -72,8 +69,9 @@ def run_name(model: str, method: str, alpha: float | None, seed: int) -> str:
     return f"{model}-{method}" + (f"-a{alpha:g}" if alpha is not None else "") + f"-s{seed}"
 
 
-class MlflowMirror:
-    """Mirrors one run into MLflow; failures warn and switch the mirror off."""
+class MlflowRun:
+    """One MLflow run: every call guarded -- a failure warns once and switches the rest of
+    this run's MLflow calls off (the results store keeps the run either way)."""
 
     def __init__(
         self,
@@ -159,9 +157,9 @@ class MlflowMirror:
 
     def open_run(self, run: RunRecord, run_dir: Path | None, tags: dict[str, str],
                  existing_run_id: str | None = None, describe: bool = True) -> str | None:  # fmt: skip
-        """Open the MLflow run of a store run, described as :mod:`sweeper.describe` says:
+        """Open the MLflow run of a store run, described as :mod:`sweeper.tracking.describe` says:
         its params, grouping tags and ``tags``; then (``describe``) :meth:`describe_run`."""
-        from sweeper.describe import run_params, run_tags
+        from sweeper.tracking.describe import run_params, run_tags
 
         ident = (run.config or {}).get("identity", {})
         name = run_name(run.model, run.method, run.alpha, run.seed)
@@ -176,7 +174,7 @@ class MlflowMirror:
         data set as a dataset input and its full resolved config as ``config.yaml``."""
         if self.run_id is None or self.resumed:
             return
-        from sweeper.describe import config_yaml
+        from sweeper.tracking.describe import config_yaml
 
         self.log_dataset((run.config or {}).get("identity", {}).get("data") or {})
         if run_dir is not None and run.config:
@@ -188,11 +186,11 @@ class MlflowMirror:
             self.log_artifact(path)
 
     def log_dataset(self, data: dict[str, Any]) -> None:
-        """The run's data set as an MLflow dataset input (``trainers.datacheck.dataset_ref``);
+        """The run's data set as an MLflow dataset input (``trainers.catalog.dataset_ref``);
         a data set that cannot be described (its files gone) is warned about, not fatal."""
         if self.run_id is None:
             return
-        from trainers.datacheck import dataset_ref
+        from trainers.catalog import dataset_ref
 
         try:
             ref = dataset_ref(data)
@@ -266,117 +264,6 @@ class MlflowMirror:
         return self.ok
 
 
-class BackgroundMirror:
-    """An :class:`MlflowMirror` driven from a worker thread: calls are queued and return at
-    once; :meth:`end` waits for the queue to drain (at most ``timeout_s``) and says whether
-    everything reached MLflow. ``on_started(run_id)`` is called from the thread once the
-    MLflow run exists (the job records the id in the results store)."""
-
-    def __init__(self, mirror: MlflowMirror, on_started: Callable[[str], None] | None = None,
-                 timeout_s: float = 300.0) -> None:  # fmt: skip
-        self.mirror, self.on_started, self.timeout_s = mirror, on_started, timeout_s
-        self.monitor: Any = None  # MLflow's SystemMetricsMonitor, when asked for
-        self._calls: queue.Queue[Callable[[], None] | None] = queue.Queue()
-        self._started = threading.Event()
-        self._thread = threading.Thread(target=self._work, name="gradsweep-mlflow", daemon=True)
-        self._thread.start()
-
-    def _work(self) -> None:
-        while True:
-            call = self._calls.get()
-            if call is None:
-                return
-            try:
-                call()
-            except Exception as e:  # MlflowMirror guards its calls; this is a last resort
-                self.mirror.ok = False
-                self.mirror.warn(f"warning: MLflow mirror stopped ({type(e).__name__}: {e})")
-
-    def start(self, existing_run_id: str | None, run_name: str, params: dict[str, Any],
-              tags: dict[str, str]) -> None:  # fmt: skip
-        def go() -> None:
-            try:
-                rid = self.mirror.start(existing_run_id, run_name, params, tags)
-                if rid is not None and self.on_started is not None:
-                    self.on_started(rid)
-            finally:
-                self._started.set()
-
-        self._calls.put(go)
-
-    def open_run(self, run: RunRecord, run_dir: Path | None, tags: dict[str, str],
-                 system_metrics: bool = False) -> None:  # fmt: skip
-        """:meth:`MlflowMirror.open_run` in the thread (resuming the run's own MLflow run,
-        ``run.mlflow_run_id``); ``system_metrics``: then MLflow's system-metrics monitor
-        on it until :meth:`end`."""
-
-        def go() -> None:
-            rid = None
-            try:
-                rid = self.mirror.open_run(run, run_dir, tags, run.mlflow_run_id, describe=False)
-                if rid is not None and self.on_started is not None:
-                    self.on_started(rid)
-            finally:
-                self._started.set()  # the job's first epoch starts now; the rest is queued
-            if rid is None:
-                return
-            if system_metrics:
-                try:
-                    self.monitor = system_metrics_monitor(self.mirror.tracking_uri, rid)
-                except Exception as e:  # psutil/NVML trouble: the run goes on without
-                    self.mirror.warn(f"warning: MLflow system metrics not started: "
-                                     f"{first_line(e)}")  # fmt: skip
-            # hashing the data set's files (CIFAR: ~0.4 s) overlaps the first epoch
-            self.mirror.describe_run(run, run_dir)
-
-        self._calls.put(go)
-
-    def wait_started(self, timeout_s: float = 120.0) -> bool:
-        """Wait until :meth:`start` has run (MLflow imported, its run open, or the failure
-        warned); True when it has. The job calls this before its first epoch: importing
-        MLflow (~1.7 s of Python on the 2-core machine) in a thread *while* training
-        competed for the GIL and slowed the first epoch of the digits default from 0.4 to
-        3.4 s, inflating the run's recorded ``train_seconds``; waiting for it keeps the
-        timed epochs clean, and only the per-epoch logging stays in the background."""
-        return self._started.wait(timeout_s)
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        self._calls.put(lambda: self.mirror.log_metrics(metrics, step))
-
-    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        self._calls.put(lambda: self.mirror.log_artifact(path, artifact_path))
-
-    def set_tags(self, tags: dict[str, str]) -> None:
-        self._calls.put(lambda: self.mirror.set_tags(tags))
-
-    def end(self, status: str) -> bool:
-        """Close the MLflow run; True when everything was mirrored. Waits for the queue."""
-        done: list[bool] = []
-
-        def finish() -> None:
-            if self.monitor is not None:  # its last samples before the run is closed
-                try:
-                    self.monitor.finish()
-                except Exception:
-                    pass
-            done.append(self.mirror.end(status))
-
-        self._calls.put(finish)
-        self._calls.put(None)
-        self._thread.join(self.timeout_s)
-        if self._thread.is_alive():
-            self.mirror.warn(
-                f"warning: MLflow did not answer within {self.timeout_s:g} s; the run is kept "
-                "in the results store, not mirrored (python -m sweeper mirror copies it later)"
-            )
-            return False
-        return bool(done and done[0])
-
-    @property
-    def run_id(self) -> str | None:
-        return self.mirror.run_id
-
-
 def open_parent(
     tracking_uri: str,
     experiment: str,
@@ -385,7 +272,7 @@ def open_parent(
     params: dict[str, Any],
     sweep_id: int,
     warn: Callable[[str], None],
-) -> MlflowMirror | None:
+) -> MlflowRun | None:
     """A sweep's parent run, opened in the sweeper before any job starts: the tracking
     store is set up here once, because several processes initialising the same SQLite
     tracking DB at once race on MLflow's schema migration. None (with a warning) when MLflow
@@ -398,7 +285,7 @@ def open_parent(
             "runs are recorded in the results store only"
         )
         return None
-    parent = MlflowMirror(tracking_uri, experiment, artifact_root, warn=warn)
+    parent = MlflowRun(tracking_uri, experiment, artifact_root, warn=warn)
     parent.start(None, sweep_name, params, {"sweep_id": str(sweep_id), "sweep": "parent"})
     return parent
 
@@ -420,7 +307,7 @@ def system_metrics_monitor(tracking_uri: str, run_id: str) -> Any:
 
 class GroupSystemMetrics:
     """System metrics for the members of a fused job whose MLflow runs the sweeper opens
-    (:class:`sweeper.mirror.SweepMirror`): a thread of the job waits for each member's MLflow
+    (:class:`sweeper.tracking.sweep.SweepTracker`): a thread of the job waits for each member's MLflow
     run id to appear in the results store, then starts a monitor on it. Every member's run
     shows the job's machine (one GPU shared by the group: read with its ``fused_group`` tag)."""
 

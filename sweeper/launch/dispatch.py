@@ -1,8 +1,8 @@
 """One dispatcher for grids and searches: claim each point, run its job, read its outcome.
 
-A *source* hands out points (:mod:`sweeper.grid`: a fixed grid; :mod:`sweeper.study`: an
+A *source* hands out points (:mod:`sweeper.launch.grid`: a fixed grid; :mod:`sweeper.launch.study`: an
 Optuna study that asks for the next trial whenever a slot frees up); a *backend*
-(:mod:`sweeper.backends`: local processes or Slurm) runs their jobs. The dispatcher owns
+(:mod:`sweeper.launch.backends`: local processes or Slurm) runs their jobs. The dispatcher owns
 what both share:
 
 * :meth:`Dispatcher.claim` -- the one decision for a point: start it, resume it, retry it,
@@ -30,17 +30,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from sweeper.backends import Backend, Submission, make_backend
-from sweeper.identity import grid_columns, resolved_config
-from sweeper.schema import Config
-from sweeper.settings import LauncherParams
+from sweeper.config.identity import grid_columns, resolved_config
+from sweeper.config.launcher import LauncherParams
+from sweeper.config.schema import Config
+from sweeper.launch.backends import Backend, Submission, make_backend
+from sweeper.launch.job import TRACKED_BY_SWEEPER
 from sweeper.store import LEASE_S, RunRecord, RunStatus, Store
 
 # what a job records as its outcome; a pruned run is not final for a grid (asked for again,
 # it resumes from its checkpoint to the last epoch)
-# a job's MLflow tag saying the sweeper mirrors its runs (sweeper.mirror.SweepMirror)
-MIRROR_TAG = "gradsweep.mirror"
-
 OUTCOMES = {RunStatus.done, RunStatus.failed, RunStatus.diverged, RunStatus.pruned}
 
 
@@ -72,8 +70,8 @@ class Point:
     sub: Submission | None = None
     twin: Point | None = None  # SHARED: the point whose run this one shares
     mlflow_tags: dict[str, str] = field(default_factory=dict)
-    trial: Any = None  # searches: the Optuna trial (sweeper.study.Trial)
-    trial_link: Any = None  # searches: what the job reports to (sweeper.search.TrialLink)
+    trial: Any = None  # searches: the Optuna trial (sweeper.launch.study.Trial)
+    trial_link: Any = None  # searches: what the job reports to (sweeper.launch.trials.TrialLink)
 
     @property
     def job_id(self) -> str | None:
@@ -85,7 +83,7 @@ class Source(Protocol):
 
     def next_job(self, slots: float) -> list[Point] | None:
         """The points of the next job to dispatch (claimed: their decisions say dispatch;
-        several when they are fused, :mod:`sweeper.fuse`), or None when there is none now
+        several when they are fused, :mod:`sweeper.launch.fuse`), or None when there is none now
         (a search asks again when a slot frees up). ``slots``: the backend's capacity."""
         ...
 
@@ -114,6 +112,23 @@ def terminate_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, old)
 
 
+@contextlib.contextmanager
+def open_sweep(cfg0: Config, params: LauncherParams, name: str, command: str, label: str,
+               n_points: int, out: Callable[[str], None]) -> Iterator[Dispatcher]:  # fmt: skip
+    """A sweep's record and its dispatcher, for a grid and a search alike: the results store
+    is open for the sweep's life, and the sweep's end is recorded however it ends (an error
+    that escapes closes it as failed)."""
+    store = Store(cfg0.store_url())
+    d: Dispatcher | None = None
+    try:
+        d = Dispatcher(store, params, cfg0, name, command, label, n_points, out)
+        yield d
+    finally:
+        if d is not None and not d.closed:
+            d.close(failed=True)
+        store.dispose()
+
+
 class Dispatcher:
     """Claims points in one sweep's record and runs their jobs through a backend."""
 
@@ -134,11 +149,12 @@ class Dispatcher:
         if lost:
             out(f"{lost} run(s) whose job was killed marked interrupted; resuming them")
         self.sweep = store.create_sweep(sweep_name, command, launcher_label, n_points)
-        self.live: Any = None  # the sweep's MLflow side (sweeper.mirror.SweepMirror)
+        self.tracker: Any = None  # the sweep's MLflow side (sweeper.tracking.sweep.SweepTracker)
         self.base_tags: dict[str, str] = {"sweep_id": str(self.sweep.id), "sweep_name": sweep_name}
         if getattr(params, "jobs_per_gpu", 1) > 1:  # packed jobs share a GPU: read their
             self.base_tags["jobs_per_gpu"] = str(params.jobs_per_gpu)  # system metrics so
         self.running: list[Point] = []
+        self.closed = False
 
     # ------------------------------------------------------------------- claiming
     def claim(
@@ -185,37 +201,49 @@ class Dispatcher:
         return folder
 
     def open_mlflow_parent(self, n_points: int, objective: tuple[str, str] | None = None) -> None:
-        """The sweep's MLflow side (:class:`sweeper.mirror.SweepMirror`): its parent run (the
+        """The sweep's MLflow side (:class:`sweeper.tracking.sweep.SweepTracker`): its parent run (the
         jobs' runs are its children), opened in a thread so that MLflow's set-up overlaps
         the first job's start; the same thread mirrors the members of fused jobs and keeps
         the parent's summary of the sweep current. ``objective``: a search's (metric,
         direction), for its best trial."""
         if not self.cfg0.mlflow.enabled:
             return
-        from sweeper.job import store_url, tracking_uri
-        from sweeper.mirror import SweepMirror
+        from sweeper.tracking.sweep import SweepTracker
 
-        self.live = SweepMirror(store_url(self.cfg0), tracking_uri(self.cfg0),
-                                self.cfg0.mlflow.experiment, Path(self.cfg0.results_dir),
-                                self.name, {"sweep_command": self.command, "n_points": n_points},
-                                self.sweep.id, self.out, objective=objective)  # fmt: skip
+        self.tracker = SweepTracker(self.cfg0.store_url(), self.cfg0.tracking_uri(),
+                                    self.cfg0.mlflow.experiment, Path(self.cfg0.results_dir),
+                                    self.name, {"sweep_command": self.command,
+                                                "n_points": n_points},
+                                    self.sweep.id, self.out, objective=objective)  # fmt: skip
 
     @property
     def parent(self) -> Any:
         """The sweep's MLflow parent run once open (None without MLflow)."""
-        if self.live is None:
+        if self.tracker is None:
             return None
-        self.live.wait_parent()
-        return self.live.parent
+        self.tracker.wait_parent()
+        return self.tracker.parent
 
     def _parent_tag(self) -> None:
         """Jobs that mirror themselves start after the parent run is open: they are its
         children, and only the sweeper's thread creates the tracking store (several
         processes creating one SQLite tracking store at once race on its migrations)."""
-        if self.live is not None and "mlflow.parentRunId" not in self.base_tags:
-            rid = self.live.wait_parent()
+        if self.tracker is not None and "mlflow.parentRunId" not in self.base_tags:
+            rid = self.tracker.wait_parent()
             if rid:
                 self.base_tags["mlflow.parentRunId"] = rid
+
+    def dispatch(self, source: Source, n_points: int, interrupted: str,
+                 objective: tuple[str, str] | None = None, cap: int | None = None,
+                 batch: bool = True) -> None:  # fmt: skip
+        """Open the sweep's MLflow side, then :meth:`run`; on Ctrl-C or SIGTERM say
+        ``interrupted`` (what became of the running jobs and how to resume) and re-raise."""
+        self.open_mlflow_parent(n_points, objective)
+        try:
+            self.run(source, cap, batch)
+        except KeyboardInterrupt:
+            self.out(interrupted)
+            raise
 
     def run(self, source: Source, cap: int | None = None, batch: bool = True) -> None:
         """Dispatch the source's points until none is left and every job has ended.
@@ -269,22 +297,19 @@ class Dispatcher:
             self._parent_tag()
         for job in jobs:
             tags = [self._tags(p) for p in job]
-            if len(job) > 1 and self.live is not None:  # mirrored by the sweeper, not the job
-                tags = [{**t, MIRROR_TAG: "sweeper"} for t in tags]
-            if len(job) == 1:  # one run: the job's arguments as they always were
-                p = job[0]
-                sub = Submission((p.cfg, tags[0], backend.threads, p.trial_link))
-            else:  # a fused group: every member's config and tags (sweeper.job.run_group)
-                links = [p.trial_link for p in job]
-                sub = Submission(([p.cfg for p in job], tags, backend.threads,
-                                  links if any(links) else None))  # fmt: skip
+            if len(job) > 1 and self.tracker is not None:  # tracked by the sweeper, not the job
+                tags = [{**t, TRACKED_BY_SWEEPER: "sweeper"} for t in tags]
+            links = [p.trial_link for p in job]
+            # what TrainJob()(...) gets: the group's configs, tags, threads and trial links
+            sub = Submission(([p.cfg for p in job], tags, backend.threads,
+                              links if any(links) else None))  # fmt: skip
             for p in job:
                 p.sub = sub
             subs.append(sub)
         backend.submit(subs)
         for job in jobs:
-            if len(job) > 1 and self.live is not None:
-                self.live.watch(
+            if len(job) > 1 and self.tracker is not None:
+                self.tracker.watch(
                     [p.run.id for p in job],  # type: ignore[union-attr]
                     [{**self._tags(p), "fused_group": str(len(job))} for p in job],
                 )
@@ -297,7 +322,7 @@ class Dispatcher:
     def _tags(self, p: Point) -> dict[str, str]:
         """A point's MLflow tags: the sweep's, its point, its configuration's name within
         the sweep (the point without its seed: what the parent's summary calls it)."""
-        from sweeper.describe import point_label
+        from analysis.configs import point_label
 
         tags = {**self.base_tags, "point": p.label[:500], **p.mlflow_tags}
         if label := point_label(p.label):
@@ -336,8 +361,8 @@ class Dispatcher:
 
     def _ended_here(self, run_id: int) -> None:
         """The sweeper recorded this run's outcome for its job: its MLflow run is closed."""
-        if self.live is not None:
-            self.live.ended([run_id])
+        if self.tracker is not None:
+            self.tracker.ended([run_id])
 
     @staticmethod
     def _error(sub: Submission, backend: Backend) -> str:
@@ -355,14 +380,15 @@ class Dispatcher:
         # rerun resumes it at once instead of waiting for its lease to run out
         ids = [p.run.id for p in self.running if p.run is not None]
         self.store.mark_cancelled(ids, "its sweep was interrupted")
-        if self.live is not None:
-            self.live.ended(ids)
+        if self.tracker is not None:
+            self.tracker.ended(ids)
         self.close(failed=True)
 
     def close(self, failed: bool) -> None:
         """The sweep's end time and its MLflow parent run's status."""
+        self.closed = True
         now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
         self.store.set_sweep_fields(self.sweep.id, ended_at=now)
-        if self.live is not None:
-            self.live.close(failed)
-            self.live = None
+        if self.tracker is not None:
+            self.tracker.close(failed)
+            self.tracker = None

@@ -3,11 +3,12 @@
 :func:`preflight_argv` composes the same config through Hydra's compose API and runs every
 check that needs no training, before Hydra starts (and creates its output directory), so
 bad input ends with one line and nothing is written. :func:`to_config` is the one boundary
-where a DictConfig becomes the typed :class:`~sweeper.schema.Config`.
+where a DictConfig becomes the typed :class:`~sweeper.config.schema.Config`.
 """
 
 from __future__ import annotations
 
+import difflib
 import re
 import sys
 from pathlib import Path
@@ -15,10 +16,11 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from sweeper.schema import Config
+from sweeper.config.schema import Config
+from trainers.catalog import DATASETS
 from trainers.registry import ConfigError, first_line
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 GROUPS = ("model", "method", "data", "schedule", "optimizer", "experiment")
 # hydra's own groups that we replace: Hydra's basic launcher/sweeper bypass the store
 HYDRA_GROUPS = {"hydra/launcher": ["local", "slurm"], "hydra/sweeper": ["gradsweep", "optuna"]}
@@ -66,32 +68,43 @@ def to_config(cfg: DictConfig) -> Config:
     return obj
 
 
-def compose(overrides: list[str]) -> Config:
-    """The typed config of ``python -m sweeper OVERRIDES`` (Hydra's compose API)."""
+def compose_dict(overrides: list[str]) -> DictConfig:
+    """The composed DictConfig of ``python -m sweeper OVERRIDES`` (Hydra's compose API);
+    ConfigError (one line) for a composition or type error."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from sweeper.schema import register_configs
+    from sweeper.config.schema import register_configs
 
     register_configs()  # idempotent: the schema the config files are checked against
     try:
         with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-            dcfg = hydra_compose("config", overrides=overrides)
+            return hydra_compose("config", overrides=overrides)
+    except Exception as e:  # Hydra/OmegaConf composition or type errors
+        raise ConfigError(hydra_error_line(e)) from None
+
+
+def compose(overrides: list[str]) -> Config:
+    """The typed config of ``python -m sweeper OVERRIDES``."""
+    dcfg = compose_dict(overrides)
+    try:
         return to_config(dcfg)
     except ConfigError:
         raise
-    except Exception as e:  # Hydra/OmegaConf composition or type errors
+    except Exception as e:  # OmegaConf type errors
         raise ConfigError(hydra_error_line(e)) from None
 
 
 def hydra_error_line(e: BaseException) -> str:
     """Hydra / OmegaConf errors are multi-line; keep what names the bad value."""
     text = str(e).strip()
+    whole = text + "\n" + str(e.__cause__ or "")
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     key = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("full_key:")), "")
     m = re.search(r"Could not override '([^']+)'", text)
-    if m and re.search(r"Key '[^']+' (is )?not in", text + str(e.__cause__ or "")):
-        return unknown_key_message(m.group(1))
+    if m and re.search(r"Key '[^']+' (is )?not in", whole):
+        kind = re.search(r"object_type=(\w+)", whole)
+        return unknown_key_message(m.group(1), kind.group(1) if kind else None)
     m = re.search(r"Missing mandatory value: ?(\S+)", text)
     if m or "MissingMandatoryValue" in type(e).__name__:
         k = m.group(1) if m else key
@@ -103,10 +116,26 @@ def hydra_error_line(e: BaseException) -> str:
     return f"{key}: {first}" if key and key not in first else first
 
 
-def unknown_key_message(path: str) -> str:
-    """'unknown key X; known ...' listing the keys allowed where X was put."""
+def _did_you_mean(path: str, known: list[str]) -> str:
+    """``; did you mean 'a.b'?`` for the known key nearest the last part of ``path``."""
+    prefix, _, name = path.rpartition(".")
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    return f"; did you mean {(prefix + '.' if prefix else '') + close[0]!r}?" if close else ""
+
+
+def unknown_key_message(path: str, object_type: str | None = None) -> str:
+    """'unknown key X; did you mean Y? known ...' listing the keys allowed where X was put
+    (``object_type``: the schema Hydra named, e.g. a data set's own)."""
+    path = path.lstrip("+~")
+    parts = path.split(".")
+    if parts[0] == "data" and len(parts) == 2:  # each data set has keys of its own
+        entry = next((DATASETS.get(n) for n in DATASETS
+                      if DATASETS.get(n).schema.__name__ == object_type), None)  # fmt: skip
+        if entry is not None:
+            keys = ["name", *entry.knobs, "_target_", "args"]
+            hint = _did_you_mean(path, keys) or ";"
+            return f"unknown key {path!r} for data={entry.name}{hint} its keys: {', '.join(keys)}"
     node: Any = Config
-    parts = path.lstrip("+~").split(".")
     for part in parts[:-1]:
         fields = getattr(node, "__dataclass_fields__", {})
         if part not in fields:
@@ -114,7 +143,8 @@ def unknown_key_message(path: str) -> str:
         node = _schema_class(fields[part].type)
     fields = getattr(node, "__dataclass_fields__", None) or Config.__dataclass_fields__
     where = "top-level keys" if len(parts) == 1 else f"keys of {'.'.join(parts[:-1])}"
-    return f"unknown key {path.lstrip('+~')!r}; known {where}: {', '.join(fields)}"
+    hint = _did_you_mean(path, list(fields)) or ";"
+    return f"unknown key {path!r}{hint} known {where}: {', '.join(fields)}"
 
 
 def _schema_class(name: object) -> Any:
@@ -190,7 +220,7 @@ def check_sweeper_settings(overrides: list[str]) -> None:
         raise ConfigError(msg) from None
     assert isinstance(node, dict)
     if str(node.get("_target_", "")).endswith("OptunaSweeper"):
-        from sweeper.search import SearchParams
+        from sweeper.config.search import SearchParams
 
         SearchParams(**{k: v for k, v in node.items() if k != "_target_"}).validate()
 
@@ -201,7 +231,7 @@ def preflight_argv(argv: list[str]) -> Config | None:
     Returns the typed Config, or None for a multirun (each point is checked by the
     sweeper). Raises ConfigError with a one-line message on bad input.
     """
-    from sweeper.identity import preflight
+    from sweeper.config.identity import preflight
 
     multirun = any(a in ("-m", "--multirun") for a in argv)
     overrides = [a for a in argv if not a.startswith("-")]

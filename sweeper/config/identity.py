@@ -15,15 +15,15 @@ from pathlib import Path
 from typing import Any
 
 from sweeper import provenance
-from sweeper.schema import Config
+from sweeper.config.schema import Config
 from trainers.config import RunConfig
 from trainers.registry import ConfigError
 
 
 def surely_no_cuda() -> bool:
     """True when torch cannot see a CUDA (or ROCm) device here: no NVIDIA or AMD kernel
-    driver, and no WSL GPU. Then ``device=auto`` is the CPU without importing torch (about
-    3 s of the sweeper's start-up on a CPU machine). Anything that hints at a GPU asks torch."""
+    driver, and no WSL GPU. Then ``device=auto`` is the CPU without importing torch (most
+    of the sweeper's start-up on a CPU machine). Anything that hints at a GPU asks torch."""
     hints = ("/proc/driver/nvidia", "/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/dxg")
     return not any(os.path.exists(h) for h in hints)
 
@@ -89,8 +89,8 @@ def prepare_results_dir(results_dir: str) -> Path:
 
 def preflight(cfg: Config) -> None:
     """Every check that needs no training: run before any row is written."""
+    from trainers.catalog import check_data
     from trainers.custom import check_method
-    from trainers.datacheck import check_data
 
     cfg.validate()
     check_method(cfg.method.spec)  # imports the custom pieces, binds their knobs

@@ -24,22 +24,21 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sweeper.dispatch import Decision, Dispatcher, Point
+from sweeper.config.identity import identity_of, preflight
+from sweeper.config.launcher import LauncherParams
+from sweeper.config.schema import Config
+from sweeper.config.search import SearchParams
 from sweeper.errors import Failed
-from sweeper.fuse import plan_groups
-from sweeper.identity import identity_of, preflight
-from sweeper.job import open_store, store_url
-from sweeper.schema import Config
-from sweeper.search import (
+from sweeper.launch.dispatch import Decision, Dispatcher, Point, open_sweep
+from sweeper.launch.fuse import plan_groups
+from sweeper.launch.trials import (
     Dimension,
-    SearchParams,
     TrialLink,
     build_sampler,
     grid_of,
     quiet_optuna,
     rdb_storage,
 )
-from sweeper.settings import LauncherParams
 from trainers.registry import ConfigError, first_line
 
 
@@ -318,6 +317,12 @@ def _short(v: Any) -> str:
     return f"{v:.6g}" if isinstance(v, float) else str(v)
 
 
+INTERRUPTED = (
+    "interrupted: running trials cancelled and left RUNNING in the study; run the "
+    "same command again to resume them (their runs resume from checkpoints)"
+)
+
+
 def run_search(
     dims: list[Dimension],
     fixed: list[str],
@@ -336,28 +341,17 @@ def run_search(
     source = StudySource(dims, fixed, compose, search, study_name, "", say)
     source.fuse_limit = launcher.fuse_limit() if launcher.tasks == 1 else 1
     cfg0 = source.check_space()
-    source.storage_url = search.storage or store_url(cfg0)
+    source.storage_url = search.storage or cfg0.store_url()
     source.open()
     if source.budget <= 0:
         say("nothing to start: the study already has n_trials finished trials")
     else:
-        store = open_store(cfg0)
-        try:
-            d = Dispatcher(store, launcher, cfg0, study_name, command,
-                           f"optuna/{launcher.kind}", source.total, say)  # fmt: skip
+        with open_sweep(cfg0, launcher, study_name, command, f"optuna/{launcher.kind}",
+                        source.total, say) as d:  # fmt: skip
             source.dispatcher = d
-            d.open_mlflow_parent(source.total, (search.metric, search.resolved_direction()))
-            try:
-                d.run(source, cap=search.n_jobs, batch=False)
-            except KeyboardInterrupt:
-                say("interrupted: running trials cancelled and left RUNNING in the study; run "
-                    "the same command again to resume them (their runs resume from "
-                    "checkpoints)")  # fmt: skip
-                raise
-            best = source.best()  # the parent run's summary names it (analysis.sweep)
-            d.close(failed=best is None)
-        finally:
-            store.dispose()
+            d.dispatch(source, source.total, INTERRUPTED, (search.metric,
+                       search.resolved_direction()), cap=search.n_jobs, batch=False)  # fmt: skip
+            d.close(failed=source.best() is None)  # the parent's summary names the best
     source.print_best()
     if source.best() is None:
         raise Failed(f"no trial of study {study_name!r} completed")

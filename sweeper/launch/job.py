@@ -1,0 +1,415 @@
+"""One job: claim its runs in the store, train them (resuming), record each outcome.
+
+A job trains a *group* of runs -- one (a single run, an unfused sweep point) or several that
+a sweep fused (:mod:`sweeper.launch.fuse`, trained together by :mod:`trainers.fused`) -- and
+every job goes through :func:`run_group`: the claim, the already-done skip, the set-up before
+any row changes, the trial reporter, the log lines, the heartbeat, the record of each run as
+soon as it ends, and what an interruption, a requeue or a crash leaves in the store. The
+store is the source of truth; each run's MLflow record follows it from a thread
+(:class:`~sweeper.tracking.job.JobTracker`), or from the sweeper's thread for fused members.
+
+:func:`run_job` (one run) is what the CLI calls; :class:`TrainJob` is what a launcher ships
+to a worker process. Both take typed :class:`~sweeper.config.schema.Config` objects, never a
+DictConfig.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sweeper import provenance
+from sweeper.config.identity import (
+    grid_columns,
+    identity_of,
+    preflight,
+    resolved_config,
+    run_dir_of,
+)
+from sweeper.config.schema import Config
+from sweeper.store import HEARTBEAT_S, RunRecord, RunStatus, Store
+from trainers.records import EpochMetrics, LayerFilterStats, TrainResult
+
+if TYPE_CHECKING:
+    from sweeper.launch.trials import TrialLink, TrialReporter
+    from sweeper.tracking.job import JobTracker
+    from trainers.train import Trainer
+
+log = logging.getLogger("gradsweep")
+REQUEUED = "requeued (time-out or pre-emption)"
+INTERRUPTED = (
+    "interrupted (Ctrl-C or a cancelled sweep); a rerun resumes it from its last checkpoint"
+)
+# a job's MLflow tag saying the sweeper tracks its runs (sweeper.tracking.sweep.SweepTracker)
+TRACKED_BY_SWEEPER = "gradsweep.mirror"
+
+
+@dataclass
+class JobOutcome:
+    config_hash: str
+    status: str  # done | diverged | pruned | failed | interrupted | skipped (already done)
+    run_id: int
+    test_acc: float | None = None
+
+
+class Heartbeat:
+    """A daemon thread writing ``runs.heartbeat_at`` every ``every`` seconds while runs
+    train, so a killed job is detectable (:mod:`sweeper.store.lease`). Epochs write it too;
+    this covers long epochs. A failing write warns once and keeps trying. A group's runs
+    that ended are dropped (:meth:`drop`)."""
+
+    def __init__(self, store: Store, run_ids: list[int], every: float = HEARTBEAT_S) -> None:
+        self.store, self.every, self.run_ids = store, every, list(run_ids)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="gradsweep-heartbeat", daemon=True)
+        self._warned = False
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every):
+            for rid in list(self.run_ids):
+                try:
+                    self.store.heartbeat(rid)
+                except Exception as e:  # a busy or briefly unreachable store: try again later
+                    if not self._warned:
+                        log.warning(f"heartbeat of run {rid} failed ({type(e).__name__}); retrying")
+                        self._warned = True
+
+    def drop(self, run_id: int) -> None:
+        if run_id in self.run_ids:
+            self.run_ids.remove(run_id)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+
+class StoreSink:
+    """Trainer -> results store (source of truth), then its MLflow record (a sync queued in
+    the tracker's thread) and, for a search trial, the Optuna study (its intermediate values
+    and pruning decisions)."""
+
+    def __init__(self, store: Store, run: RunRecord, run_dir: Path, tracker: JobTracker | None,
+                 reporter: TrialReporter | None, gpus: int, sources: dict[str, str]) -> None:  # fmt: skip
+        self.store, self.run, self.run_dir = store, run, run_dir
+        self.tracker, self.reporter = tracker, reporter
+        self.gpus = gpus  # for the run's GPU-hours
+        self.sources = sources  # custom method pieces' source fingerprints (trainers.custom)
+
+    def should_stop(self, m: EpochMetrics) -> bool:
+        return self.reporter.report(m) if self.reporter is not None else False
+
+    def on_start(self, resume_epoch: int, device: str, precision: str) -> None:
+        self.store.start_run(
+            self.run.id,
+            {
+                "host": provenance.host(),
+                "device": device,
+                "precision": precision,
+                "versions": {**provenance.versions(), **self.sources},
+                "git_sha": provenance.git_sha(),
+                "gpus": self.gpus,
+                "run_dir": str(self.run_dir),
+            },
+            resume_epoch,
+        )
+
+    def on_epoch(self, m: EpochMetrics, stats: list[LayerFilterStats], _file: Path | None) -> None:
+        self.store.record_epoch(self.run.id, m, stats)
+        if self.tracker is not None:
+            self.tracker.sync()
+
+
+@dataclass
+class Member:
+    """One run of a job: its config, identity, trainer (once torch is needed), row and
+    MLflow side."""
+
+    cfg: Config
+    ident: dict[str, Any]
+    chash: str
+    tags: dict[str, str]
+    trial: TrialLink | None
+    trainer: Trainer | None = None
+    run: RunRecord | None = None
+    tracker: JobTracker | None = None
+
+
+def run_job(cfg: Config, mlflow_tags: dict[str, str] | None = None,
+            trial: TrialLink | None = None) -> JobOutcome:  # fmt: skip
+    """Train one configuration to completion (or resume it); record everything. A group of
+    one (:func:`run_group`). ``mlflow_tags`` are added to its MLflow run (a sweep passes its
+    id and parent run); ``trial``: the Optuna trial it serves (each epoch's metric is
+    reported; the pruner may stop it, status ``pruned``)."""
+    return run_group([cfg], [mlflow_tags or {}], [trial])[0]
+
+
+def run_group(cfgs: list[Config], mlflow_tags: list[dict[str, str]],
+              trials: list[TrialLink | None] | None = None) -> list[JobOutcome]:  # fmt: skip
+    """Train a group of runs; each is claimed, recorded and tracked on its own -- its row,
+    epochs, checkpoint, MLflow run and outcome, recorded as soon as it ends. Runs already
+    ``done`` are skipped (before torch is imported); the others resume from their
+    checkpoints. Data and model errors are raised before any row changes."""
+    links = trials or [None] * len(cfgs)
+    members = []
+    for cfg, tags, link in zip(cfgs, mlflow_tags, links, strict=True):
+        preflight(cfg)
+        ident, chash = identity_of(cfg)
+        members.append(Member(cfg, ident, chash, tags, link))
+    store = Store(cfgs[0].store_url())
+    try:
+        outcomes = _skip_done(store, members)
+        todo = [m for m in members if m.run is None or m.run.status != RunStatus.done]
+        if not todo:
+            return outcomes
+        _setup(todo)  # imports torch; data/model errors before any row changes
+        first = todo[0].trainer
+        assert first is not None
+        if not first.dist.is_main:  # a data-parallel worker: trains, records nothing
+            result = first.fit()
+            return [JobOutcome(todo[0].chash, result.status, -1)]
+        for m in todo:
+            m.run = store.claim_run(m.chash, grid_columns(m.cfg), resolved_config(m.cfg, m.ident))
+            if m.run.status == RunStatus.done:  # finished by another job meanwhile
+                outcomes.append(_skipped(m.run))
+        todo = [m for m in todo if m.run is not None and m.run.status != RunStatus.done]
+        if todo:
+            outcomes += _train(store, todo)
+        return outcomes
+    finally:
+        store.dispose()
+
+
+def _skipped(run: RunRecord) -> JobOutcome:
+    acc = f" (test_acc {run.test_acc:.2f}%)" if run.test_acc is not None else ""
+    log.info(f"run {run.id} ({run.config_hash[:12]}) is already done{acc}; not training it again")
+    return JobOutcome(run.config_hash, "skipped", run.id, run.test_acc)
+
+
+def _skip_done(store: Store, members: list[Member]) -> list[JobOutcome]:
+    """Runs of the group that are ``done`` already, recognised before torch is imported."""
+    out = []
+    for m in members:
+        run = store.get_run(m.chash)
+        if run is not None and run.status == RunStatus.done:
+            m.run = run
+            out.append(_skipped(run))
+    return out
+
+
+def _setup(members: list[Member]) -> None:
+    """Every member's Trainer, built: the group shares one copy of the data set."""
+    from trainers.fused import reseeded
+    from trainers.train import Trainer
+
+    for m in members:
+        m.trainer = Trainer(m.cfg, run_dir_of(m.cfg, m.chash), log=log.info, config_hash=m.chash)
+    first = members[0].trainer
+    assert first is not None
+    first.setup()
+    for m in members[1:]:
+        assert m.trainer is not None
+        m.trainer.setup(data=reseeded(first.data, m.cfg.seed))
+
+
+def _describe(m: Member) -> str:
+    cfg = m.cfg
+    assert m.run is not None
+    return (f"run {m.run.id} ({m.chash[:12]}): {cfg.model.effective_name} / "
+            f"{cfg.method.spec.name}" + (f" alpha={cfg.alpha:g}" if cfg.uses_pgt() else "")
+            + f" / {cfg.data.effective_name} / batch {cfg.batch_size} / lr "
+            f"{cfg.resolved_lr():.4g} / {cfg.epochs} epochs / seed {cfg.seed}")  # fmt: skip
+
+
+def _open_tracker(store: Store, m: Member, extra: dict[str, str]) -> JobTracker | None:
+    """The run's MLflow side in a thread of the job (None without MLflow, or when the
+    sweeper's thread tracks it)."""
+    cfg = m.cfg
+    if not cfg.mlflow.enabled or m.tags.get(TRACKED_BY_SWEEPER) == "sweeper":
+        return None
+    from sweeper.tracking.client import MlflowRun
+    from sweeper.tracking.job import JobTracker
+
+    assert m.run is not None and m.trainer is not None
+    mlrun = MlflowRun(cfg.tracking_uri(), cfg.mlflow.experiment,
+                      Path(cfg.results_dir) / "mlartifacts", warn=log.warning)  # fmt: skip
+    return JobTracker(mlrun, store, m.run, m.trainer.run_dir, {**m.tags, **extra},
+                      cfg.mlflow.system_metrics_on(m.trainer.device.type))  # fmt: skip
+
+
+def _train(store: Store, todo: list[Member]) -> list[JobOutcome]:
+    from trainers.custom import fingerprints
+
+    fit, mode = _runner([m.trainer for m in todo])  # type: ignore[misc]
+    fused = len(todo) > 1
+    if fused:
+        ids = ", ".join(str(m.run.id) for m in todo)  # type: ignore[union-attr]
+        log.info(f"fused group of {len(todo)} runs ({mode}): {ids}")
+    extra = {"fused_group": str(len(todo))} if fused else {}
+    for m in todo:
+        m.tracker = _open_tracker(store, m, extra)
+        if m.trainer is not None:
+            m.trainer.log = (
+                (lambda s, r=m.run.id: log.info(f"[run {r}] {s}")) if fused else log.info
+            )  # type: ignore[union-attr,misc]
+    monitors = _group_system_metrics(store, todo)
+    for m in todo:
+        if m.tracker is not None and not m.tracker.wait_open():
+            log.warning("warning: MLflow has not answered in 120 s; training goes on")
+    for m in todo:
+        assert m.trainer is not None and m.run is not None
+        reporter = None
+        if m.trial is not None:
+            from sweeper.launch.trials import TrialReporter
+
+            reporter = TrialReporter(m.trial, warn=log.warning)
+        m.trainer.sink = StoreSink(store, m.run, m.trainer.run_dir, m.tracker, reporter,
+                                   _gpus(m.trainer), fingerprints(m.cfg.method.spec))  # fmt: skip
+        log.info(("  " if fused else "") + _describe(m))
+    outcomes: list[JobOutcome] = []
+    ended: set[int] = set()
+    with Heartbeat(store, [m.run.id for m in todo]) as beat:  # type: ignore[union-attr]
+
+        def on_end(i: int, result: TrainResult) -> None:
+            outcomes.append(_record(store, todo[i], result))
+            ended.add(i)
+            beat.drop(todo[i].run.id)  # type: ignore[union-attr]
+
+        try:
+            fit(on_end)
+        except BaseException as e:
+            _stopped(store, [m for i, m in enumerate(todo) if i not in ended], e)
+            raise
+        finally:
+            if monitors is not None:
+                monitors.stop()
+    return outcomes
+
+
+def _gpus(trainer: Trainer) -> int:
+    """GPUs the run holds (its GPU-hours): its data-parallel processes, each on one GPU."""
+    return trainer.dist.world if trainer.device.type == "cuda" else 0
+
+
+def _group_system_metrics(store: Store, todo: list[Member]) -> Any:
+    """MLflow's system metrics on fused members whose MLflow runs the sweeper opens."""
+    cfg, trainer = todo[0].cfg, todo[0].trainer
+    assert trainer is not None
+    if not (cfg.mlflow.enabled and cfg.mlflow.system_metrics_on(trainer.device.type)
+            and any(m.tracker is None for m in todo)):  # fmt: skip
+        return None
+    from sweeper.tracking.client import GroupSystemMetrics
+
+    return GroupSystemMetrics(cfg.tracking_uri(), cfg.store_url(),
+                              [m.run.id for m in todo if m.tracker is None],  # type: ignore[union-attr]
+                              log.warning)  # fmt: skip
+
+
+def _runner(trainers: list[Trainer]) -> tuple[Any, str]:
+    """``fit(on_end)`` for the group and how it trains: one run alone, several as a fused
+    group (:mod:`trainers.fused`: ``stacked`` or ``interleaved``)."""
+    if len(trainers) == 1:
+        return (lambda on_end: on_end(0, trainers[0].fit())), "alone"
+    from trainers.fused import FusedTrainer
+
+    group = FusedTrainer(trainers, log=log.info)
+    return (lambda on_end: group.fit(on_end=on_end)), "stacked" if group.stacked else "interleaved"
+
+
+def _stopped(store: Store, left: list[Member], e: BaseException) -> None:
+    """The runs still training when the job stopped: a requeue (time-out, pre-emption) and
+    Ctrl-C or a cancelled sweep leave them ``interrupted`` (the same command resumes them),
+    anything else ``failed`` with its traceback."""
+    ids = [m.run.id for m in left]  # type: ignore[union-attr]
+    if isinstance(e, SystemExit):  # submitit requeues the job, then exits: not a kill
+        store.mark_cancelled(ids, REQUEUED)
+    else:
+        status = RunStatus.interrupted if isinstance(e, KeyboardInterrupt) else RunStatus.failed
+        err = traceback.format_exc()
+        if status == RunStatus.interrupted:
+            err = INTERRUPTED + "\n" + err
+        for rid in ids:
+            store.finish_run(rid, status, error=err)
+    for m in left:
+        if m.tracker is not None:
+            m.tracker.finish()
+
+
+def _record(store: Store, m: Member, result: TrainResult) -> JobOutcome:
+    """A run's outcome: final metrics, feature norms, its row finished, its MLflow record
+    completed."""
+    assert m.run is not None and m.trainer is not None
+    run, run_dir, final = m.run, m.trainer.run_dir, result.final
+    fields: dict[str, Any] = {"device": result.device, "precision": result.precision}
+    if final is not None:
+        fields.update(train_acc=final.train_acc, test_acc=final.test_acc,
+                      test_top5=final.test_top5, test_loss=final.test_loss,
+                      logit_norm=final.logit_norm)  # fmt: skip
+    if result.feature_norms:
+        fields.update(n_features=len(result.feature_norms), zero_features=result.zero_features)
+        fpath = run_dir / "feature_norms.json"
+        tmp = fpath.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result.feature_norms))
+        os.replace(tmp, fpath)
+    if result.status == "diverged":
+        fields["diverged_step"] = result.diverged_step
+    store.finish_run(run.id, RunStatus(result.status), **fields)
+    if m.tracker is not None:
+        m.tracker.finish()
+    if final is not None:
+        log.info(f"run {run.id} {result.status}: train {final.train_acc:.2f}%  "
+                 f"test {final.test_acc:.2f}%  loss {final.test_loss:.4f}  "
+                 f"|z| {final.logit_norm:.3f}")  # fmt: skip
+    return JobOutcome(run.config_hash, result.status, run.id, final.test_acc if final else None)
+
+
+class TrainJob:
+    """What a worker process runs (pickled by submitit). On Slurm pre-emption or time-out
+    submitit requeues the same call (:meth:`checkpoint`), and the runs resume from their
+    checkpoints."""
+
+    def __call__(
+        self,
+        cfgs: list[Config],
+        mlflow_tags: list[dict[str, str]],
+        threads: int | None,
+        trials: list[TrialLink | None] | None = None,
+    ) -> list[JobOutcome]:
+        import submitit
+
+        if threading.current_thread() is threading.main_thread():
+            # cancelling a local job sends SIGINT; a sweeper started with nohup or in the
+            # background of a script hands its children SIGINT *ignored*, so restore Python's
+            # handler: the job then stops and records its runs ``interrupted``
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        env = submitit.JobEnvironment()
+        if env.num_tasks > 1:
+            # a multi-GPU job: one task per GPU; RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* for
+            # torch.distributed. Every task sees all the node's GPUs and takes cuda:LOCAL_RANK.
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)  # share the CPU cores between parallel jobs
+        logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s",
+                            datefmt="%H:%M:%S", stream=sys.stdout, force=True)  # fmt: skip
+        for name in ("mlflow", "alembic"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        return run_group(cfgs, mlflow_tags, trials)
+
+    def checkpoint(self, *args: object, **kwargs: object) -> object:
+        """submitit's requeue hook (time-out / pre-emption): the same call again."""
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self, *args, **kwargs)

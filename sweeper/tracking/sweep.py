@@ -1,0 +1,323 @@
+"""The sweeper's MLflow thread (:class:`SweepTracker`): the sweep's parent run, the runs of
+its fused jobs, and the parent's summary of the sweep -- its per-configuration statistics
+(:mod:`analysis.sweep`) as MLflow metrics, tags, a Markdown description and artifacts.
+
+MLflow metric names allow letters, digits, ``_ - . / : space``; a configuration's label (the
+sweep's point without its seed, ``method=pgt alpha=0.25``) becomes ``method:pgt alpha:0.25``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from analysis.render import fmt_summary
+from analysis.sweep import SweepSummary
+from sweeper.store import RunRecord, RunStatus, Store
+from sweeper.tracking.client import MlflowRun, open_parent
+from sweeper.tracking.describe import STATUS_FOR_MLFLOW
+from sweeper.tracking.record import Logged, ended_tags, logged_of, run_folder, sync_run
+from trainers.registry import first_line
+
+
+def _first(e: BaseException) -> str:
+    return first_line(e)[:300]
+
+
+def metric_label(label: str) -> str:
+    """A configuration's label as MLflow allows it in a metric name."""
+    return re.sub(r"[^\w.\- :/]", "_", label.replace("=", ":")).replace("/", "_")[:180]
+
+
+class SweepTracker:
+    """The sweeper's MLflow side: the sweep's parent run, and the runs of its fused jobs.
+
+    Everything here runs in one thread of the sweeper, which is otherwise idle while its
+    jobs train: MLflow's import and its tracking store's set-up overlap the first job's
+    start instead of delaying it. A fused job does not talk to MLflow at all (its members
+    would pay the import and a run's set-up each, on the job's critical path); this thread
+    brings each member's MLflow record up to date from the results store instead
+    (:func:`~sweeper.tracking.record.sync_run`, the function every writer uses), every
+    ``every`` seconds while it trains and once more when it ends. Jobs that are not fused
+    track themselves (:class:`~sweeper.tracking.job.JobTracker`); they are submitted after
+    :meth:`wait_parent`, so that only this thread ever creates the tracking store. The
+    parent run shows the sweep's result so far (:mod:`analysis.sweep` computes it; this
+    module formats it for MLflow).
+    """
+
+    def __init__(
+        self,
+        store_url: str,
+        tracking_uri: str,
+        experiment: str,
+        results_dir: Path,
+        sweep_name: str,
+        params: dict[str, object],
+        sweep_id: int,
+        warn: Callable[[str], None],
+        every: float = 5.0,
+        objective: tuple[str, str] | None = None,
+    ) -> None:
+        self.store_url, self.uri, self.experiment = store_url, tracking_uri, experiment
+        self.results_dir, self.sweep_name, self.params = results_dir, sweep_name, params
+        self.sweep_id, self.warn, self.every = sweep_id, warn, every
+        self.parent: Any = None
+        self.parent_ready = threading.Event()
+        self._lock = threading.Lock()
+        self._watch: dict[int, dict[str, str]] = {}  # run id -> its tags
+        self._live: dict[int, Any] = {}  # run id -> its MlflowRun while it trains
+        self._logged: dict[int, Logged] = {}  # run id -> what its MLflow run holds
+        self._ended: set[int] = set()  # runs the sweeper recorded ended for their jobs
+        self.objective = objective  # a search's (metric, direction)
+        self._summarized: object = None  # the state the parent's summary was made from
+        self.failed = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._work, name="gradsweep-mlflow", daemon=True)
+        self._thread.start()
+
+    # -------------------------------------------------------------- the sweeper's side
+    def wait_parent(self, timeout_s: float = 300.0) -> str | None:
+        """The parent run's id once it is open (None when MLflow cannot be used)."""
+        self.parent_ready.wait(timeout_s)
+        return self.parent.run_id if self.parent is not None else None
+
+    def watch(self, run_ids: list[int], tags: list[dict[str, str]]) -> None:
+        """Mirror these runs (the members of a fused job) until they end."""
+        with self._lock:
+            for rid, t in zip(run_ids, tags, strict=True):
+                self._watch[rid] = t
+
+    def ended(self, run_ids: list[int]) -> None:
+        """The sweeper recorded these runs' outcome for jobs that could not (killed, lost,
+        cancelled): their MLflow runs, left RUNNING by the dead job, are closed with that
+        outcome."""
+        with self._lock:
+            self._ended.update(run_ids)
+
+    def close(self, failed: bool) -> None:
+        """Mirror what is left, give the parent its last summary, end it, stop the thread."""
+        self.failed = failed
+        self._stop.set()
+        self._thread.join(timeout=600)
+        if self.parent is not None:
+            self.parent.end("FAILED" if failed else "FINISHED")
+            self.parent = None
+
+    # ------------------------------------------------------------------- the thread
+    def _work(self) -> None:
+        try:
+            self.parent = open_parent(self.uri, self.experiment, self.results_dir / "mlartifacts",
+                                      self.sweep_name, self.params, self.sweep_id, self.warn)  # fmt: skip
+        except Exception as e:  # never let the mirror take the sweep down
+            self.warn(f"warning: MLflow parent run not opened: {_first(e)}")
+        finally:
+            self.parent_ready.set()
+        store = Store(self.store_url, create=False)
+        try:
+            if self.parent is not None and self.parent.run_id:
+                store.set_sweep_fields(self.sweep_id, mlflow_parent_run_id=self.parent.run_id)
+            while True:
+                stopping = self._stop.wait(self.every)
+                self._sync(store)
+                self._close_ended(store)
+                self._summarize(store, final=stopping)
+                if stopping:
+                    return
+        except Exception as e:
+            self.warn(f"warning: MLflow mirroring of the sweep stopped: {_first(e)}")
+        finally:
+            store.dispose()
+
+    def _sync(self, store: Store) -> None:
+        with self._lock:
+            todo = dict(self._watch)
+        for rid, tags in todo.items():
+            run = store.get_run_by_id(rid)
+            if run is None or run.status == RunStatus.queued:
+                continue  # its job has not started it yet
+            if self.parent is None:  # MLflow unusable: `python -m sweeper mirror` later
+                with self._lock:
+                    self._watch.pop(rid, None)
+                continue
+            try:
+                if self._sync_run(store, run, tags):
+                    with self._lock:
+                        self._watch.pop(rid, None)
+            except Exception as e:  # one run's trouble: say so; `mirror` completes it later
+                self.warn(f"warning: run {rid} not mirrored to MLflow: {_first(e)}")
+                with self._lock:
+                    self._watch.pop(rid, None)
+
+    def _close_ended(self, store: Store) -> None:
+        with self._lock:
+            todo, self._ended = self._ended, set()
+        if self.parent is None or self.parent.client is None:
+            return
+        client = self.parent.client
+        for rid in sorted(todo):
+            run = store.get_run_by_id(rid)
+            if run is None or not run.mlflow_run_id or rid in self._live:
+                continue  # no MLflow run, or one this thread mirrors (it closes it itself)
+            if run.status in (RunStatus.queued, RunStatus.running):
+                continue
+            try:
+                if client.get_run(run.mlflow_run_id).info.status != "RUNNING":
+                    continue  # its job closed it before it went
+                for k, v in ended_tags(run).items():
+                    client.set_tag(run.mlflow_run_id, k, v)
+                client.set_terminated(run.mlflow_run_id, status=STATUS_FOR_MLFLOW[run.status.value])
+            except Exception as e:  # that run only; the sweep goes on
+                self.warn(f"warning: MLflow run of run {rid} not closed: {_first(e)}")
+
+    def _summarize(self, store: Store, final: bool) -> None:
+        """The parent run tells the sweep's result so far (:mod:`analysis.sweep`): logged
+        again whenever a run's status changes, with step = the number of ended runs, so
+        its metric history is the sweep's progress."""
+        if self.parent is None or not self.parent.ok:
+            return
+        state = tuple((link.run_id, run.status.value) for link, run in
+                      store.sweep_runs(self.sweep_id))  # fmt: skip
+        if state == self._summarized and not final:
+            return
+        from analysis.sweep import Objective, summarize_sweep
+
+        obj = Objective(*self.objective) if self.objective else None
+        s = summarize_sweep(store, self.sweep_id, obj)
+        self.parent.log_metrics(summary_metrics(s), step=s.ended)
+        folder = self.results_dir / "logs" / "jobs" / f"sweep{self.sweep_id}" / "summary"
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, text in (("sweep_summary.csv", summary_csv(s)), ("report.md", s.report)):
+            (folder / name).write_text(text)
+            self.parent.log_artifact(folder / name)
+        self.parent.set_tags({**summary_tags(s), "mlflow.note.content": summary_markdown(s),
+                              "runs_ended": f"{s.ended}/{len(s.runs)}"})  # fmt: skip
+        self._summarized = state
+
+    def _sync_run(self, store: Store, run: RunRecord, tags: dict[str, str]) -> bool:
+        """Bring ``run``'s MLflow record up to date; True once it ended and is complete."""
+        m = self._live.get(run.id)
+        if m is None:
+            m = MlflowRun(self.uri, self.experiment, self.results_dir / "mlartifacts",
+                          warn=self.warn)  # fmt: skip
+            all_tags = dict(tags)
+            if self.parent is not None and self.parent.run_id:
+                all_tags["mlflow.parentRunId"] = self.parent.run_id
+            rid = m.open_run(run, run_folder(run), all_tags, run.mlflow_run_id)
+            if rid is None:
+                return True  # MLflow refused: left for `python -m sweeper mirror`
+            if rid != run.mlflow_run_id:
+                store.set_fields(run.id, mlflow_run_id=rid)
+            self._live[run.id] = m
+            self._logged[run.id] = logged_of(m)
+        if not sync_run(store, run, m, self._logged[run.id]):
+            return False
+        self._live.pop(run.id, None)
+        self._logged.pop(run.id, None)
+        return True
+
+
+# ------------------------------------------------------------ the parent's summary
+def summary_metrics(s: SweepSummary) -> dict[str, float]:
+    """The parent run's metrics: ``test_acc.mean/<configuration>`` (and ``.std``, ``.n``,
+    the same for ``train_acc``), ``best/test_acc.mean``, ``runs/<status>``, and for a
+    search ``best/<metric>`` and ``best/trial``."""
+    out: dict[str, float] = {}
+    for row in s.rows:
+        for name, summ in (("test_acc", row.test), ("train_acc", row.train)):
+            out[f"{name}.n/{metric_label(row.label)}"] = float(summ.n)
+            if summ.mean is not None:
+                out[f"{name}.mean/{metric_label(row.label)}"] = summ.mean
+            if summ.std is not None:
+                out[f"{name}.std/{metric_label(row.label)}"] = summ.std
+    best = s.best
+    if best is not None and best.test.mean is not None:
+        out["best/test_acc.mean"] = best.test.mean
+    for status, n in s.counts.items():
+        out[f"runs/{status}"] = float(n)
+    out["runs/total"] = float(len(s.runs))
+    if s.best_trial is not None and s.objective is not None:
+        out[f"best/{s.objective.metric}"] = s.best_trial[1]
+        out["best/trial"] = float(s.best_trial[0])
+    return out
+
+
+def summary_tags(s: SweepSummary) -> dict[str, str]:
+    """The parent run's tags naming the best configuration (and trial)."""
+    tags: dict[str, str] = {}
+    best = s.best
+    if best is not None and best.test.mean is not None:
+        tags.update(best_config=best.label, best_config_key=best.key,
+                    best_test_acc=f"{best.test.mean:.2f}")  # fmt: skip
+    if s.best_trial is not None:
+        tags.update(best_trial=str(s.best_trial[0]), best_value=f"{s.best_trial[1]:.6g}")
+    return tags
+
+
+HEADER = ["configuration", "config_key", "runs", "seeds", "test top-1", "train top-1",
+          "status"]  # fmt: skip
+
+
+def _rows(s: SweepSummary) -> list[list[str]]:
+    best = s.best
+    out = []
+    for row in s.rows:
+        st: dict[str, int] = {}
+        for r in row.runs:
+            st[r.status.value] = st.get(r.status.value, 0) + 1
+        mark = " **best**" if best is not None and row.key == best.key else ""
+        out.append([row.label + mark, row.key, str(len(row.runs)),
+                    ",".join(str(r.seed) for r in row.runs),
+                    fmt_summary(row.test), fmt_summary(row.train),
+                    ", ".join(f"{n} {k}" for k, n in st.items())])  # fmt: skip
+    return out
+
+
+def summary_markdown(s: SweepSummary, limit: int = 7900) -> str:
+    """The parent run's description (MLflow renders it as Markdown on the run page):
+    progress, the best configuration, the per-configuration table, then the report's
+    tables while they fit in ``limit`` characters (MLflow's tag limit is 8,000)."""
+    c = s.counts
+    lines = [f"## Sweep {s.sweep_id}: {s.name}", ""]
+    lines.append(f"**{s.ended} of {len(s.runs)} runs ended**: " + " · ".join(
+        f"{n} {k}" for k, n in c.items() if n) + ".")  # fmt: skip
+    best = s.best
+    if best is not None and best.test.mean is not None:
+        lines.append(f"\n**Best configuration**: `{best.label}`: test top-1 "
+                     f"{fmt_summary(best.test)} (mean ± sample std (n seeds)).")  # fmt: skip
+    if s.best_trial is not None and s.objective is not None:
+        n, v, label = s.best_trial
+        lines.append(f"\n**Best trial**: {n} (`{label}`): {s.objective.metric} {v:.4g} "
+                     f"({s.objective.direction}).")  # fmt: skip
+    lines += ["", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in r) + " |" for r in _rows(s)]
+    lines += ["", "Final epoch's top-1 in %, over `done` runs; a run's own page has its "
+              "curves. The table is also the artifact `sweep_summary.csv`."]  # fmt: skip
+    text = "\n".join(lines) + "\n"
+    if s.report:
+        report = "\n" + s.report.replace("\n## ", "\n### ").replace(
+            "# gradsweep report", "## The report's tables", 1
+        )
+        if len(text) + len(report) <= limit:
+            text += report
+        else:
+            text += ("\n_The report's tables are in the artifact `report.md` (too long for "
+                     "this description)._\n")  # fmt: skip
+    return text[:limit]
+
+
+def summary_csv(s: SweepSummary) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["configuration", "config_key", "runs", "seeds", "test_mean", "test_std",
+                "test_n", "train_mean", "train_std", "train_n", "best"])  # fmt: skip
+    best = s.best
+    for row in s.rows:
+        w.writerow([row.label, row.key, len(row.runs), " ".join(str(r.seed) for r in row.runs),
+                    row.test.mean, row.test.std, row.test.n, row.train.mean, row.train.std,
+                    row.train.n, int(best is not None and row.key == best.key)])  # fmt: skip
+    return buf.getvalue()
