@@ -47,10 +47,11 @@ class GradsweepLauncher(Launcher):
     def launch(
         self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
     ) -> Sequence[JobReturn]:
+        from sweeper.launch.backends import check_launcher
         from sweeper.launch.grid import format_command, run_grid, validate_points
         from trainers.registry import ConfigError
 
-        self.params.validate()
+        check_launcher(self.params)
         points = []
         for label, ov in zip(_labels(job_overrides), job_overrides, strict=True):
             try:

@@ -33,7 +33,8 @@ class LauncherParams:
     additional: dict[str, Any] = field(default_factory=dict)  # extra sbatch parameters
 
     def validate(self) -> None:
-        """One line naming the bad setting; for Slurm, also that the cluster answers."""
+        """One line naming the bad setting (whether a Slurm cluster answers is the
+        launcher's check, :func:`sweeper.launch.backends.check_launcher`)."""
         if self.kind not in ("local", "slurm"):
             raise ConfigError(
                 f"hydra.launcher.kind={self.kind} is not allowed; expected local or slurm"
@@ -61,10 +62,6 @@ class LauncherParams:
             raise ConfigError(
                 f"hydra.launcher.poll_s={self.poll_s} is not allowed; expected a number > 0"
             )
-        if self.kind == "slurm":
-            from sweeper.launch.slurm import check_slurm
-
-            check_slurm(self.partition)
 
     def fuse_limit(self) -> int | None:
         """The largest fused group: None for ``auto`` (sized by the backend's slots), 1 for

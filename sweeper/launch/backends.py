@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from sweeper.config.launcher import LauncherParams
-from sweeper.launch.slurm import SlurmQueue, job_error, job_gone
+from sweeper.launch.slurm import SlurmQueue, check_slurm, job_error, job_gone
 from trainers.registry import ConfigError, first_line
 
 # A Slurm job that looks gone (an ended state, or no longer listed) while its run has no
@@ -286,6 +286,14 @@ class SlurmBackend:
         """``scancel`` every submission with a job still running (a whole job array)."""
         for main_id in list(self.queue.main_ids):
             subprocess.run(["scancel", main_id], capture_output=True, timeout=60)
+
+
+def check_launcher(params: LauncherParams) -> None:
+    """The launcher's settings, and for Slurm that the cluster answers and has the
+    partition: checked before anything is written (one line on error)."""
+    params.validate()
+    if params.kind == "slurm":
+        check_slurm(params.partition)
 
 
 def make_backend(params: LauncherParams, folder: Path, name: str, cap: int | None,

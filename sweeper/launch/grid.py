@@ -18,6 +18,7 @@ from sweeper.config.identity import identity_of, preflight
 from sweeper.config.launcher import LauncherParams
 from sweeper.config.schema import Config
 from sweeper.errors import Failed
+from sweeper.launch.backends import check_launcher
 from sweeper.launch.dispatch import Decision, Dispatcher, Point, open_sweep
 from sweeper.launch.fuse import describe, plan_groups
 from trainers.registry import ConfigError
@@ -123,7 +124,7 @@ def run_grid(
 ) -> list[Point]:
     """Record the sweep, claim every point, dispatch what is left, report. Raises
     :class:`~sweeper.errors.Failed` naming the points that failed or were killed."""
-    params.validate()
+    check_launcher(params)
     say = out or (lambda s: print(s, flush=True))
     name = sweep_name or "sweep-" + dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     cfg0 = points[0].cfg

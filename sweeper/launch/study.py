@@ -29,6 +29,7 @@ from sweeper.config.launcher import LauncherParams
 from sweeper.config.schema import Config
 from sweeper.config.search import SearchParams
 from sweeper.errors import Failed
+from sweeper.launch.backends import check_launcher
 from sweeper.launch.dispatch import Decision, Dispatcher, Point, open_sweep
 from sweeper.launch.fuse import plan_groups
 from sweeper.launch.trials import (
@@ -336,7 +337,7 @@ def run_search(
     """Run (or continue) the study. Raises :class:`~sweeper.errors.Failed` when no trial
     of the study completed."""
     say = out or (lambda s: print(s, flush=True))
-    launcher.validate()
+    check_launcher(launcher)
     search.validate()
     source = StudySource(dims, fixed, compose, search, study_name, "", say)
     source.fuse_limit = launcher.fuse_limit() if launcher.tasks == 1 else 1
