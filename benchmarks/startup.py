@@ -4,7 +4,8 @@ Each figure is the median of N runs (5; ``--quick`` 2) of whole-process wall tim
 around ``subprocess.run``; stdout to /dev/null, stderr to a file read only on failure), after
 one untimed warm-up per side (.pyc files, page cache); sides alternate A B A B ... so drift
 cancels. Goals: ``python -m sweeper --help``, ``--cfg job``, ``status results_dir=S`` (S a
-copy of tests/fixtures/store_v3 per side) and ``python -m analysis --help`` <= 1.5 s each; a
+copy of tests/fixtures/store_v3 per side), ``python -m analysis --help`` and the default
+command run again once its run is done (it says so without importing torch) <= 1.5 s each; a
 bare five-line Hydra app's ``--help`` <= 0.6 s (Hydra imports every ``hydra_plugins`` plugin
 at discovery: what installing gradsweep costs other Hydra apps; the same app with gradsweep
 taken off the import system is the reference row); a job's start-up, process
@@ -14,10 +15,10 @@ the first optimiser step, then runs the module; every run gets a fresh results d
 its stores' first-time set-up. Rows without a goal:
 ``import torch`` alone; a plain PyTorch script's start -> first ``torch.optim.SGD`` step (the
 floor of any job's start-up: the first call into ``torch.optim`` imports ``torch._dynamo``,
-0.8 s on the 2-core machine (floor minus import torch), whether or not anything is compiled); the whole ``epochs=1`` run
-(not with ``--quick``). A run whose Hydra plugin fails to import counts as failed.
+whether or not anything is compiled); the whole ``epochs=1`` run (not with ``--quick``). A
+run whose Hydra plugin fails to import counts as failed. Figures: benchmarks/README.md.
 
-The baseline is a ``git worktree`` of REF (default dfa0ccf, before the restructuring) with a
+The baseline is a ``git worktree`` of REF (default 11732bc) with a
 ``sitecustomize.py`` shim that takes this checkout's editable install off the import system,
 so only the worktree's code (and Hydra plugins) is imported there. Usage:
 
@@ -93,6 +94,7 @@ class Side:
     root: Path  # the checkout whose code runs
     env: dict[str, str]
     store: Path = field(default=Path())  # this side's own copy of the fixture store
+    done: Path = field(default=Path())  # a results dir where the default run is done
 
 
 def run(cmd: list[str], cwd: Path, env: dict[str, str], tmp: Path) -> float:
@@ -157,7 +159,7 @@ def figures(tmp: Path, quick: bool) -> list[Figure]:
 
     def cmd(*args: str, in_app: bool = False) -> Callable[[Side], float]:
         def go(s: Side) -> float:
-            argv = [py, *(x.format(store=s.store) for x in args)]
+            argv = [py, *(x.format(store=s.store, done=s.done) for x in args)]
             return run(argv, app if in_app else s.root, s.env, tmp)
 
         return go
@@ -186,10 +188,12 @@ def figures(tmp: Path, quick: bool) -> list[Figure]:
             "sweeper status store_v3", 1.5, cmd("-m", "sweeper", "status", "results_dir={store}")
         ),
         Figure("analysis --help", 1.5, cmd("-m", "analysis", "--help")),
+        # the default command again, its run done: recognised before torch is imported
+        Figure("sweeper again, its run done", 1.5, cmd("-m", "sweeper", "results_dir={done}")),
         Figure("bare Hydra app --help", 0.6, cmd("app.py", "--help", in_app=True)),
         Figure("  same, gradsweep not installed (reference)", None, bare_without),
         Figure("job: start -> 1st step", 3.0, job()),
-        # the job opens its MLflow run before the first epoch (sweeper.tracking.wait_started)
+        # the job opens its MLflow run before the first epoch (sweeper.tracking.job.JobTracker)
         Figure("  same, mlflow.enabled=false", None, job("mlflow.enabled=false")),
     ]
     if not quick:
@@ -279,7 +283,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description="Start-up time of the CLI, now vs a baseline.")
     ap.add_argument("--quick", action="store_true", help="2 repeats, no whole-run row")
     ap.add_argument("--repeats", type=int, default=None, help="runs per figure and side (5)")
-    ap.add_argument("--baseline", default="dfa0ccf", help="git ref to compare with (dfa0ccf)")
+    ap.add_argument("--baseline", default="11732bc", help="git ref to compare with (11732bc)")
     ap.add_argument("--no-baseline", action="store_true", help="measure this tree only")
     a = ap.parse_args()
     n = a.repeats or (2 if a.quick else 5)
@@ -297,6 +301,9 @@ def main() -> None:
         for s in sides:
             s.store = tmp / f"store-{s.name}"
             shutil.copytree(FIXTURE, s.store)
+            s.done = tmp / f"done-{s.name}"
+            print(f"training the default run once ({s.name}) ...", flush=True)
+            run([sys.executable, "-m", "sweeper", f"results_dir={s.done}"], s.root, s.env, tmp)
         figs = figures(tmp, a.quick)
         order = " / ".join(s.name for s in sides)
         print(f"{n} runs per figure and side after a warm-up, alternating {order}")

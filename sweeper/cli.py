@@ -74,7 +74,7 @@ usage:
   python -m sweeper --cfg job [KEY=VALUE ...]   print the composed config, run nothing
   python -m sweeper status [--help]             sweeps and runs in the results store
   python -m sweeper mirror [--help]             copy finished runs that missed MLflow into it
-  python -m analysis [--help]                   the report: tables, verdicts, figures
+  python -m analysis [--help]                   the report: tables and figures
 
 Reference: docs/cli.md (every key), docs/sweeps.md, docs/methods.md, docs/store.md.
 

@@ -69,6 +69,16 @@ BAD = [
     (["optimizer=adam"], "'adam'", "adamw, sgd"),
     (["optimizer=adamw", "optimizer.betas=[0.9,1.2]"], "optimizer.betas=[0.9, 1.2]", "[0, 1)"),
     (["optimizer=adamw", "optimizer.eps=0"], "optimizer.eps=0", "> 0"),
+    # each data set has its own keys: a knob another data set reads is refused, by name
+    (["data.num_train=100"], "'data.num_train' for data=digits", "name, data_seed, _target_, args"),
+    (["data.augment=false"], "'data.augment' for data=digits", "data_seed"),
+    (
+        ["data=imagenet", "data.root=/x", "data.download=true"],
+        "'data.download' for data=imagenet",
+        "num_workers",
+    ),  # fmt: skip
+    (["data=synthetic", "data.num_trian=5"], "did you mean 'data.num_train'?", "num_classes"),
+    (["alpah=0.3"], "unknown key 'alpah'; did you mean 'alpha'?", "known top-level keys"),
 ]
 
 
@@ -119,3 +129,39 @@ def test_unwritable_results_dir(tmp_path: Path, capsys, monkeypatch) -> None:
     assert code == 2
     assert len(lines) == 1 and "results_dir=" in lines[0] and "cannot be written" in lines[0]
     assert not (blocker.parent / "results").exists()
+
+
+def test_the_digits_config_shows_only_its_own_keys(tmp_path: Path) -> None:
+    res = run_cli("--cfg", "job", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    data = res.stdout.split("\ndata:\n", 1)[1].split("\nschedule:", 1)[0]
+    assert [ln.split(":")[0].strip() for ln in data.splitlines()] == [
+        "name", "data_seed", "_target_", "args"]  # fmt: skip
+    res = run_cli("--cfg", "job", "data=synthetic", cwd=tmp_path)
+    assert "num_train: 1024" in res.stdout and "root:" not in res.stdout
+
+
+@pytest.mark.parametrize("args", [["--help"], ["status", "--help"], ["mirror", "--help"]])
+def test_help_answers_and_a_closed_pipe_ends_quietly(args: list[str], tmp_path: Path) -> None:
+    """``python -m sweeper [status|mirror] --help | head -1``: the usage, no traceback."""
+    import subprocess
+    import sys
+
+    from helpers import cli_env
+
+    # `| true` closes the pipe before the command has started: its writes always meet a
+    # closed pipe (what `| head` does to a longer output)
+    for reader in ("true", "head -n 1"):
+        cmd = f"{sys.executable} -m sweeper {' '.join(args)} | {reader}"
+        res = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], cwd=tmp_path, env=cli_env(),
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert res.returncode == 0, res.stderr
+        assert res.stderr == "", res.stderr
+    first = res.stdout.strip()
+    assert first.startswith("gradsweep") if args == ["--help"] else first.startswith("usage:")
+    full = run_cli(*args, cwd=tmp_path)
+    assert full.returncode == 0 and full.stderr == ""
+    if args == ["--help"]:
+        for word in ("status", "mirror", "== Config groups", "method: agc", "alpha: 0.25"):
+            assert word in full.stdout, word
+    assert not (tmp_path / "results").exists()  # help writes nothing

@@ -12,11 +12,10 @@ against are the torch-free catalog (:mod:`trainers.catalog`).
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from trainers.catalog import DATASETS, MODELS, DataConfig, ModelConf
+from trainers.catalog import DATASETS, MODELS, DataConfig, ModelConf, data_identity
 from trainers.registry import ConfigError
 from trainers.specs import METHODS, MethodSpec, method_spec
 
@@ -150,21 +149,10 @@ class RunConfig:
         not SGD (SGD runs keep the hashes they had before there was a choice); AdamW has no
         momentum or nesterov.
         """
-        data = asdict(self.data)
-        for k in ("num_workers", "download"):
-            data.pop(k, None)
-        target, args = data.pop("_target_", None), data.pop("args", None)
-        if target:  # a data callable: its dotted name and arguments, nothing else applies
-            data = {"_target_": target, **(args or {})}
-        # The dataset's location is part of its identity: two roots may hold different data
-        # (a grid over data.root must not collapse into one run). Moving a dataset therefore
-        # starts new runs; record the absolute path so relative spellings agree.
-        if data.get("root"):
-            data["root"] = os.path.abspath(os.path.expanduser(data["root"]))
         ident: dict[str, Any] = {
             "model": self.model.identity(),
             "method": _method_identity(self.method),
-            "data": data,
+            "data": data_identity(self.data),
             "schedule": {
                 **asdict(self.schedule),
                 "warmup_epochs": min(self.schedule.warmup_epochs, self.epochs),

@@ -9,7 +9,6 @@ pins the hashes, so a change that would move them fails the tests.
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -73,18 +72,23 @@ def grid_columns(cfg: RunConfig) -> dict[str, Any]:
     }
 
 
-def prepare_results_dir(results_dir: str) -> Path:
-    """Create results_dir and prove it is writable, or raise a one-line ConfigError."""
-    path = Path(results_dir)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
-            pass
-    except OSError as e:
-        raise ConfigError(
-            f"results_dir={results_dir} cannot be written ({e.strerror or e})"
-        ) from None
-    return path
+def check_results_dir(results_dir: str) -> Path:
+    """That results_dir can be written (it, or the folder it would be made in): a one-line
+    ConfigError if not. Nothing is created: refused input leaves no folder behind (the
+    store creates the folder when it writes its first row)."""
+    path = Path(results_dir).expanduser()
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        why = f"{probe} is not a folder"
+    elif not os.access(probe, os.W_OK | os.X_OK):
+        why = f"{probe} is not writable"
+    else:
+        return path
+    raise ConfigError(f"results_dir={results_dir} cannot be written ({why})")
 
 
 def preflight(cfg: Config) -> None:
@@ -94,7 +98,7 @@ def preflight(cfg: Config) -> None:
 
     cfg.validate()
     check_method(cfg.method.spec)  # imports the custom pieces, binds their knobs
-    prepare_results_dir(cfg.results_dir)
+    check_results_dir(cfg.results_dir)
     check_data(cfg.data)
     if cfg.model._target_:  # imports and its arguments (the fc contract: when built)
         from trainers.custom import model_factory

@@ -17,6 +17,7 @@ class LauncherParams:
     max_parallel: int | None = None  # local: None -> (GPUs x jobs_per_gpu) or 1 on CPU
     jobs_per_gpu: int = 1  # local: pack several small jobs on one GPU
     retry_failed: bool = False  # re-run points whose run ended failed / diverged
+    dry_run: bool = False  # print the plan (the header and the jobs), start and write nothing
     # fuse compatible points into one job (sweeper.launch.fuse): auto | off | the largest group size
     fuse: Any = "auto"
     timeout_min: int = 60 * 24 * 3  # per job (local and Slurm time limit)

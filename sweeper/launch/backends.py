@@ -131,6 +131,55 @@ def interruptible_children() -> Iterator[None]:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+@contextlib.contextmanager
+def controllers_in_own_session() -> Iterator[None]:
+    """submitit's local job controllers started in a session (process group) of their own.
+
+    Why: Ctrl-C in a terminal signals the whole foreground process group. A controller that
+    gets SIGINT forwards it to its tasks and SIGKILLs them a second later -- often before a
+    job has recorded its runs ``interrupted`` -- and prints its own KeyboardInterrupt
+    traceback on the sweeper's stderr. In a session of their own, only the sweeper gets the
+    signal, and it cancels each job the graceful way (:meth:`LocalBackend.cancel`).
+    submitit starts the controller with ``subprocess.Popen`` and takes no option for it, so
+    the Popen that its local module sees gets ``start_new_session=True`` while we submit."""
+    import submitit.local.local as local
+
+    real = local.subprocess
+
+    class _Subprocess:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+        @staticmethod
+        def Popen(*args: Any, **kwargs: Any) -> Any:  # noqa: N802 - subprocess's name
+            return real.Popen(*args, start_new_session=True, **kwargs)
+
+    local.subprocess = _Subprocess()  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        local.subprocess = real
+
+
+def job_tasks(job: Any) -> list[Any]:
+    """The task processes of a local submitit job (children of its controller running
+    ``submitit.core._submit``), as psutil processes; [] when gone or not started yet."""
+    import psutil
+
+    try:
+        kids = psutil.Process(int(job.job_id)).children(recursive=True)
+    except (psutil.Error, ValueError):
+        return []
+    out = []
+    for k in kids:
+        try:
+            if "submitit.core._submit" in " ".join(k.cmdline()):
+                out.append(k)
+        except psutil.Error:
+            continue
+    return out
+
+
 class LocalBackend:
     """submitit's local executor: one process (group) per job on this machine, at most one
     job per slot; a slot is the GPUs the job sees (none on a CPU machine)."""
@@ -157,7 +206,7 @@ class LocalBackend:
             self.ex.update_parameters(
                 tasks_per_node=self.params.tasks, gpus_per_node=len(gpus), visible_gpus=gpus
             )
-            with interruptible_children():
+            with interruptible_children(), controllers_in_own_session():
                 sub.job = self.ex.submit(TrainJob(), *sub.args)
 
     def gone(self, subs: Sequence[Submission]) -> list[Submission]:
@@ -176,13 +225,23 @@ class LocalBackend:
         return job_error(sub.job, "local")
 
     def cancel(self, subs: Sequence[Submission]) -> None:
-        """SIGINT to each job; wait (at most a minute) for them to record ``interrupted``."""
+        """SIGINT to each job's tasks (their controller would SIGKILL them a second after
+        forwarding it); each records its runs ``interrupted`` and exits, and its controller
+        ends with it. At most a minute, then submitit's own cancel (a job not started yet,
+        or one that does not stop)."""
         for s in subs:
-            s.job.cancel(check=False)
+            tasks = job_tasks(s.job)
+            for t in tasks:
+                with contextlib.suppress(Exception):
+                    t.send_signal(signal.SIGINT)
+            if not tasks:
+                s.job.cancel(check=False)
         deadline = time.monotonic() + 60.0
         for s in subs:
             while not s.job.done() and time.monotonic() < deadline:
                 time.sleep(0.2)
+            if not s.job.done():
+                s.job.cancel(check=False)
 
 
 class SlurmBackend:

@@ -128,6 +128,9 @@ def run_grid(
     say = out or (lambda s: print(s, flush=True))
     name = sweep_name or "sweep-" + dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     cfg0 = points[0].cfg
+    if params.dry_run:
+        dry_run(points, params, name, say)
+        return points
     with open_sweep(cfg0, params, name, command, params.kind, len(points), say) as d:
         grid = GridSource(points, say, params)
         grid.claim_all(d, params.retry_failed)
@@ -157,6 +160,47 @@ def run_grid(
                          "resumes them): " + "; ".join(_named(p) for p in killed))  # fmt: skip
         raise Failed(" | ".join(parts))
     return points
+
+
+def dry_run(points: list[Point], params: LauncherParams, name: str,
+            say: Callable[[str], None]) -> None:  # fmt: skip
+    """``hydra.launcher.dry_run=true``: what the sweep would do -- its header and its jobs --
+    from the store as it is, read only (a store that does not exist yet is no store): no
+    sweep recorded, no run claimed, no job started, no file written."""
+    from sweeper.launch.backends import gpu_count, local_slots
+    from sweeper.store import Store, StoreError
+
+    try:
+        store = Store(points[0].cfg.store_url(), create=False)
+    except StoreError:
+        known: dict = {}
+    else:
+        try:
+            known = store.runs_by_hash([p.config_hash for p in points])
+        finally:
+            store.dispose()
+    todo, seen, finished, shared = [], set(), 0, 0
+    for p in points:
+        run = known.get(p.config_hash)
+        if p.config_hash in seen:
+            shared += 1
+            continue
+        seen.add(p.config_hash)
+        ended = run is not None and (run.status == "done" or (
+            run.status in ("failed", "diverged") and not params.retry_failed))  # fmt: skip
+        if ended:
+            finished += 1
+        else:
+            todo.append(p)
+    say(f"dry run of '{name}': {len(points)} points, {len(todo)} to run, {finished} already "
+        f"finished" + (f", {shared} duplicates" if shared else "")
+        + "; nothing is started or written")  # fmt: skip
+    slots = float(len(local_slots(params, gpu_count()))) if params.kind == "local" else float("inf")
+    jobs = plan_groups(todo, params.fuse_limit(), slots, params.tasks > 1)
+    if jobs:
+        say(describe(len(todo), jobs))
+    for i, job in enumerate(jobs, 1):
+        say(f"  job {i}: " + " | ".join(p.label or "(defaults)" for p in job))
 
 
 def _named(p: Point) -> str:

@@ -90,8 +90,11 @@ class StudySource:
 
     # --------------------------------------------------------------- validation
     def overrides(self, params: dict[str, Any]) -> tuple[list[str], str]:
+        """A trial's overrides (exact: floats round-trip) and its label (what progress lines,
+        ``status`` and MLflow show: floats to 6 significant digits)."""
         ov = [d.override(params[d.key]) for d in self.dims if d.key in params]
-        return [*self.fixed, *ov], " ".join(ov)
+        label = " ".join(f"{d.key}={_short(params[d.key])}" for d in self.dims if d.key in params)
+        return [*self.fixed, *ov], label
 
     def check_space(self) -> Config:
         """Compose and pre-flight the corners of the space before any trial starts, so a

@@ -74,7 +74,9 @@ class Leases(Database):
     def _killed(self, cond: object, why: str, detail: str = "") -> int:
         """One conditional UPDATE, so a run that records its outcome at the same moment keeps
         it; its checkpoint is kept, so a rerun resumes it."""
-        again = and_(Run.killed_at_epoch.is_not(None), Run.killed_at_epoch == Run.epoch)
+        # no progress: not past the epoch where it was last killed (a job resumed from an
+        # earlier checkpoint that dies again before getting further is looping too)
+        again = and_(Run.killed_at_epoch.is_not(None), Run.epoch <= Run.killed_at_epoch)
         more = f"\n{detail}" if detail else ""
         resume = f"interrupted: {why}; the same command resumes it from its last checkpoint{more}"
         failed = (f"failed: {KILLED_TWICE} (its job was killed again before it finished an "

@@ -43,6 +43,18 @@ class Reads(Database):
             row = s.scalar(select(Run).where(Run.config_hash == config_hash))
             return run_record(row, self.db_dir) if row is not None else None
 
+    def runs_by_hash(self, config_hashes: Sequence[str]) -> dict[str, RunRecord]:
+        """The runs with these config hashes (those that exist), in chunks of 500."""
+        out: dict[str, RunRecord] = {}
+        hashes = list(dict.fromkeys(config_hashes))
+        with self.session() as s:
+            for i in range(0, len(hashes), 500):
+                rows = s.execute(select(*RUN_COLUMNS).where(Run.config_hash.in_(hashes[i:i + 500])))
+                for r in rows:
+                    rec = run_record_from_columns(r, self.db_dir)
+                    out[rec.config_hash] = rec
+        return out
+
     def get_run_by_id(self, run_id: int) -> RunRecord | None:
         with self.session() as s:
             row = s.get(Run, run_id)

@@ -61,6 +61,14 @@ class DataConfig:
 
 # keys any data set's config has: which one, and your own data set instead of it
 COMMON_KEYS = ("name", "_target_", "args")
+# the data keys every built-in data set's identity has held from the first version, with their
+# values whether the data set reads them or not: the config hashes of existing runs depend on
+# them. Knobs added since enter the identity only when set away from their default, so
+# adding one never moves a hash (as for a method's knobs).
+IDENTITY_KEYS = ("name", "root", "augment", "image_size", "num_classes", "channels",
+                 "num_train", "num_test", "data_seed")  # fmt: skip
+# how the data is fetched or fed, not what it is: never in the identity
+NOT_IDENTITY = ("download", "num_workers")
 
 
 @dataclass(frozen=True)
@@ -376,6 +384,24 @@ def data_config(node: dict[str, Any]) -> DataConfig:
                 f"unknown key 'data.{k}' for data={name}; its keys: {', '.join(allowed)}"
             )
     return DataConfig(**{k: v for k, v in node.items()})
+
+
+def data_identity(cfg: DataConfig) -> dict[str, Any]:
+    """The data part of a run's identity (:meth:`trainers.config.RunConfig.identity`).
+
+    A ``_target_``: its dotted name and arguments, nothing else. A built-in data set: the
+    :data:`IDENTITY_KEYS` (its location as an absolute path: two roots may hold different
+    data, and relative spellings agree), then its own later knobs where not default."""
+    if cfg._target_:
+        return {"_target_": cfg._target_, **(cfg.args or {})}
+    out = {k: getattr(cfg, k) for k in IDENTITY_KEYS}
+    if out.get("root"):
+        out["root"] = os.path.abspath(os.path.expanduser(out["root"]))
+    defaults = {f.name: f.default for f in fields(DataConfig)}
+    for k in data_knobs(cfg.name):
+        if k not in IDENTITY_KEYS and k not in NOT_IDENTITY and getattr(cfg, k) != defaults[k]:
+            out[k] = getattr(cfg, k)
+    return out
 
 
 def data_facts(data: dict[str, Any]) -> dict[str, Any]:
