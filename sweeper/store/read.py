@@ -49,7 +49,9 @@ class Reads(Database):
         hashes = list(dict.fromkeys(config_hashes))
         with self.session() as s:
             for i in range(0, len(hashes), 500):
-                rows = s.execute(select(*RUN_COLUMNS).where(Run.config_hash.in_(hashes[i:i + 500])))
+                rows = s.execute(
+                    select(*RUN_COLUMNS).where(Run.config_hash.in_(hashes[i : i + 500]))
+                )
                 for r in rows:
                     rec = run_record_from_columns(r, self.db_dir)
                     out[rec.config_hash] = rec
