@@ -4,6 +4,7 @@ sweeper and launcher plugins (all registered once, by :func:`register_configs`).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -57,6 +58,11 @@ class Config(RunConfig):
         if not isinstance(self.data, DataConfig):  # the data set's own node, from Hydra
             node = self.data if isinstance(self.data, dict) else asdict(self.data)
             self.data = data_config(node)
+
+    def make_results_dir(self) -> None:
+        """Create the results dir: when a run or sweep starts, after its checks passed
+        (refused input leaves no folder behind)."""
+        Path(self.results_dir).expanduser().mkdir(parents=True, exist_ok=True)
 
     def store_url(self) -> str:
         """The results store: ``store.url``, or the SQLite file in the results dir."""

@@ -118,6 +118,7 @@ def open_sweep(cfg0: Config, params: LauncherParams, name: str, command: str, la
     """A sweep's record and its dispatcher, for a grid and a search alike: the results store
     is open for the sweep's life, and the sweep's end is recorded however it ends (an error
     that escapes closes it as failed)."""
+    cfg0.make_results_dir()
     store = Store(cfg0.store_url())
     d: Dispatcher | None = None
     try:

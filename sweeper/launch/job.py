@@ -167,6 +167,7 @@ def run_group(cfgs: list[Config], mlflow_tags: list[dict[str, str]],
         preflight(cfg)
         ident, chash = identity_of(cfg)
         members.append(Member(cfg, ident, chash, tags, link))
+    cfgs[0].make_results_dir()
     store = Store(cfgs[0].store_url())
     try:
         outcomes = _skip_done(store, members)

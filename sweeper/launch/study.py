@@ -346,6 +346,7 @@ def run_search(
     source.fuse_limit = launcher.fuse_limit() if launcher.tasks == 1 else 1
     cfg0 = source.check_space()
     source.storage_url = search.storage or cfg0.store_url()
+    cfg0.make_results_dir()  # the study lives in the results store's database by default
     source.open()
     if source.budget <= 0:
         say("nothing to start: the study already has n_trials finished trials")

@@ -48,12 +48,6 @@ class Database:
             raise StoreError(
                 f"no results store at {db}" + (f"; {missing_hint}" if missing_hint else "")
             )
-        if create and db is not None:  # a new SQLite store: its folder is made here, not before
-            try:
-                db.parent.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise StoreError(f"the results store {db} cannot be created "
-                                 f"({e.strerror or e})") from None  # fmt: skip
         kwargs: dict[str, Any] = {}
         if url.startswith("sqlite"):
             kwargs["connect_args"] = {"timeout": 60}
