@@ -1,9 +1,9 @@
-"""Every GPU row of the README's Performance table in one short run (goal: <= 8 minutes on
+"""Every GPU row of benchmarks/README.md in one short run (goal: <= 8 minutes on
 one H100 or H200), printed as one table with PASS / FAIL.
 
 Each row is its own benchmark script, run as a subprocess in its quick GPU mode with a time
 budget; its verdict lines (``... PASS`` / ``... FAIL``) are collected, and its full output
-is kept under ``--out`` (default ``gpu_check_logs/``) for the README and the closing note.
+is kept under ``--out`` (default ``gpu_check_logs/``) for benchmarks/README.md.
 A row that runs out of its budget or crashes is FAIL with the reason. Usage, on a GPU
 machine:
 
@@ -80,7 +80,7 @@ def main() -> None:
 
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA device on this machine; nothing measured (run it on a GPU "
-              "machine; the README's GPU column stays 'not yet measured')")  # fmt: skip
+              "machine; benchmarks/README.md's GPU rows stay 'not yet measured')")  # fmt: skip
         sys.exit(2)
     a.out.mkdir(parents=True, exist_ok=True)
     print(f"gpu_check on {torch.cuda.get_device_name(0)}, torch {torch.__version__}; "

@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 
 from sweeper.config.compose import CONF_DIR, preflight_argv, to_config
 from sweeper.config.schema import register_configs
-from sweeper.errors import Failed, boundary
+from sweeper.errors import ConfigError, Failed, boundary
 
 # Hydra's own flags that print and exit: no pre-flight, no run
 SUBCOMMANDS = ("status", "mirror")
@@ -47,9 +47,18 @@ def _task(dcfg: DictConfig) -> None:
         _TaskResult.error = Failed(f"run {outcome.run_id} failed; its traceback is in runs.error")
 
 
+def _check_flags(argv: list[str]) -> None:
+    """Hydra's own flag conflicts, in one line (Hydra raises a ValueError with a traceback)."""
+    modes = [a for a in argv if a in ("-m", "--multirun", "--cfg", "-c", "--info", "-i")]
+    if len({m.lstrip("-")[:1] for m in modes}) > 1:
+        raise ConfigError(f"{' and '.join(modes)} do not combine: --cfg prints one run's config "
+                          "(drop -m; a sweep's plan is -m ... hydra.launcher.dry_run=true)")  # fmt: skip
+
+
 def _run_hydra(argv: list[str]) -> None:
     import hydra
 
+    _check_flags(argv)
     # exceptions from our plugins and from Hydra reach boundary() instead of Hydra's report
     os.environ["HYDRA_FULL_ERROR"] = "1"
     # MLflow/alembic narrate their DB migrations at INFO; our own lines say what matters

@@ -187,6 +187,6 @@ def source_changes(runs: list[RunRecord]) -> list[str]:
                 state = "is gone" if now[target] is None else "has changed since"
                 out.append(
                     f"note: run {r.id} ({r.method}) was made by another version of {target}: "
-                    f"{path} {state} (a rerun skips it; a new knob, e.g. version: 2, makes a new run)"
+                    f"{path} {state} (a rerun skips it; a parameter with a default added to the function and set in its config, or a new name, makes a new run)"
                 )
     return out

@@ -46,10 +46,11 @@ def error_lines(res: subprocess.CompletedProcess[str]) -> list[str]:
     return [ln for ln in res.stderr.splitlines() if ln.strip()]
 
 
-def main_in_process(args: list[str], capsys, monkeypatch) -> tuple[int, list[str]]:  # noqa: ANN001
+def main_in_process(args: list[str], capsys, monkeypatch,  # noqa: ANN001
+                    out: list[str] | None = None) -> tuple[int, list[str]]:  # fmt: skip
     """``python -m sweeper ARGS`` in this process, through the CLI's own entry and error
-    boundary (:func:`sweeper.cli.main`): its exit status and its stderr lines. For bad input,
-    where the process itself is not what is tested."""
+    boundary (:func:`sweeper.cli.main`): its exit status and its stderr lines (its stdout
+    lines go to ``out``). Where the process itself is not what is tested."""
     import pytest
 
     from sweeper import cli
@@ -59,8 +60,10 @@ def main_in_process(args: list[str], capsys, monkeypatch) -> tuple[int, list[str
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_:
         cli.main(args)
-    err = capsys.readouterr().err
-    return int(exit_.value.code or 0), [ln for ln in err.splitlines() if ln.strip()]
+    got = capsys.readouterr()
+    if out is not None:
+        out.extend(ln for ln in got.out.splitlines() if ln.strip())
+    return int(exit_.value.code or 0), [ln for ln in got.err.splitlines() if ln.strip()]
 
 
 # ----------------------------------------------------------- configs and runs, in process

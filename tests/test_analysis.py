@@ -214,6 +214,7 @@ def _check_diffs(db: Path, rows: list[dict[str, str]], cols: list[str]) -> set[s
     return kinds
 
 
+@pytest.mark.slow
 def test_report_files_and_markdown(report: tuple[subprocess.CompletedProcess[str], Path]) -> None:
     proc, out = report
     assert proc.returncode == 0, proc.stderr

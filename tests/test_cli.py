@@ -28,6 +28,7 @@ def every_method(shared_results: Path) -> Path:
     return shared_results
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", known_methods())
 def test_every_method_runs(method: str, every_method: Path) -> None:
     rows = sql(

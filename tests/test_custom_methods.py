@@ -112,6 +112,7 @@ def test_custom_piece_identity_name_and_gradient(lab: Path) -> None:
             assert np.abs(p.grad.numpy().mean(axis=1)).max() < 1e-15
 
 
+@pytest.mark.slow
 def test_custom_loss_and_custom_transform_in_training(lab: Path) -> None:
     res = lab / "res"
     out = train("method.loss={_target_: mylab.grads.scaled_ce, scale: 2.0}", "epochs=1",
@@ -132,8 +133,9 @@ def test_a_custom_transform_that_breaks_the_gradients_diverges_at_that_step(lab:
     assert sql(res / "results.db", "SELECT status, diverged_step FROM runs") == [("diverged", 7)]
 
 
+@pytest.mark.slow
 def test_worked_example_through_the_cli(lab: Path) -> None:
-    """The README's example, smaller: pgt, centralize and agc_pgt, one seed, 1 epoch, with
+    """The docs' worked example (docs/methods.md), smaller: pgt, centralize and agc_pgt, one seed, 1 epoch, with
     the user's search path; the runs in the store, in the report, and status noticing an
     edited source file."""
     args = ["-m", "method=pgt,centralize,agc_pgt", "seed=0", "epochs=1", SEARCH,

@@ -178,12 +178,14 @@ def plain(cifar: Path) -> list[tuple[float, float, float]]:
     return _plain_loop(_cfg(cifar), cifar)
 
 
+@pytest.mark.slow
 def test_trainer_equals_a_plain_loop(cifar: Path, plain, tmp_path: Path) -> None:
     fast = _trainer(_cfg(cifar), tmp_path / "eager")
     _agree(fast, plain)
     assert plain[-1][0] < plain[0][0] * 1.5  # it trained (finite, no blow-up)
 
 
+@pytest.mark.slow
 def test_compiled_trainer_equals_a_plain_loop(cifar: Path, plain, tmp_path: Path) -> None:
     """compile=true (torch.compile of forward and backward; compile_mode auto -> default
     on CPU) gives the same run."""

@@ -29,6 +29,7 @@ from trainers.registry import ConfigError
 
 
 # ------------------------------------------------------------- SIGTERM on the sweeper
+@pytest.mark.slow
 def test_sigterm_on_the_sweeper_cancels_its_jobs_and_a_rerun_resumes(tmp_path: Path) -> None:
     """Deterministic: it waits on the states it needs (both jobs past their second epoch;
     both runs recorded), never on time; the jobs have 4 epochs left when the signal goes."""
@@ -84,6 +85,7 @@ def test_sigterm_on_the_sweeper_cancels_its_jobs_and_a_rerun_resumes(tmp_path: P
 
 
 # --------------------------------------------------------------------- a busy store
+@pytest.mark.slow
 def test_store_locked_for_ten_seconds_loses_nothing(tmp_path: Path) -> None:
     db = tmp_path / "results.db"
     Store(f"sqlite:///{db}").dispose()
@@ -130,6 +132,7 @@ def test_a_store_that_cannot_be_opened_refuses_the_sweep(url: str, tmp_path: Pat
 
 
 # -------------------------------------------------------------------- hostile input
+@pytest.mark.slow
 def test_command_line_values_reach_sql_only_as_bound_parameters(tmp_path: Path) -> None:
     name = "x'); DROP TABLE runs; --"
     res = run_cli("-m", f'sweep_name="{name}"', "epochs=1", "mlflow.enabled=false",
@@ -161,6 +164,7 @@ OVERRIDE = st.one_of(
 )
 
 
+@pytest.mark.slow
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(OVERRIDE, min_size=1, max_size=3))
 def test_random_overrides_give_a_config_or_one_error_line(argv: list[str]) -> None:

@@ -68,6 +68,7 @@ def _digits_group() -> list[RunConfig]:
     ]
 
 
+@pytest.mark.slow
 def test_an_interleaved_group_is_exactly_its_separate_runs(tmp_path: Path) -> None:
     cfgs = _digits_group()
     alone, fused = _alone(cfgs, tmp_path), _fused(cfgs, tmp_path, stacked=False)
@@ -88,6 +89,7 @@ def test_an_interleaved_group_is_exactly_its_separate_runs(tmp_path: Path) -> No
             sorted(p.name for p in (tmp_path / f"alone{i}" / "filter_norms").iterdir())  # fmt: skip
 
 
+@pytest.mark.slow
 def test_a_stacked_group_matches_its_separate_runs(tmp_path: Path) -> None:
     cfgs = _digits_group()
     alone, fused = _alone(cfgs, tmp_path), _fused(cfgs, tmp_path, stacked=True)
@@ -110,6 +112,7 @@ def test_a_stacked_group_matches_its_separate_runs(tmp_path: Path) -> None:
     assert size < 1.2 * (tmp_path / "alone0" / "checkpoint.pt").stat().st_size
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stacked", [False, True], ids=["interleaved", "stacked"])
 def test_resnet20_on_cifar_shaped_data_fuses(tmp_path: Path, stacked: bool) -> None:
     data = DataConfig(name="synthetic", num_train=64, num_test=32)
@@ -127,6 +130,7 @@ def test_resnet20_on_cifar_shaped_data_fuses(tmp_path: Path, stacked: bool) -> N
                     assert _rel(x, y) < (STACKED_EPOCH1 if e == 0 else STACKED_EPOCH3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stacked", [False, True], ids=["interleaved", "stacked"])
 def test_a_diverging_member_leaves_the_group_at_its_step(tmp_path: Path, stacked: bool) -> None:
     base = dict(epochs=1, filter_stats_every=0, check_every=5)
@@ -143,6 +147,7 @@ def test_a_diverging_member_leaves_the_group_at_its_step(tmp_path: Path, stacked
         assert x == y if not stacked else _rel(x, y) < STACKED_EPOCH3
 
 
+@pytest.mark.slow
 def test_a_group_larger_than_memory_trains_in_chunks(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
     cfgs = [RunConfig(seed=s, epochs=1, filter_stats_every=0) for s in range(3)]
     member = Trainer(cfgs[0], tmp_path / "probe", log=lambda s: None)
@@ -165,6 +170,7 @@ def test_a_group_larger_than_memory_trains_in_chunks(tmp_path: Path, monkeypatch
         assert _rel(a.history[0].train_loss, f.history[0].train_loss) < STACKED_EPOCH1
 
 
+@pytest.mark.slow
 def test_a_killed_group_resumes_each_member_from_its_checkpoint(tmp_path: Path) -> None:
     cfgs = [RunConfig(seed=s, epochs=3, filter_stats_every=0) for s in range(2)]
 
@@ -237,6 +243,7 @@ def test_a_bad_fuse_value_is_refused(bad: str, tmp_path: Path, capsys, monkeypat
 
 
 # -------------------------------------------------------------- a sweep, end to end
+@pytest.mark.slow
 def test_a_fused_sweep_records_every_member_as_its_own_run(tmp_path: Path) -> None:
     grid = ["-m", "method=pgt", "alpha=0.05,0.3", "seed=0,1", "epochs=2"]
     res = run_cli(*grid, cwd=tmp_path)
@@ -274,6 +281,7 @@ def test_a_fused_sweep_records_every_member_as_its_own_run(tmp_path: Path) -> No
     assert len(sql(db, "SELECT id FROM runs")) == 4
 
 
+@pytest.mark.slow
 def test_a_killed_fused_job_resumes_its_members(tmp_path: Path) -> None:
     """SIGKILL the fused job's process mid-way: the sweeper records its members
     interrupted; the same command resumes each from its checkpoint, a member already done
@@ -305,6 +313,7 @@ def test_a_killed_fused_job_resumes_its_members(tmp_path: Path) -> None:
     assert rows == [("done", 6), ("done", 6)]
 
 
+@pytest.mark.slow
 def test_a_search_with_fuse_n_trains_its_trials_together(tmp_path: Path) -> None:
     """``fuse=2``: the study asks two trials at once and one job trains both; each trial's
     metric reaches the study and each trial is its own run."""

@@ -34,6 +34,8 @@ from sweeper.store import RunStatus, Store
 from sweeper.tracking.describe import reason, run_params
 from trainers.catalog import dataset_ref
 
+pytestmark = pytest.mark.slow  # real jobs, servers or browsers
+
 REPO = Path(__file__).resolve().parent.parent
 FUSED = ["-m", "method=baseline,pgt", "alpha=0.25", "seed=0,1", "+experiment=smoke"]
 UNFUSED = ["-m", "lr=1e6,0.1", "epochs=2", "hydra.launcher.fuse=off",

@@ -181,6 +181,7 @@ def _check_png(f: Figure) -> None:
     assert f.title and f.caption
 
 
+@pytest.mark.slow
 def test_make_figures(results: Path, records: list[RunRecord], tmp_path: Path) -> None:
     out = tmp_path / "figs"
     figs = make_figures(records, out)
@@ -209,6 +210,7 @@ def test_make_figures(results: Path, records: list[RunRecord], tmp_path: Path) -
     assert "n per α: 2, 2, 2" in grid.caption
 
 
+@pytest.mark.slow
 def test_figures_drawn_in_worker_processes_equal_serial(
     records: list[RunRecord], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

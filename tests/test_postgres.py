@@ -20,6 +20,8 @@ from sqlalchemy import create_engine, text
 
 from sweeper.store import SCHEMA_VERSION, RunStatus, Store, engine_url
 
+pytestmark = pytest.mark.slow  # real jobs, servers or browsers
+
 if ensure_installed() is None and not os.environ.get("CI"):
     pytest.skip("PostgreSQL (initdb, pg_ctl) is not installed", allow_module_level=True)
 

@@ -52,6 +52,7 @@ def _common_imagenet(cfgs: list[Config]) -> None:
         assert (c.momentum, c.nesterov, c.weight_decay) == (0.9, True, 5e-4)
 
 
+@pytest.mark.slow
 def test_table1_preset_is_the_papers_table1() -> None:
     cfgs = expand("table1", "data.root=/data/imagenet")
     _common_imagenet(cfgs)
@@ -65,6 +66,7 @@ def test_table1_preset_is_the_papers_table1() -> None:
     assert cfgs[0].resolved_lr() == pytest.approx(0.4)  # the paper's peak at batch 1024
 
 
+@pytest.mark.slow
 def test_table2_preset_is_the_papers_table2() -> None:
     cfgs = expand("table2", "data.root=/data/imagenet")
     _common_imagenet(cfgs)
@@ -92,6 +94,7 @@ def test_table3_preset_is_the_papers_ablation() -> None:
     assert got == want
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", ["alpha_grid_resnet18", "alpha_grid_resnet50"])
 def test_imagenet_alpha_grids(preset: str) -> None:
     cfgs = expand(preset, "data.root=/data/imagenet")
@@ -101,6 +104,7 @@ def test_imagenet_alpha_grids(preset: str) -> None:
     assert None in alphas and {0.05, 0.25, 0.3} <= alphas
 
 
+@pytest.mark.slow
 def test_cifar_presets() -> None:
     grid = expand("alpha_grid_resnet20_cifar10", "data.root=/data/cifar")
     assert {(c.model.name, c.data.name, c.epochs) for c in grid} == {("resnet20", "cifar10", 360)}

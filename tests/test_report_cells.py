@@ -282,6 +282,7 @@ def test_alpha_figures_and_the_sweep_summary_by_configuration(tmp_path: Path) ->
     assert len(set(labels)) == 6
 
 
+@pytest.mark.slow
 def test_store_url_and_results_dir_give_one_report(tmp_path: Path) -> None:
     """``--store-url`` on the same SQLite file: the same files, byte for byte."""
     root = _store(tmp_path / "r", [*LR, *GC[1:]])

@@ -26,6 +26,8 @@ from analysis.__main__ import main
 from sweeper.store import RunStatus, Store
 from sweeper.store.models import Run
 
+pytestmark = pytest.mark.slow  # real jobs, servers or browsers
+
 PROBE = """<script>
 window.addEventListener("load", function () {
   var imgs = Array.prototype.slice.call(document.images);

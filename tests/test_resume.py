@@ -25,6 +25,7 @@ COMPARED = (
 )
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_gives_identical_metrics(tmp_path: Path) -> None:
     ref_dir, cut_dir = tmp_path / "uninterrupted", tmp_path / "killed"
     ref = run_cli(*ARGS, f"results_dir={ref_dir}", cwd=tmp_path)
@@ -133,6 +134,7 @@ class _Payload:
 @pytest.mark.parametrize(
     "damage", ["truncated", "garbage", "both_bad", "lost_in_rename", "hostile_pickle"]
 )
+@pytest.mark.slow
 def test_corrupt_checkpoint_falls_back_with_a_warning(
     damage: str, reference: list[tuple[float, float]], tmp_path: Path
 ) -> None:
@@ -231,6 +233,7 @@ def _sweep_and_kill(cwd: Path, results: Path, when: str) -> subprocess.Completed
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
+@pytest.mark.slow
 def test_a_killed_job_is_interrupted_resumed_and_failed_when_killed_twice(tmp_path: Path) -> None:
     """Real SIGKILLs of the training process while its sweeper is alive: the first kill (after
     two epochs) leaves the run ``interrupted``, and the sweep exits 1 naming it; killed again

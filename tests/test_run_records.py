@@ -30,6 +30,7 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return res_dir
 
 
+@pytest.mark.slow
 def test_run_row_has_grid_keys_and_provenance(finished: Path) -> None:
     rows = sql(
         finished / "results.db",
@@ -236,6 +237,7 @@ def test_mlflow_has_the_run(finished: Path) -> None:
     } <= arts
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("outage", ["unreachable", "read_only"])
 def test_mlflow_failure_does_not_lose_the_run(outage: str, tmp_path: Path, caplog) -> None:
     back = tmp_path / "mlflow_back.db"

@@ -219,6 +219,7 @@ def _trials(db: Path) -> list[tuple]:
     )
 
 
+@pytest.mark.slow
 def test_eight_trials_end_complete_or_pruned_with_a_run_each(search: tuple[Path, list]) -> None:
     d, (res, *_) = search
     db = d / "results" / "results.db"
@@ -289,6 +290,7 @@ def test_seeded_search_suggests_what_a_fresh_seeded_study_does(search: tuple[Pat
     assert alphas == pytest.approx(expected, rel=1e-12)
 
 
+@pytest.mark.slow
 def test_trials_are_runs_in_mlflow_tagged_with_their_number(search: tuple[Path, list]) -> None:
     from mlflow import MlflowClient
 
@@ -313,6 +315,7 @@ def test_trials_are_runs_in_mlflow_tagged_with_their_number(search: tuple[Path, 
     assert f"**Best trial**: {best} " in parent.data.tags["mlflow.note.content"]
 
 
+@pytest.mark.slow
 def test_rerun_with_more_trials_adds_exactly_the_difference(search: tuple[Path, list]) -> None:
     d, results = search
     again = run_cli(*SEARCH, "hydra.sweeper.n_trials=10", cwd=d, timeout=600)
@@ -332,6 +335,7 @@ def test_rerun_with_more_trials_adds_exactly_the_difference(search: tuple[Path, 
     assert sql(db, "SELECT COUNT(*) FROM trials") == [(10,)]
 
 
+@pytest.mark.slow
 def test_report_has_history_importances_and_best_trial(search: tuple[Path, list]) -> None:
     d, _ = search
     res = subprocess.run(
@@ -403,6 +407,7 @@ class _PruneAfterFirstEpoch:
         return True
 
 
+@pytest.mark.slow
 def test_pruned_run_stops_after_its_checkpoint_and_a_grid_can_finish_it(tmp_path: Path) -> None:
     """A pruned trial keeps its checkpoint: asked for again (e.g. by a grid), the run
     resumes and ends exactly where an uninterrupted run does."""

@@ -86,7 +86,7 @@ def test_an_older_store_opens_upgraded_with_its_runs_done(old_store: Path) -> No
 
 
 def test_the_same_sweep_over_an_older_store_trains_nothing(old_store: Path) -> None:
-    """The README's promise across versions, through the real CLI."""
+    """The promise across versions (docs/store.md), through the real CLI."""
     command = (old_store / "command.txt").read_text().split()
     res = run_cli(*command, f"results_dir={old_store}", cwd=old_store)
     assert res.returncode == 0, res.stderr[-2000:]

@@ -19,6 +19,8 @@ from helpers import (
     write_imagefolder,
 )
 
+pytestmark = pytest.mark.slow  # real jobs, servers or browsers
+
 SMOKE = ["-m", "method=pgt", "alpha=0.05,0.25,0.3", "+experiment=smoke",
          "hydra.launcher.max_parallel=2"]  # fmt: skip
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 if TYPE_CHECKING:  # imported when a sweep starts, not at Hydra's plugin discovery
     from sweeper.config.schema import Config
@@ -28,21 +28,16 @@ class GradsweepLauncher(Launcher):
         self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
     ) -> None:
         self.hydra_context, self.config = hydra_context, config
+        self._composer: Any = None
 
     def compose(self, overrides: list[str]) -> Config:
-        """One point's typed config: the sweep's config with these overrides applied."""
-        from sweeper.config.compose import hydra_error_line, to_config
-        from trainers.registry import ConfigError
+        """One point's typed config: the sweep's config with these overrides applied
+        (:class:`sweeper.config.compose.PointComposer`)."""
+        if self._composer is None:
+            from sweeper.config.compose import PointComposer
 
-        try:
-            sc = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
-            with open_dict(sc):
-                del sc["hydra"]
-            return to_config(sc)
-        except ConfigError:
-            raise
-        except Exception as e:
-            raise ConfigError(hydra_error_line(e)) from None
+            self._composer = PointComposer(self.hydra_context.config_loader, self.config)
+        return self._composer.compose(overrides)
 
     def launch(
         self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int

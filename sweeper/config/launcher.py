@@ -11,7 +11,7 @@ from trainers.registry import ConfigError
 
 @dataclass
 class LauncherParams:
-    """``hydra.launcher.*`` (README: Launchers)."""
+    """``hydra.launcher.*`` (docs/sweeps.md, "Launchers")."""
 
     kind: str = "local"  # local | slurm
     max_parallel: int | None = None  # local: None -> (GPUs x jobs_per_gpu) or 1 on CPU

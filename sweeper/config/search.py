@@ -61,7 +61,7 @@ class PrunerParams:
 
 @dataclass
 class SearchParams:
-    """``hydra.sweeper.*`` of ``hydra/sweeper=optuna`` (README: "Optuna search")."""
+    """``hydra.sweeper.*`` of ``hydra/sweeper=optuna`` (docs/searches.md)."""
 
     n_trials: int = 20  # the study's total: a re-run continues up to this many
     n_jobs: int = 1  # trials in flight at once (a new one starts whenever one ends)

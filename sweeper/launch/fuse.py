@@ -112,11 +112,10 @@ def describe(n_points: int, jobs: list[list[Any]]) -> str:
     fused = [j for j in jobs if len(j) > 1]
     alone = len(jobs) - len(fused)
     sizes = ", ".join(str(len(j)) for j in fused)
+    points = f"{n_points} point{'s' if n_points != 1 else ''}"
     if not fused:
-        return f"{n_points} points → {len(jobs)} jobs (none fused)"
+        return f"{points} → {len(jobs)} job{'s' if len(jobs) != 1 else ''} (none fused)"
     if not alone:
         s = "s" if len(fused) > 1 else ""
-        return f"{n_points} points → {len(fused)} fused job{s} ({sizes} members)"
-    return (
-        f"{n_points} points → {len(jobs)} jobs: {len(fused)} fused ({sizes} members), {alone} alone"
-    )
+        return f"{points} → {len(fused)} fused job{s} ({sizes} members)"
+    return f"{points} → {len(jobs)} jobs: {len(fused)} fused ({sizes} members), {alone} alone"

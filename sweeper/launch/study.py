@@ -346,6 +346,12 @@ def run_search(
     source.fuse_limit = launcher.fuse_limit() if launcher.tasks == 1 else 1
     cfg0 = source.check_space()
     source.storage_url = search.storage or cfg0.store_url()
+    if launcher.dry_run:  # the space and its corners are checked; nothing is opened or written
+        space = ", ".join(d.text for d in dims)
+        say(f"dry run of study '{study_name}': {search.n_trials} trials over {space} "
+            f"({search.sampler} sampler, pruner {search.pruner}, {search.resolved_direction()} "
+            f"{search.metric}), {search.n_jobs} at a time; nothing is started or written")  # fmt: skip
+        return source
     cfg0.make_results_dir()  # the study lives in the results store's database by default
     source.open()
     if source.budget <= 0:
