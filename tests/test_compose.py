@@ -51,7 +51,7 @@ def test_points_equal_hydras_own_composition() -> None:
     fast = PointComposer(loader, master)
     points = [[p.strip("'") for p in combo if p] for combo in itertools.product(*AXES)]
     checked = errors = 0
-    for point in points[::7]:  # 1,152 points; every 7th (each axis value seen many times)
+    for point in points[::11]:  # 1,152 points; every 11th (each axis value seen many times)
         want = _hydra_per_point(loader, master, point)
         try:
             got = fast.compose(point)
@@ -63,7 +63,7 @@ def test_points_equal_hydras_own_composition() -> None:
         else:
             assert identity_of(got) == identity_of(want)
         checked += 1
-    assert checked > 150 and 20 < errors < checked  # both kinds of outcome were compared
+    assert checked > 100 and 10 < errors < checked  # both kinds of outcome were compared
     assert len(fast._bases) < 40  # one composition per distinct combination of groups
 
 

@@ -60,7 +60,10 @@ def commands(path: Path) -> list[str]:
     return out
 
 
-ALL = [(p.name, c) for p in DOCS for c in commands(p)]
+# each distinct command once; the README's tour runs its own commands for real
+TOUR = {"python -m sweeper -m method=pgt alpha=0.05,0.25,0.3", "python -m sweeper status",
+        "python -m analysis"}  # fmt: skip
+ALL = list({c: (p.name, c) for p in reversed(DOCS) for c in commands(p) if c not in TOUR}.values())
 
 
 # ------------------------------------------------------------------ what the docs need

@@ -10,15 +10,17 @@ from hydra import compose, initialize_config_dir
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.types import RunMode
 
-from sweeper.config.compose import CONF_DIR, to_config
+from sweeper.config.compose import CONF_DIR, PointComposer
 from sweeper.config.schema import Config, register_configs
 
 PAPER = Path(__file__).resolve().parent.parent / "analysis" / "paper"
 
 
 def expand(preset: str, *extra: str) -> list[Config]:
-    """Every point of a preset's grid, composed like the sweeper composes them."""
+    """Every point of a preset's grid, composed like the sweeper composes them (its
+    launcher's :class:`~sweeper.config.compose.PointComposer` over Hydra's own loader)."""
     register_configs()
     GlobalHydra.instance().clear()
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
@@ -26,12 +28,12 @@ def expand(preset: str, *extra: str) -> list[Config]:
         hcfg = compose("config", overrides=base, return_hydra_config=True)
         params = hcfg.hydra.sweeper.params or {}
         args = [f"{k}={v}" for k, v in params.items()]
-        parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
+        loader = GlobalHydra.instance().config_loader()
+        parser = OverridesParser.create(config_loader=loader)
         points = BasicSweeper.split_arguments(parser.parse_overrides(args), None)
-        return [
-            to_config(compose("config", overrides=[*base, *p]))
-            for p in (points[0] if points else [[]])
-        ]
+        master = loader.load_configuration("config", base, run_mode=RunMode.MULTIRUN)
+        composer = PointComposer(loader, master)
+        return [composer.compose([*base, *p]) for p in (points[0] if points else [[]])]
 
 
 def rows(name: str) -> list[dict[str, str]]:

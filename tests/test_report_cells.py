@@ -300,21 +300,24 @@ def test_store_url_and_results_dir_give_one_report(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_the_issues_sweep_through_the_cli(tmp_path: Path) -> None:
-    """``python -m sweeper -m lr=0.1,0.01 epochs=2`` then ``python -m analysis``: two
-    baseline rows, each its own run's accuracy with n = 1."""
-    res = run_cli("-m", "lr=0.1,0.01", "epochs=2", "mlflow.enabled=false", cwd=tmp_path,
-                  timeout=600)  # fmt: skip
-    assert res.returncode == 0, res.stderr[-3000:]
-    db = tmp_path / "results" / "results.db"
+def test_the_issues_runs_through_the_report_cli(tmp_path: Path, capsys) -> None:
+    """The issue's case: ``lr=0.1,0.01 epochs=2`` trained (in this process, as the CLI
+    composes them) and ``python -m analysis``: two baseline rows, each its own run's
+    accuracy with n = 1 (the issue saw them pooled as one cell of n = 2)."""
+    from helpers import train
+
+    for lr in ("0.1", "0.01"):
+        out = train(f"lr={lr}", "epochs=2", "mlflow.enabled=false", f"results_dir={tmp_path}")
+        assert out.status == "done"
+    db = tmp_path / "results.db"
     con = sqlite3.connect(db)
     try:
         got = {json.loads(c)["lr"]: t for c, t in con.execute("SELECT config, test_acc FROM runs")}
     finally:
         con.close()
     assert len(got) == 2
-    res = run_cli("--out", str(tmp_path / "rep"), cwd=tmp_path, module="analysis")
-    assert res.returncode == 0, res.stderr
+    _report(tmp_path, tmp_path / "rep")
+    capsys.readouterr()
     rows = _lines(_csv(tmp_path / "rep" / "table1_baseline_vs_pgt.csv"), method="baseline")
     # the lr column is the resolved lr (linear scaling: batch 64 of 256)
     shown = sorted((float(r["lr"]), float(r["mean"]), int(r["n"])) for r in rows)
