@@ -84,8 +84,12 @@ def threads_per_job(n_slots: int, tasks: int) -> int:
 
     The cores are shared out evenly, on GPU machines too: each process would otherwise
     start one thread per core, and four packed jobs on a 16-core box would run 64 spinning
-    threads for their CPU-side work (loss bookkeeping, checkpoints, evaluation sync)."""
-    return max(1, (os.cpu_count() or 1) // (n_slots * tasks))
+    threads for their CPU-side work (loss bookkeeping, checkpoints, evaluation sync). An
+    ``OMP_NUM_THREADS`` set in the environment caps it (the machine is shared with other
+    work: e.g. two test files running sweeps side by side on two cores)."""
+    share = max(1, (os.cpu_count() or 1) // (n_slots * tasks))
+    cap = os.environ.get("OMP_NUM_THREADS", "")
+    return min(share, int(cap)) if cap.isdigit() and int(cap) > 0 else share
 
 
 def local_slots(p: LauncherParams, gpus: int, cap: int | None = None) -> list[tuple[int, ...]]:
