@@ -236,7 +236,9 @@ def test_a_run_the_sweeper_records_killed_is_closed_in_mlflow(tmp_path: Path) ->
     sweep = store.create_sweep("s", "cmd", "local", 1)
     run = store.claim_run(chash, grid_columns(cfg), resolved_config(cfg, ident))
     store.link_run(sweep.id, run.id, "seed=0")
-    store.start_run(run.id, {}, 0)
+    token = store.claim(run.id, sweep.id)
+    assert token is not None
+    store.start_run(run.id, token, {}, 0)
     job_side = MlflowRun(uri, "gradsweep", tmp_path / "mlartifacts")
     rid = job_side.open_run(run, tmp_path / "run", {})
     assert rid is not None
@@ -246,7 +248,9 @@ def test_a_run_the_sweeper_records_killed_is_closed_in_mlflow(tmp_path: Path) ->
         url, uri, "gradsweep", tmp_path, "s", {}, sweep.id, warned.append, every=0.2
     )
     assert live.wait_parent() is not None
-    assert store.mark_killed([run.id], "its job 123 ended without recording an outcome") == 1
+    assert (
+        store.mark_killed([(run.id, token)], "its job 123 ended without recording an outcome") == 1
+    )
     live.ended([run.id])
     live.close(failed=False)
     store.dispose()

@@ -128,10 +128,14 @@ def test_kills_and_leases_on_postgres(pg: PgServer) -> None:
         cols = dict(model="m", method="pgt", alpha=0.3, data="digits", batch_size=8, epochs=3,
                     lr=0.1, schedule="cosine", label_smoothing=0.0, seed=0)  # fmt: skip
         run = store.claim_run("p" * 64, cols, {})
-        store.start_run(run.id, {}, 0)
-        assert store.mark_killed([run.id], "signal 9") == 1
+        t = store.claim(run.id, None)
+        assert t is not None
+        store.start_run(run.id, t, {}, 0)
+        assert store.mark_killed([(run.id, t)], "signal 9") == 1
         assert store.get_run_by_id(run.id).status == "interrupted"  # type: ignore[union-attr]
-        store.start_run(run.id, {}, 0)
+        t = store.claim(run.id, None)
+        assert t is not None
+        store.start_run(run.id, t, {"host": "elsewhere"}, 0)
         assert store.expire_leases(lease_s=0) == 1  # the second kill, no epoch in between
         r = store.get_run_by_id(run.id)
         assert r is not None and r.status == "failed" and "killed twice" in (r.error or "")
@@ -165,7 +169,9 @@ def _populate(url: str, artifacts: Path) -> None:
             run = store.claim_run(f"{i:04d}" + "cd" * 30, cols, {"i": i})
             store.link_run(sweep.id, run.id, f"method={method} alpha={alpha} seed={seed}")
             run_dir = artifacts / run.config_hash[:16]
-            store.start_run(run.id, {"host": "h", "gpus": 0, "run_dir": str(run_dir)}, 0)
+            t = store.claim(run.id, sweep.id)
+            assert t is not None
+            store.start_run(run.id, t, {"host": "h", "gpus": 0, "run_dir": str(run_dir)}, 0)
             if seed == 9:
                 store.finish_run(run.id, RunStatus.failed, error="Traceback: boom")
                 continue
@@ -178,7 +184,7 @@ def _populate(url: str, artifacts: Path) -> None:
                 stats = [LayerFilterStats(10 * (e + 1), e, li, name, nf, dead if li == 2 else 0,
                                           0.0 if dead and li == 2 else 0.1, 0.5, 1.0)
                          for li, (name, nf) in enumerate(layers, start=1)]  # fmt: skip
-                store.record_epoch(run.id, m, stats)
+                store.record_epoch(run.id, t, m, stats)
             (run_dir / "filter_norms").mkdir(parents=True, exist_ok=True)
             arrays = {f"L{li:03d}": rng.uniform(0.5, 2, (1, nf)) for li, (_, nf) in
                       enumerate(layers, start=1)}  # fmt: skip

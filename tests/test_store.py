@@ -17,6 +17,7 @@ from sweeper.config.identity import identity_of
 from sweeper.store import (
     KILLED_TWICE,
     SCHEMA_VERSION,
+    LostRun,
     RunQuery,
     RunRecord,
     RunStatus,
@@ -116,9 +117,11 @@ def test_read_api_hands_out_frozen_records(tmp_path: Path) -> None:
         run = store.claim_run("h" * 64, COLUMNS, {"results_dir": str(tmp_path)})
         assert isinstance(run, RunRecord) and run.status == RunStatus.queued
         assert store.claim_run("h" * 64, COLUMNS, {}).id == run.id  # never a second row
-        store.start_run(run.id, {"host": "x", "run_dir": str(tmp_path / "r")}, 0)
+        token = store.claim(run.id, None)
+        assert token == 1
+        store.start_run(run.id, token, {"host": "x", "run_dir": str(tmp_path / "r")}, 0)
         for e in range(2):
-            store.record_epoch(run.id, _epoch(e), _stats(e))
+            store.record_epoch(run.id, token, _epoch(e), _stats(e))
         got = store.get_run_by_id(run.id)
         assert got is not None and got.epoch == 2 and got.run_dir == str(tmp_path / "r")
         assert got.train_seconds == pytest.approx(2.0)
@@ -139,45 +142,83 @@ def test_a_job_killed_twice_without_progress_ends_failed(tmp_path: Path) -> None
     store = Store(default_url(tmp_path))
     try:
         run = store.claim_run("k" * 64, COLUMNS, {})
-        store.start_run(run.id, {}, 0)
-        store.record_epoch(run.id, _epoch(0), [])
-        assert store.mark_killed([run.id], "signal 9") == 1  # first kill, after epoch 1
+        t = store.claim(run.id, None)
+        store.start_run(run.id, t, {}, 0)
+        store.record_epoch(run.id, t, _epoch(0), [])
+        assert store.mark_killed([(run.id, t)], "signal 9") == 1  # first kill, after epoch 1
         r = store.get_run_by_id(run.id)
         assert r is not None and r.status == RunStatus.interrupted and "signal 9" in (r.error or "")
-        store.start_run(run.id, {}, 1)  # resumed ...
-        store.record_epoch(run.id, _epoch(1), [])  # ... and made progress
-        store.mark_killed([run.id], "signal 9")
+        t = store.claim(run.id, None)  # resumed ...
+        store.start_run(run.id, t, {}, 1)
+        store.record_epoch(run.id, t, _epoch(1), [])  # ... and made progress
+        store.mark_killed([(run.id, t)], "signal 9")
         assert store.get_run_by_id(run.id).status == RunStatus.interrupted  # type: ignore[union-attr]
-        store.start_run(run.id, {}, 2)  # resumed, killed again before finishing an epoch
-        store.mark_killed([run.id], "signal 9")
+        t = store.claim(run.id, None)
+        store.start_run(run.id, t, {}, 2)  # resumed, killed again before finishing an epoch
+        store.mark_killed([(run.id, t)], "signal 9")
         r = store.get_run_by_id(run.id)
         assert r is not None and r.status == RunStatus.failed and KILLED_TWICE in (r.error or "")
-        assert store.mark_killed([run.id], "again") == 0  # only running runs are touched
-        store.requeue_run(run.id)  # a retry starts with a clean slate
-        assert store.get_run_by_id(run.id).killed_at_epoch is None  # type: ignore[union-attr]
+        assert store.mark_killed([(run.id, r.owner)], "again") == 0  # only running runs
+        assert store.claim(run.id, None) is None  # failed: not claimed again unless retried
+        t = store.claim(run.id, None, retry=True)  # a retry starts with a clean slate
+        assert t is not None and store.get_run_by_id(run.id).killed_at_epoch is None  # type: ignore[union-attr]
         # a deliberate stop is never counted as a kill
-        store.start_run(run.id, {}, 2)
-        store.mark_cancelled([run.id], "its sweep was interrupted")
-        store.start_run(run.id, {}, 2)
-        store.mark_cancelled([run.id], "its sweep was interrupted")
+        store.start_run(run.id, t, {}, 2)
+        store.mark_cancelled([(run.id, t)], "its sweep was interrupted")
+        t = store.claim(run.id, None)
+        store.start_run(run.id, t, {}, 2)
+        store.mark_cancelled([(run.id, t)], "its sweep was interrupted")
         assert store.get_run_by_id(run.id).status == RunStatus.interrupted  # type: ignore[union-attr]
     finally:
         store.dispose()
 
 
-def test_a_lapsed_lease_is_a_kill(tmp_path: Path) -> None:
+def test_a_lapsed_lease_is_a_kill_and_fences_the_old_job(tmp_path: Path) -> None:
     store = Store(default_url(tmp_path))
     try:
         run = store.claim_run("l" * 64, COLUMNS, {})
-        store.start_run(run.id, {}, 0)
-        assert store.lease_alive(store.get_run_by_id(run.id))  # type: ignore[arg-type]
+        t = store.claim(run.id, None)
+        store.start_run(run.id, t, {"host": "elsewhere"}, 0)
+        assert store.job_alive(store.get_run_by_id(run.id))  # type: ignore[arg-type]
         assert store.expire_leases(lease_s=60) == 0
         assert store.expire_leases(lease_s=0) == 1
         r = store.get_run_by_id(run.id)
         assert r is not None and r.status == RunStatus.interrupted and r.killed_at_epoch == 0
-        assert "no heartbeat" in (r.error or "")
-        store.heartbeat(run.id)  # only stalled: its next heartbeat takes the run back
-        assert store.get_run_by_id(run.id).status == RunStatus.running  # type: ignore[union-attr]
+        assert "no heartbeat" in (r.error or "") and r.owner == t + 1
+        # only stalled, not dead: its job wakes up and finds the run is no longer its own
+        assert store.heartbeat(run.id, t) is False
+        with pytest.raises(LostRun):
+            store.record_epoch(run.id, t, _epoch(0), [])
+        with pytest.raises(LostRun):
+            store.finish_run(run.id, RunStatus.done, owner=t)
+        assert store.get_run_by_id(run.id).status == RunStatus.interrupted  # type: ignore[union-attr]
+        assert store.epoch_metrics(run.id) == []
+        # a Slurm job squeue still lists (suspended) is not declared dead
+        t2 = store.claim(run.id, None)
+        store.start_run(run.id, t2, {"host": "elsewhere"}, 0)
+        assert store.expire_leases(lease_s=0, alive=lambda r: True) == 0
+    finally:
+        store.dispose()
+
+
+def test_a_claim_is_one_compare_and_set(tmp_path: Path) -> None:
+    """Two sweeps asking for one run: one gets it, the other's claim is refused while the
+    first sweep lives, and a done run is nobody's."""
+    store = Store(default_url(tmp_path))
+    try:
+        a = store.create_sweep("a", "x", "local", 1)
+        b = store.create_sweep("b", "x", "local", 1)
+        run = store.claim_run("c" * 64, COLUMNS, {})
+        ta = store.claim(run.id, a.id)
+        assert ta is not None and store.claim(run.id, b.id) is None
+        store.set_sweep_fields(a.id, ended_at=store.get_run_by_id(run.id).created_at)  # type: ignore[union-attr]
+        tb = store.claim(run.id, b.id)  # a ended without starting it: b may take it
+        assert tb == ta + 1
+        with pytest.raises(LostRun):  # a's job, late, cannot start it any more
+            store.start_run(run.id, ta, {}, 0)
+        store.start_run(run.id, tb, {}, 0)
+        store.finish_run(run.id, RunStatus.done, owner=tb)
+        assert store.claim(run.id, a.id) is None and store.claim(run.id, b.id) is None
     finally:
         store.dispose()
 

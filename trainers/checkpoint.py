@@ -34,14 +34,23 @@ class Resumed:
     history: list[EpochMetrics] | None = None
 
 
-def atomic_torch_save(obj: object, path: Path, keep: Path | None = None) -> None:
+def atomic_torch_save(obj: object, path: Path, keep: Path | None = None,
+                      before_replace: Callable[[], None] | None = None) -> None:  # fmt: skip
     """Write to a temp file in the same directory, fsync, then rename over ``path``; the
-    file it replaces is first renamed to ``keep`` (the previous good checkpoint)."""
+    file it replaces is first renamed to ``keep`` (the previous good checkpoint).
+    ``before_replace`` runs between the two (it may raise: a run this job no longer owns
+    keeps its owner's checkpoint). The temp file never outlives a failure (a full disk)."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if before_replace is not None:
+            before_replace()
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     if keep is not None and path.exists():
         os.replace(path, keep)
     os.replace(tmp, path)
@@ -65,6 +74,7 @@ class Checkpoints:
         model: nn.Module,
         opt: torch.optim.Optimizer,
         scaler: torch.amp.GradScaler,
+        before_replace: Callable[[], None] | None = None,
     ) -> None:
         atomic_torch_save(
             {
@@ -79,6 +89,7 @@ class Checkpoints:
             },
             self.path,
             keep=self.prev,
+            before_replace=before_replace,
         )
 
     def load(

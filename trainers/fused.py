@@ -154,11 +154,13 @@ class FusedTrainer:
             if not act:
                 continue
             flogs = {i: ms[i].epoch_filter_log(epoch, steps[i]) for i in act}
-            t0 = time.perf_counter()
+            t0, p0 = time.perf_counter(), ms[act[0]].sink_paused()
             out = self._train_epoch(epoch, act, steps, flogs)
             trained = [i for i in act if isinstance(out[i], EpochTotals)]
-            # the group's training time, shared by the members that trained the whole epoch
-            share = (time.perf_counter() - t0) / max(1, len(trained))
+            # the group's training time (less the time the process was stopped), shared by
+            # the members that trained the whole epoch
+            took = time.perf_counter() - t0 - (ms[act[0]].sink_paused() - p0)
+            share = took / max(1, len(trained))
             for i in act:
                 m, o = ms[i], out[i]
                 if isinstance(o, Diverged):

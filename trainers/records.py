@@ -84,6 +84,11 @@ class Sink(Protocol):
         """Asked after each epoch's checkpoint (rank 0): True stops the run ``pruned``."""
         ...
 
+    # Optional (a sink without them: always held, never paused):
+    # hold() -- raises when the run may no longer be written by this process (before its
+    #   files and its checkpoint are written); paused() -> float -- seconds the process has
+    #   been stopped, left out of the epochs' recorded times.
+
 
 class NullSink:
     """Reports nowhere: for a Trainer used from a script or a test."""

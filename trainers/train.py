@@ -238,7 +238,7 @@ class Trainer:
     def _fit(self) -> TrainResult:
         start_epoch, step, result = self.begin()
         for epoch in range(start_epoch, self.cfg.epochs):
-            t0 = time.perf_counter()
+            t0, p0 = time.perf_counter(), self.sink_paused()
             flog = self.epoch_filter_log(epoch, step)
             try:
                 totals = self._train_epoch(epoch, step, flog)
@@ -246,7 +246,8 @@ class Trainer:
                 self.mark_diverged(result, epoch, d.step)
                 return result
             step += self.steps_per_epoch
-            if self.end_epoch(epoch, step, totals, flog, result, time.perf_counter() - t0):
+            took = time.perf_counter() - t0 - (self.sink_paused() - p0)
+            if self.end_epoch(epoch, step, totals, flog, result, took):
                 return result
         self.finish(result, start_epoch)
         return result
@@ -304,7 +305,7 @@ class Trainer:
         the seconds of training charged to this run (a fused member: its share of the
         group's); the evaluation's own time is added to it as the epoch's time."""
         cfg, main = self.cfg, self.dist.is_main
-        t0 = time.perf_counter()
+        t0, p0 = time.perf_counter(), self.sink_paused()
         last = epoch == cfg.epochs - 1
         test = self._evaluate(want_features=last)
         cuda = self.device.type == "cuda"
@@ -319,7 +320,7 @@ class Trainer:
             logit_norm=test.logit_norm,
             gap=totals.train_acc - test.top1,
             lr=self._lr(step - 1),
-            epoch_time=charged + time.perf_counter() - t0,
+            epoch_time=charged + time.perf_counter() - t0 - (self.sink_paused() - p0),
             images_per_s=self.steps_per_epoch * cfg.batch_size / max(totals.train_time, 1e-9),
             grad_norm_before=totals.grad_norm_before,
             grad_norm_after=totals.grad_norm_after,
@@ -334,10 +335,17 @@ class Trainer:
             _set_features(result, test.features)
         stop = False
         if main:
+            self._hold()  # a run another job took over gets no file of this one's
             filter_file = self.filters.write(epoch, flog)
             self.sink.on_epoch(m, flog.stats, filter_file)
             self.checkpoints.save(
-                epoch + 1, step, result.history, self.model, self.opt, self.scaler
+                epoch + 1,
+                step,
+                result.history,
+                self.model,
+                self.opt,
+                self.scaler,
+                before_replace=self._hold,
             )
             self.log(
                 f"epoch {epoch + 1:>3}/{cfg.epochs}  train loss {m.train_loss:.4f} "
@@ -355,6 +363,17 @@ class Trainer:
             result.status = "pruned"
             self.log(f"epoch {epoch + 1}/{cfg.epochs}: pruned by the search; stopping")
         return stop
+
+    def sink_paused(self) -> float:
+        """Seconds this process has been stopped (SIGSTOP, a suspended Slurm job), as the
+        sink counts them: left out of an epoch's recorded time."""
+        paused = getattr(self.sink, "paused", None)
+        return float(paused()) if paused is not None else 0.0
+
+    def _hold(self) -> None:
+        hold = getattr(self.sink, "hold", None)
+        if hold is not None:
+            hold()
 
     def finish(self, result: TrainResult, start_epoch: int) -> None:
         """After the last epoch. A run that had finished before (e.g. killed after its last

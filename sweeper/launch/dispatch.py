@@ -35,7 +35,7 @@ from sweeper.config.launcher import LauncherParams
 from sweeper.config.schema import Config
 from sweeper.launch.backends import Backend, Submission, make_backend
 from sweeper.launch.job import TRACKED_BY_SWEEPER
-from sweeper.store import LEASE_S, RunRecord, RunStatus, Store
+from sweeper.store import HEARTBEAT_S, LostRun, RunRecord, RunStatus, Store
 
 # what a job records as its outcome; a pruned run is not final for a grid (asked for again,
 # it resumes from its checkpoint to the last epoch)
@@ -48,7 +48,9 @@ class Decision(enum.Enum):
     RETRY = "retry"  # failed / diverged, retried (requeued)
     DONE = "done"  # already done: never trained again
     FINISHED = "finished"  # failed / diverged, not retried
-    LIVE = "live"  # being trained by a live job elsewhere: never started twice
+    # another live job trains it, or another live sweep has claimed it: never started
+    # twice; followed to its outcome
+    FOLLOW = "follow"
     SHARED = "shared"  # the same configuration as a point of this dispatch
 
     @property
@@ -72,6 +74,8 @@ class Point:
     mlflow_tags: dict[str, str] = field(default_factory=dict)
     trial: Any = None  # searches: the Optuna trial (sweeper.launch.study.Trial)
     trial_link: Any = None  # searches: what the job reports to (sweeper.launch.trials.TrialLink)
+    owner: int | None = None  # the run's token this dispatch claimed it with
+    followed: bool = False  # its run was trained by another live job (FOLLOW)
 
     @property
     def job_id(self) -> str | None:
@@ -112,6 +116,38 @@ def terminate_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, old)
 
 
+class SweepBeat:
+    """The sweeper's heartbeat (``sweeps.heartbeat_at``): its claims hold while it beats. A
+    failing write is retried at the next beat."""
+
+    def __init__(self, store: Store, sweep_id: int, every: float = HEARTBEAT_S) -> None:
+        self.store, self.sweep_id, self.every = store, sweep_id, every
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="gradsweep-sweep-beat",
+                                        daemon=True)  # fmt: skip
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every):
+            with contextlib.suppress(Exception):
+                self.store.sweep_heartbeat(self.sweep_id)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def job_alive_elsewhere(store: Store) -> Callable[[RunRecord], bool | None]:
+    """What a backend knows of a run's job besides its heartbeat: a Slurm job that
+    ``squeue`` still lists (suspended, requeued and pending, running) is not dead."""
+    from sweeper.launch.slurm import listed
+
+    def alive(run: RunRecord) -> bool | None:
+        jobs = store.job_ids(run.id)
+        return listed(jobs) if jobs else None
+
+    return alive
+
+
 @contextlib.contextmanager
 def open_sweep(cfg0: Config, params: LauncherParams, name: str, command: str, label: str,
                n_points: int, out: Callable[[str], None]) -> Iterator[Dispatcher]:  # fmt: skip
@@ -146,15 +182,21 @@ class Dispatcher:
     ) -> None:
         self.store, self.params, self.cfg0 = store, params, cfg0
         self.name, self.command, self.out = sweep_name, command, out
-        lost = store.expire_leases()  # killed jobs of earlier sweeps: resumed when asked
-        if lost:
+        abandoned = store.close_abandoned()  # sweeps whose sweeper died: their end recorded
+        if abandoned:
+            out(f"sweep(s) {', '.join(map(str, abandoned))} lost their sweeper; recorded "
+                "abandoned")  # fmt: skip
+        lost = store.expire_leases(alive=job_alive_elsewhere(store))
+        if lost:  # killed jobs of earlier sweeps: resumed when asked
             out(f"{lost} run(s) whose job was killed marked interrupted; resuming them")
         self.sweep = store.create_sweep(sweep_name, command, launcher_label, n_points)
+        self._beat = SweepBeat(store, self.sweep.id)
         self.tracker: Any = None  # the sweep's MLflow side (sweeper.tracking.sweep.SweepTracker)
         self.base_tags: dict[str, str] = {"sweep_id": str(self.sweep.id), "sweep_name": sweep_name}
         if getattr(params, "jobs_per_gpu", 1) > 1:  # packed jobs share a GPU: read their
             self.base_tags["jobs_per_gpu"] = str(params.jobs_per_gpu)  # system metrics so
         self.running: list[Point] = []
+        self.following: list[Point] = []  # points whose run another live job trains
         self.closed = False
 
     # ------------------------------------------------------------------- claiming
@@ -177,23 +219,24 @@ class Dispatcher:
         st = run.status
         if st == RunStatus.done:
             return Decision.DONE
-        if st == RunStatus.running and self.store.lease_alive(run):
-            # its job is alive (another sweep, or a job that outlived a killed sweeper):
-            # starting it twice would race on its checkpoint and rows
-            return Decision.LIVE
+        if st in (RunStatus.failed, RunStatus.diverged) and not retry_failed:
+            return Decision.FINISHED
+        if st == RunStatus.running and not self.store.job_alive(run):
+            self.store.expire_leases(alive=job_alive_elsewhere(self.store))  # its job died
+        # one compare-and-set decides who trains it: two sweepers asking for the same
+        # configuration never both start it; the loser follows the winner's run
+        p.owner = self.store.claim(run.id, self.sweep.id, retry=retry_failed)
+        if p.owner is None:
+            return Decision.FOLLOW
         if st in (RunStatus.failed, RunStatus.diverged):
-            if not retry_failed:
-                return Decision.FINISHED
-            self.store.requeue_run(run.id)
             return Decision.RETRY
-        if st == RunStatus.queued:
-            return Decision.START
-        return Decision.RESUME  # interrupted, pruned, or running with a lapsed lease
+        return Decision.START if st == RunStatus.queued else Decision.RESUME
 
-    def live_message(self, p: Point) -> str:
+    def follow_message(self, p: Point) -> str:
         assert p.run is not None
-        return (f"point [{p.label}]: run {p.run.id} is being trained by a live job "
-                f"(heartbeat within {LEASE_S:g} s); not starting it twice")  # fmt: skip
+        return (f"point [{p.label}]: run {p.run.id} is being trained by another live job or "
+                "claimed by another live sweep; following it to its outcome instead of "
+                "starting it twice")  # fmt: skip
 
     # -------------------------------------------------------------------- running
     def job_folder(self) -> Path:
@@ -280,7 +323,7 @@ class Dispatcher:
             for jobs in [batch] if together else [[j] for j in batch]:
                 if jobs:
                     self._submit(jobs, backend)
-            if not self.running:
+            if not self.running and not self.following:
                 return
             time.sleep(self.params.poll_s)
             gone = {id(sub) for sub in backend.gone(self._subs())}
@@ -290,7 +333,35 @@ class Dispatcher:
                 self._outcome(p, backend)
             for p in ended:
                 backend.release(p.sub)  # type: ignore[arg-type]  # once per job: idempotent
+                if p.status == "following":
+                    continue  # another job took its run over: followed to its outcome
                 source.finished(p)
+            self._follow(source, backend)
+
+    def _follow(self, source: Source, backend: Backend) -> None:
+        """Points whose run another live job trains: their outcome once it ends. A run
+        whose trainer died meanwhile (interrupted, or a claim of a dead sweep) is claimed
+        here and trained by a job of this sweep."""
+        for p in list(self.following):
+            run = self.store.get_run_by_id(p.run.id)  # type: ignore[union-attr]
+            assert run is not None
+            p.run = run
+            if run.status in OUTCOMES:
+                self.following.remove(p)
+                p.status = run.status.value
+                source.finished(p)
+                continue
+            if run.status == RunStatus.running and self.store.job_alive(run):
+                continue
+            if run.status == RunStatus.running:
+                self.store.expire_leases(alive=job_alive_elsewhere(self.store))
+            p.owner = self.store.claim(run.id, self.sweep.id)
+            if p.owner is not None:  # its trainer is gone: ours to train now
+                self.following.remove(p)
+                p.followed = False
+                self.out(f"point [{p.label}]: run {run.id} lost the job that trained it; "
+                         "training it here")  # fmt: skip
+                self._submit([[p]], backend)
 
     def _submit(self, jobs: list[list[Point]], backend: Backend) -> None:
         subs = []
@@ -303,7 +374,7 @@ class Dispatcher:
             links = [p.trial_link for p in job]
             # what TrainJob()(...) gets: the group's configs, tags, threads and trial links
             sub = Submission(([p.cfg for p in job], tags, backend.threads,
-                              links if any(links) else None))  # fmt: skip
+                              links if any(links) else None, [p.owner for p in job]))  # fmt: skip
             for p in job:
                 p.sub = sub
             subs.append(sub)
@@ -331,17 +402,22 @@ class Dispatcher:
         return tags
 
     def _outcome(self, p: Point, backend: Backend) -> None:
-        """A job is over when its process is gone; its outcome is its run's row."""
-        assert p.run is not None and p.sub is not None
+        """A job is over when its process is gone; its outcome is its run's row. Every
+        write here holds the point's token: a run another job took over is followed."""
+        assert p.run is not None and p.sub is not None and p.owner is not None
         run = self.store.get_run_by_id(p.run.id)
         assert run is not None
+        if (run.owner or 0) != p.owner:  # taken over (its job was declared dead, and was not)
+            p.run, p.status, p.followed = run, "following", True
+            self.following.append(p)
+            return
         if run.status in OUTCOMES:
             p.status = run.status.value
         elif run.status == RunStatus.interrupted:  # it recorded its own stop
             p.status = "interrupted"
         elif backend.ended_without_result(p.sub):  # vanished: a signal, a lost node
             why = f"its job {p.job_id} ended without recording an outcome (killed or lost)"
-            self.store.mark_killed([run.id], why, self._error(p.sub, backend))
+            self.store.mark_killed([(run.id, p.owner)], why, self._error(p.sub, backend))
             run = self.store.get_run_by_id(run.id)
             assert run is not None
             p.status = "interrupted" if run.status == RunStatus.interrupted else run.status.value
@@ -349,14 +425,24 @@ class Dispatcher:
         else:  # it raised before it could record anything (e.g. while loading the data)
             error = self._error(p.sub, backend)
             last = (error or "").strip().splitlines()[-1:] or [""]
-            if last[0].startswith("KeyboardInterrupt"):
-                # cancelled (Ctrl-C, a cancelled sweep) before it could record that itself,
-                # e.g. a second SIGINT while it was writing its row: a stop, not an outcome
-                self.store.mark_cancelled([run.id], f"{last[0]} before it could record it")
-                p.status = "interrupted"
-            else:
-                self.store.finish_run(run.id, RunStatus.failed, error=error)
-                p.status = "failed"
+            try:
+                if last[0].startswith("KeyboardInterrupt"):
+                    # cancelled (Ctrl-C, a cancelled sweep) before it could record that
+                    # itself, e.g. a second SIGINT while it was writing its row: a stop
+                    self.store.mark_cancelled([(run.id, p.owner)],
+                                              f"{last[0]} before it could record it")  # fmt: skip
+                    if run.status == RunStatus.queued:
+                        self.store.finish_run(run.id, RunStatus.interrupted, owner=p.owner,
+                                              error=f"interrupted: {last[0]} before it "
+                                              "started")  # fmt: skip
+                    p.status = "interrupted"
+                else:
+                    self.store.finish_run(run.id, RunStatus.failed, owner=p.owner, error=error)
+                    p.status = "failed"
+            except LostRun:
+                p.run, p.status, p.followed = run, "following", True
+                self.following.append(p)
+                return
             self._ended_here(run.id)
         p.run = self.store.get_run_by_id(run.id)
 
@@ -379,17 +465,20 @@ class Dispatcher:
         backend.cancel(self._subs())
         # a job SIGKILLed by submitit's controller before it could record: say it here, so a
         # rerun resumes it at once instead of waiting for its lease to run out
-        ids = [p.run.id for p in self.running if p.run is not None]
-        self.store.mark_cancelled(ids, "its sweep was interrupted")
+        held = [(p.run.id, p.owner) for p in self.running if p.run and p.owner is not None]
+        self.store.mark_cancelled(held, "its sweep was interrupted")
         if self.tracker is not None:
-            self.tracker.ended(ids)
-        self.close(failed=True)
+            self.tracker.ended([rid for rid, _ in held])
+        self.close(failed=True, outcome="interrupted")
 
-    def close(self, failed: bool) -> None:
-        """The sweep's end time and its MLflow parent run's status."""
+    def close(self, failed: bool, outcome: str | None = None) -> None:
+        """The sweep's end (its time and outcome: finished, failed or interrupted), its
+        sweeper's heartbeat stopped, and its MLflow parent run's status."""
         self.closed = True
+        self._beat.stop()
         now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
-        self.store.set_sweep_fields(self.sweep.id, ended_at=now)
+        self.store.set_sweep_fields(self.sweep.id, ended_at=now,
+                                    outcome=outcome or ("failed" if failed else "finished"))  # fmt: skip
         if self.tracker is not None:
             self.tracker.close(failed)
             self.tracker = None

@@ -67,11 +67,19 @@ class GridSource:
                 p.status = "shared"
             elif decision.dispatch:
                 self.todo.append(p)
+            elif decision == Decision.FOLLOW:  # another live job trains it: its outcome
+                p.status, p.followed = "following", True
+                d.following.append(p)
+                self.out(d.follow_message(p))
+            elif decision == Decision.FINISHED:  # ended failed / diverged before: reported
+                assert p.run is not None
+                p.status = p.run.status.value
+                self.counts["ended"] += 1
+                self.counts[p.status] += 1
             else:
                 p.status = "skipped"
+                self.counts["ended"] += 1
                 self.counts["skipped"] += 1
-                if decision == Decision.LIVE:
-                    self.out(d.live_message(p))
 
     def plan(self, slots: float) -> list[list[Point]]:
         """The jobs to run: the points to dispatch, fused where they can be
@@ -89,23 +97,28 @@ class GridSource:
         jobs = self.plan(slots)
         if not jobs:
             return None
-        job = jobs.pop(0)
-        self.counts["running"] += len(job)
-        return job
+        return jobs.pop(0)
 
     def finished(self, p: Point) -> None:
-        self.counts["running"] -= 1
-        self.counts[p.status] += 1
         c = self.counts
-        done = sum(c[k] for k in ("done", "failed", "diverged", "pruned", "interrupted", "skipped"))
+        c["ended"] += 1
+        c[p.status] += 1
         total = sum(1 for q in self.points if q.status != "shared")
         acc = f"test {p.run.test_acc:6.2f}%" if p.run and p.run.test_acc is not None else ""
-        killed = f"interrupted {c['interrupted']} · " if c["interrupted"] else ""
-        self.out(
-            f"[{done:>3}/{total}] {p.status:<8} {p.label}  {acc}  "
-            f"({time.monotonic() - p.started:.1f}s)   done {c['done']} · failed {c['failed']} "
-            f"· diverged {c['diverged']} · {killed}skipped {c['skipped']} · running {c['running']}"
-        )
+        took = f"({time.monotonic() - p.started:.1f}s)" if p.started else "(another job)"
+        live = Counter(q.status for q in self.points)  # queued, running, following now
+        self.out(f"[{c['ended']:>3}/{total}] {p.status:<8} {p.label}  {acc}  {took}   "
+                 + progress(c + Counter({k: live[k] for k in ("queued", "running",
+                                                              "following")})))  # fmt: skip
+
+
+def progress(c: Counter[str]) -> str:
+    """``queued 2 · running 1 · done 3 · failed 0 · diverged 0 · skipped 1`` (following and
+    interrupted only when there are some)."""
+    keys = ["queued", "running", "following", "done", "failed", "diverged", "interrupted",
+            "skipped"]  # fmt: skip
+    always = {"queued", "running", "done", "failed", "diverged", "skipped"}
+    return " · ".join(f"{k} {c[k]}" for k in keys if k in always or c[k])
 
 
 INTERRUPTED = (
@@ -134,19 +147,23 @@ def run_grid(
     with open_sweep(cfg0, params, name, command, params.kind, len(points), say) as d:
         grid = GridSource(points, say, params)
         grid.claim_all(d, params.retry_failed)
+        c = grid.counts
         shared = sum(p.status == "shared" for p in points)
         say(
             f"sweep {d.sweep.id} '{name}': {len(points)} points, {len(grid.todo)} to run, "
-            f"{grid.counts['skipped']} already finished"
+            f"{c['ended']} already finished"
+            + (f" ({c['failed']} failed)" if c["failed"] else "")
+            + (f", {c['following']} trained by another live job" if c["following"] else "")
             + (f", {shared} duplicates" if shared else "")
         )
-        if not grid.todo:
-            d.close(failed=False)
-            say("nothing to start: every point is already finished "
-                "(use hydra.launcher.retry_failed=true to retry failed ones)")  # fmt: skip
-            return points
-        d.dispatch(grid, len(points), INTERRUPTED)
-        d.close(failed=any(p.status == "failed" for p in points))
+        if not grid.todo and not d.following:
+            d.close(failed=bool(c["failed"]))
+            say("nothing to start: every point has ended"
+                + (" (hydra.launcher.retry_failed=true retries the failed ones)"
+                   if c["failed"] else ""))  # fmt: skip
+        else:
+            d.dispatch(grid, len(points), INTERRUPTED)
+            d.close(failed=any(p.status == "failed" for p in points))
     say(summary_table(points))
     bad = [p for p in points if p.status in ("failed", "interrupted")]
     if bad:
@@ -154,10 +171,13 @@ def run_grid(
         killed = [p for p in bad if p.status == "interrupted"]
         parts = []
         if failed:
-            parts.append("failed points: " + "; ".join(_named(p) for p in failed))
+            again = (
+                "" if params.retry_failed else " (hydra.launcher.retry_failed=true retries them)"
+            )
+            parts.append(f"failed points{again}: " + "; ".join(_named(p) for p in failed))
         if killed:
-            parts.append("interrupted points (their jobs were killed; the same command "
-                         "resumes them): " + "; ".join(_named(p) for p in killed))  # fmt: skip
+            parts.append("interrupted points (the same command resumes them): "
+                         + "; ".join(_named(p) for p in killed))  # fmt: skip
         raise Failed(" | ".join(parts))
     return points
 

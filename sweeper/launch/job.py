@@ -21,6 +21,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,7 @@ from sweeper.config.identity import (
     run_dir_of,
 )
 from sweeper.config.schema import Config
-from sweeper.store import HEARTBEAT_S, RunRecord, RunStatus, Store
+from sweeper.store import HEARTBEAT_S, LostRun, RunRecord, RunStatus, Store
 from trainers.records import EpochMetrics, LayerFilterStats, TrainResult
 
 if TYPE_CHECKING:
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gradsweep")
 REQUEUED = "requeued (time-out or pre-emption)"
+PAUSE_S = 2.0  # a heartbeat tick this late means the process was stopped, not slow
 INTERRUPTED = (
     "interrupted (Ctrl-C or a cancelled sweep); a rerun resumes it from its last checkpoint"
 )
@@ -55,36 +57,58 @@ TRACKED_BY_SWEEPER = "gradsweep.mirror"
 @dataclass
 class JobOutcome:
     config_hash: str
-    status: str  # done | diverged | pruned | failed | interrupted | skipped (already done)
+    # done | diverged | pruned | failed | interrupted | skipped (already done) | lost (taken
+    # over by another job while this one was paused)
+    status: str
     run_id: int
     test_acc: float | None = None
 
 
 class Heartbeat:
-    """A daemon thread writing ``runs.heartbeat_at`` every ``every`` seconds while runs
-    train, so a killed job is detectable (:mod:`sweeper.store.lease`). Epochs write it too;
-    this covers long epochs. A failing write warns once and keeps trying. A group's runs
-    that ended are dropped (:meth:`drop`)."""
+    """A daemon thread that keeps a job's runs alive in the store and notices two things.
 
-    def __init__(self, store: Store, run_ids: list[int], every: float = HEARTBEAT_S) -> None:
-        self.store, self.every, self.run_ids = store, every, list(run_ids)
+    Every ``every`` seconds it writes each run's ``heartbeat_at`` (epochs write it too; this
+    covers long epochs), conditional on the job still owning the run: a run taken over while
+    this job was paused is marked lost, and the job stops at its next write. It also ticks
+    every second and counts the time the process was stopped (``SIGSTOP``, a suspended
+    Slurm job): a tick that comes more than :data:`PAUSE_S` late is a pause, and ``paused``
+    grows by it (an epoch's recorded time leaves it out). A failing write warns once and
+    keeps trying."""
+
+    def __init__(
+        self, store: Store, runs: list[tuple[int, int]], every: float = HEARTBEAT_S
+    ) -> None:
+        self.store, self.every = store, every
+        self.runs = dict(runs)  # run id -> its token
+        self.lost: set[int] = set()
+        self.paused = 0.0  # seconds this process was stopped
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="gradsweep-heartbeat", daemon=True)
         self._warned = False
 
     def _loop(self) -> None:
-        while not self._stop.wait(self.every):
-            for rid in list(self.run_ids):
+        tick = min(1.0, self.every)
+        last = time.monotonic()
+        next_beat = last + self.every
+        while not self._stop.wait(tick):
+            now = time.monotonic()
+            if now - last > tick + PAUSE_S:
+                self.paused += now - last - tick
+            last = now
+            if now < next_beat:
+                continue
+            next_beat = now + self.every
+            for rid, owner in list(self.runs.items()):
                 try:
-                    self.store.heartbeat(rid)
+                    if not self.store.heartbeat(rid, owner):
+                        self.lost.add(rid)
                 except Exception as e:  # a busy or briefly unreachable store: try again later
                     if not self._warned:
                         log.warning(f"heartbeat of run {rid} failed ({type(e).__name__}); retrying")
                         self._warned = True
 
     def drop(self, run_id: int) -> None:
-        if run_id in self.run_ids:
-            self.run_ids.remove(run_id)
+        self.runs.pop(run_id, None)
 
     def __enter__(self) -> Heartbeat:
         self._thread.start()
@@ -98,23 +122,39 @@ class Heartbeat:
 class StoreSink:
     """Trainer -> results store (source of truth), then its MLflow record (a sync queued in
     the tracker's thread) and, for a search trial, the Optuna study (its intermediate values
-    and pruning decisions)."""
+    and pruning decisions). Every write holds the run's token: a run this job lost raises
+    :class:`~sweeper.store.LostRun` before anything of it is written."""
 
-    def __init__(self, store: Store, run: RunRecord, run_dir: Path, tracker: JobTracker | None,
-                 reporter: TrialReporter | None, gpus: int, sources: dict[str, str]) -> None:  # fmt: skip
-        self.store, self.run, self.run_dir = store, run, run_dir
+    def __init__(self, store: Store, run: RunRecord, owner: int, run_dir: Path,
+                 tracker: JobTracker | None, reporter: TrialReporter | None, gpus: int,
+                 sources: dict[str, str]) -> None:  # fmt: skip
+        self.store, self.run, self.owner, self.run_dir = store, run, owner, run_dir
         self.tracker, self.reporter = tracker, reporter
         self.gpus = gpus  # for the run's GPU-hours
         self.sources = sources  # custom method pieces' source fingerprints (trainers.custom)
+        self.beat: Heartbeat | None = None  # set when the group's heartbeat starts
 
     def should_stop(self, m: EpochMetrics) -> bool:
         return self.reporter.report(m) if self.reporter is not None else False
 
+    def hold(self) -> None:
+        """Before writing a file of the run (filter norms, its checkpoint): this job still
+        owns it (LostRun otherwise)."""
+        if (self.beat is not None and self.run.id in self.beat.lost) or not self.store.owns(
+            self.run.id, self.owner
+        ):
+            raise LostRun(self.run.id)
+
+    def paused(self) -> float:
+        return self.beat.paused if self.beat is not None else 0.0
+
     def on_start(self, resume_epoch: int, device: str, precision: str) -> None:
         self.store.start_run(
             self.run.id,
+            self.owner,
             {
                 "host": provenance.host(),
+                "pid": os.getpid(),
                 "device": device,
                 "precision": precision,
                 "versions": {**provenance.versions(), **self.sources},
@@ -126,7 +166,7 @@ class StoreSink:
         )
 
     def on_epoch(self, m: EpochMetrics, stats: list[LayerFilterStats], _file: Path | None) -> None:
-        self.store.record_epoch(self.run.id, m, stats)
+        self.store.record_epoch(self.run.id, self.owner, m, stats)
         if self.tracker is not None:
             self.tracker.sync()
 
@@ -141,6 +181,7 @@ class Member:
     chash: str
     tags: dict[str, str]
     trial: TrialLink | None
+    owner: int | None = None  # the run's token for this job (sweeper.store.lease)
     trainer: Trainer | None = None
     run: RunRecord | None = None
     tracker: JobTracker | None = None
@@ -156,17 +197,22 @@ def run_job(cfg: Config, mlflow_tags: dict[str, str] | None = None,
 
 
 def run_group(cfgs: list[Config], mlflow_tags: list[dict[str, str]],
-              trials: list[TrialLink | None] | None = None) -> list[JobOutcome]:  # fmt: skip
+              trials: list[TrialLink | None] | None = None,
+              owners: list[int] | None = None) -> list[JobOutcome]:  # fmt: skip
     """Train a group of runs; each is claimed, recorded and tracked on its own -- its row,
     epochs, checkpoint, MLflow run and outcome, recorded as soon as it ends. Runs already
     ``done`` are skipped (before torch is imported); the others resume from their
-    checkpoints. Data and model errors are raised before any row changes."""
+    checkpoints. Data and model errors are raised before any row changes.
+
+    ``owners``: the tokens a sweeper claimed the runs with (one per run); without them
+    (a single run from the command line) the job claims each run itself, and a run another
+    live job or sweep holds is followed to its end instead of being trained twice."""
     links = trials or [None] * len(cfgs)
     members = []
-    for cfg, tags, link in zip(cfgs, mlflow_tags, links, strict=True):
+    for i, (cfg, tags, link) in enumerate(zip(cfgs, mlflow_tags, links, strict=True)):
         preflight(cfg)
         ident, chash = identity_of(cfg)
-        members.append(Member(cfg, ident, chash, tags, link))
+        members.append(Member(cfg, ident, chash, tags, link, owners[i] if owners else None))
     cfgs[0].make_results_dir()
     store = Store(cfgs[0].store_url())
     try:
@@ -180,16 +226,40 @@ def run_group(cfgs: list[Config], mlflow_tags: list[dict[str, str]],
         if not first.dist.is_main:  # a data-parallel worker: trains, records nothing
             result = first.fit()
             return [JobOutcome(todo[0].chash, result.status, -1)]
+        mine = []
         for m in todo:
             m.run = store.claim_run(m.chash, grid_columns(m.cfg), resolved_config(m.cfg, m.ident))
-            if m.run.status == RunStatus.done:  # finished by another job meanwhile
-                outcomes.append(_skipped(m.run))
-        todo = [m for m in todo if m.run is not None and m.run.status != RunStatus.done]
-        if todo:
-            outcomes += _train(store, todo)
+            if m.owner is None:  # a single run: this job claims it
+                m.owner = store.claim(m.run.id, None)
+            if m.owner is None:
+                outcomes.append(_follow(store, m.run))
+            else:
+                mine.append(m)
+        if mine:
+            outcomes += _train(store, mine)
         return outcomes
     finally:
         store.dispose()
+
+
+def _follow(store: Store, run: RunRecord, every: float = 2.0) -> JobOutcome:
+    """A run another live job trains (or a live sweep has claimed): followed until it ends,
+    never trained twice; its outcome is this job's report of it."""
+    if run.status == RunStatus.done:
+        return _skipped(run)
+    where = f" (pid {run.pid} on {run.host})" if run.pid and run.host else ""
+    log.info(f"run {run.id} ({run.config_hash[:12]}) is being trained by another job{where}; "
+             "following it to its end instead of training it twice")  # fmt: skip
+    while True:
+        cur = store.get_run_by_id(run.id)
+        assert cur is not None
+        if cur.status in (RunStatus.done, RunStatus.failed, RunStatus.diverged, RunStatus.pruned):
+            log.info(f"run {cur.id} ended {cur.status} (trained by another job)")
+            return JobOutcome(cur.config_hash, cur.status.value, cur.id, cur.test_acc)
+        if cur.status == RunStatus.interrupted or (cur.status == RunStatus.running
+                                                   and not store.job_alive(cur)):  # fmt: skip
+            return JobOutcome(cur.config_hash, "interrupted", cur.id, cur.test_acc)
+        time.sleep(every)
 
 
 def _skipped(run: RunRecord) -> JobOutcome:
@@ -246,7 +316,7 @@ def _open_tracker(store: Store, m: Member, extra: dict[str, str]) -> JobTracker 
     mlrun = MlflowRun(cfg.tracking_uri(), cfg.mlflow.experiment,
                       Path(cfg.results_dir) / "mlartifacts", warn=log.warning)  # fmt: skip
     return JobTracker(mlrun, store, m.run, m.trainer.run_dir, {**m.tags, **extra},
-                      cfg.mlflow.system_metrics_on(m.trainer.device.type))  # fmt: skip
+                      cfg.mlflow.system_metrics_on(m.trainer.device.type), m.owner)  # fmt: skip
 
 
 def _train(store: Store, todo: list[Member]) -> list[JobOutcome]:
@@ -275,12 +345,15 @@ def _train(store: Store, todo: list[Member]) -> list[JobOutcome]:
             from sweeper.launch.trials import TrialReporter
 
             reporter = TrialReporter(m.trial, warn=log.warning)
-        m.trainer.sink = StoreSink(store, m.run, m.trainer.run_dir, m.tracker, reporter,
-                                   _gpus(m.trainer), fingerprints(m.cfg.method.spec))  # fmt: skip
+        assert m.owner is not None
+        m.trainer.sink = StoreSink(store, m.run, m.owner, m.trainer.run_dir, m.tracker,
+                                   reporter, _gpus(m.trainer), fingerprints(m.cfg.method.spec))  # fmt: skip
         log.info(("  " if fused else "") + _describe(m))
     outcomes: list[JobOutcome] = []
     ended: set[int] = set()
-    with Heartbeat(store, [m.run.id for m in todo]) as beat:  # type: ignore[union-attr]
+    with Heartbeat(store, [(m.run.id, m.owner) for m in todo]) as beat:  # type: ignore[union-attr,misc]
+        for m in todo:
+            m.trainer.sink.beat = beat  # type: ignore[union-attr]
 
         def on_end(i: int, result: TrainResult) -> None:
             outcomes.append(_record(store, todo[i], result))
@@ -289,6 +362,22 @@ def _train(store: Store, todo: list[Member]) -> list[JobOutcome]:
 
         try:
             fit(on_end)
+        except LostRun as e:
+            # paused (SIGSTOP, a suspended Slurm job) and declared dead meanwhile: another job
+            # owns the run now. Not a word more from this one about it.
+            log.warning(f"{e}: it was taken over by another job while this one was paused; "
+                        "stopping without writing anything more")  # fmt: skip
+            lost = beat.lost | {e.run_id}
+            left = [m for i, m in enumerate(todo) if i not in ended]
+            for m in left:  # a lost run's MLflow record is its new owner's to keep
+                if m.run.id in lost and m.tracker is not None:  # type: ignore[union-attr]
+                    m.tracker.abandon()
+                    m.tracker = None
+            # members still this job's (a fused group) stop with it, resumable
+            _stopped(store, left, KeyboardInterrupt("a member of its group was taken over"))
+            for m in left:
+                what = "lost" if m.run.id in lost else "interrupted"  # type: ignore[union-attr]
+                outcomes.append(JobOutcome(m.chash, what, m.run.id))  # type: ignore[union-attr]
         except BaseException as e:
             _stopped(store, [m for i, m in enumerate(todo) if i not in ended], e)
             raise
@@ -331,17 +420,19 @@ def _runner(trainers: list[Trainer]) -> tuple[Any, str]:
 def _stopped(store: Store, left: list[Member], e: BaseException) -> None:
     """The runs still training when the job stopped: a requeue (time-out, pre-emption) and
     Ctrl-C or a cancelled sweep leave them ``interrupted`` (the same command resumes them),
-    anything else ``failed`` with its traceback."""
-    ids = [m.run.id for m in left]  # type: ignore[union-attr]
+    anything else ``failed`` with its traceback -- each only while this job still owns it."""
     if isinstance(e, SystemExit):  # submitit requeues the job, then exits: not a kill
-        store.mark_cancelled(ids, REQUEUED)
+        store.mark_cancelled([(m.run.id, m.owner) for m in left], REQUEUED)  # type: ignore[misc,union-attr]
     else:
         status = RunStatus.interrupted if isinstance(e, KeyboardInterrupt) else RunStatus.failed
         err = traceback.format_exc()
         if status == RunStatus.interrupted:
             err = INTERRUPTED + "\n" + err
-        for rid in ids:
-            store.finish_run(rid, status, error=err)
+        for m in left:
+            try:
+                store.finish_run(m.run.id, status, owner=m.owner, error=err)  # type: ignore[union-attr]
+            except LostRun:
+                continue  # another job owns it: nothing of this one's is written
     for m in left:
         if m.tracker is not None:
             m.tracker.finish()
@@ -365,7 +456,7 @@ def _record(store: Store, m: Member, result: TrainResult) -> JobOutcome:
         os.replace(tmp, fpath)
     if result.status == "diverged":
         fields["diverged_step"] = result.diverged_step
-    store.finish_run(run.id, RunStatus(result.status), **fields)
+    store.finish_run(run.id, RunStatus(result.status), owner=m.owner, **fields)
     if m.tracker is not None:
         m.tracker.finish()
     if final is not None:
@@ -386,6 +477,7 @@ class TrainJob:
         mlflow_tags: list[dict[str, str]],
         threads: int | None,
         trials: list[TrialLink | None] | None = None,
+        owners: list[int] | None = None,
     ) -> list[JobOutcome]:
         import submitit
 
@@ -407,7 +499,7 @@ class TrainJob:
                             datefmt="%H:%M:%S", stream=sys.stdout, force=True)  # fmt: skip
         for name in ("mlflow", "alembic"):
             logging.getLogger(name).setLevel(logging.WARNING)
-        return run_group(cfgs, mlflow_tags, trials)
+        return run_group(cfgs, mlflow_tags, trials, owners)
 
     def checkpoint(self, *args: object, **kwargs: object) -> object:
         """submitit's requeue hook (time-out / pre-emption): the same call again."""

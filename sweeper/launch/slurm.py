@@ -110,6 +110,18 @@ class SlurmQueue:
         return None
 
 
+def listed(job_ids: list[str]) -> bool | None:
+    """Whether Slurm still has one of these jobs (pending, running, suspended, requeued:
+    anything but an ended state): its run's job is not dead, whatever its heartbeat says.
+    None where there is no ``squeue`` or it does not answer."""
+    if shutil.which("squeue") is None:
+        return None
+    states = SlurmQueue(sorted({j.split("_")[0] for j in job_ids}), lambda _m: None).states()
+    if states is None:
+        return None
+    return any(states.get(j) not in (None, *SLURM_ENDED) for j in job_ids)
+
+
 def job_gone(job: Any, kind: str, states: dict[str, str] | None = None) -> bool:
     """Local: submitit's own answer. Slurm: the result file, else squeue's (never sacct)."""
     if kind == "local":

@@ -223,9 +223,11 @@ class StudySource:
                 assert p.twin is not None and p.twin.trial is not None
                 p.twin.trial.waiters.append(p)
                 continue
-            if decision == Decision.LIVE:  # another sweep's live job trains it
-                why = f"run {p.run.id} is being trained by another live job; not started twice"  # type: ignore[union-attr]
-                self._tell(number, trial_id, label, "FAIL", None, p.run.id, why)  # type: ignore[union-attr]
+            if decision == Decision.FOLLOW:  # another live job trains it: its outcome, told
+                self.out(d.follow_message(p))
+                p.status, p.followed = "following", True
+                d.following.append(p)
+                self.counts["running"] += 1
                 continue
             self.out(f"{verb:>7} trial {number}: {label}  (run {p.run.id})")  # type: ignore[union-attr]
             p.trial_link = TrialLink(self.storage_url, self.name, trial_id, number,
@@ -248,7 +250,7 @@ class StudySource:
             state = "RUNNING"
         else:
             state = "FAIL"
-        elapsed = time.monotonic() - p.started
+        elapsed = time.monotonic() - p.started if p.started else None
         tr = p.trial
         self._tell(tr.number, tr.trial_id, p.label, state, value, p.run.id, status, elapsed)
         for w in tr.waiters:

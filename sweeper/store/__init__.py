@@ -7,7 +7,8 @@ One object, :class:`Store`, with one concern per module:
   schema upgrades; :mod:`~sweeper.store.db` -- opening a store (create or require).
 * :mod:`~sweeper.store.lifecycle` -- a run's writes: claimed, started, epochs, finished;
   sweeps and the runs they ask for.
-* :mod:`~sweeper.store.lease` -- heartbeats and leases: a dead job's run is ``interrupted``.
+* :mod:`~sweeper.store.lease` -- one owner per run: claims and fencing tokens, heartbeats,
+  a dead job's run ``interrupted``, a dead sweeper's sweep ``abandoned``.
 * :mod:`~sweeper.store.read` -- the read API, returning plain frozen records
   (:mod:`~sweeper.store.records`): runs, epochs, filter stats, sweeps.
 * :func:`default_url` -- where the store is when ``store.url`` is not given.
@@ -16,7 +17,7 @@ One object, :class:`Store`, with one concern per module:
 from __future__ import annotations
 
 from sweeper.store.db import StoreError
-from sweeper.store.lease import HEARTBEAT_S, KILLED_TWICE, LEASE_S, Leases
+from sweeper.store.lease import HEARTBEAT_S, KILLED_TWICE, LEASE_S, Leases, LostRun, pid_alive
 from sweeper.store.lifecycle import Lifecycle
 from sweeper.store.migrations import SCHEMA_VERSION
 from sweeper.store.models import RunStatus
@@ -40,6 +41,7 @@ __all__ = [
     "HEARTBEAT_S",
     "KILLED_TWICE",
     "LEASE_S",
+    "LostRun",
     "SCHEMA_VERSION",
     "EpochRecord",
     "FilterStatRecord",
@@ -54,4 +56,5 @@ __all__ = [
     "default_url",
     "display_url",
     "engine_url",
+    "pid_alive",
 ]

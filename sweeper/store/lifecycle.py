@@ -4,15 +4,17 @@ back); a config hash is never inserted twice."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from sweeper.store.db import Database
+from sweeper.store.lease import CLAIMABLE, HOST, LostRun
 from sweeper.store.models import EpochMetric, FilterStat, Run, RunStatus, Sweep, SweepRun, utcnow
 from sweeper.store.records import RunRecord, SweepRecord, run_record, sweep_record
 from trainers.records import EpochMetrics, LayerFilterStats
@@ -54,66 +56,83 @@ class Lifecycle(Database):
                     s.scalars(select(Run).where(Run.config_hash == config_hash)).one(), self.db_dir
                 )
 
-    def start_run(self, run_id: int, provenance: dict[str, Any], resume_epoch: int) -> None:
-        """Mark running; drop rows a killed attempt wrote past its last checkpoint."""
+    def start_run(self, run_id: int, owner: int, provenance: dict[str, Any],
+                  resume_epoch: int) -> None:  # fmt: skip
+        """Running, under token ``owner`` (:meth:`Leases.claim`; LostRun when the run holds
+        another); drop rows a killed attempt wrote past its last checkpoint."""
+        now = utcnow()
         with self.session() as s:
+            res = s.execute(
+                update(Run)
+                .where(Run.id == run_id, Run.owner == owner, Run.status.in_(CLAIMABLE))
+                .values(status=RunStatus.running, heartbeat_at=now, ended_at=None, error=None,
+                        diverged_step=None, epoch=resume_epoch, **provenance)
+                .execution_options(synchronize_session=False)
+            )  # fmt: skip
+            if res.rowcount != 1:
+                raise LostRun(run_id, " to start")
             run = s.get_one(Run, run_id)
-            run.status = RunStatus.running
-            run.started_at = run.started_at or utcnow()
-            run.heartbeat_at = utcnow()
-            run.ended_at = None
-            run.error = None
-            run.diverged_step = None
-            run.epoch = resume_epoch
-            for k, v in provenance.items():
-                setattr(run, k, v)
+            run.started_at = run.started_at or now
             s.execute(delete(EpochMetric).where(EpochMetric.run_id == run_id,
                                                 EpochMetric.epoch >= resume_epoch))  # fmt: skip
             s.execute(delete(FilterStat).where(FilterStat.run_id == run_id,
                                                FilterStat.epoch >= resume_epoch))  # fmt: skip
 
-    def record_epoch(self, run_id: int, m: EpochMetrics, stats: Sequence[LayerFilterStats]) -> None:
-        """One finished epoch: its metrics, its filter snapshots, the run's cost so far."""
+    def record_epoch(self, run_id: int, owner: int, m: EpochMetrics,
+                     stats: Sequence[LayerFilterStats]) -> None:  # fmt: skip
+        """One finished epoch: its metrics, its filter snapshots, the run's cost so far --
+        only while the run holds ``owner`` (LostRun otherwise, and nothing is written)."""
         with self.session() as s:
+            res = s.execute(
+                update(Run)
+                .where(Run.id == run_id, Run.owner == owner, Run.status == RunStatus.running)
+                .values(epoch=m.epoch + 1, heartbeat_at=utcnow())
+                .execution_options(synchronize_session=False)
+            )
+            if res.rowcount != 1:
+                raise LostRun(run_id)
             s.execute(delete(EpochMetric).where(EpochMetric.run_id == run_id,
                                                 EpochMetric.epoch == m.epoch))  # fmt: skip
             s.execute(delete(FilterStat).where(FilterStat.run_id == run_id,
                                                FilterStat.epoch == m.epoch))  # fmt: skip
             s.add(EpochMetric(run_id=run_id, **asdict(m)))
             s.add_all(FilterStat(run_id=run_id, **asdict(st)) for st in stats)
-            run = s.get_one(Run, run_id)
-            run.epoch = m.epoch + 1
-            run.heartbeat_at = utcnow()
             s.flush()
-            _update_cost(s, run)
+            _update_cost(s, s.get_one(Run, run_id))
 
-    def finish_run(self, run_id: int, status: RunStatus, **fields: Any) -> None:
+    def finish_run(self, run_id: int, status: RunStatus, owner: int | None = None,
+                   **fields: Any) -> None:  # fmt: skip
+        """The run's outcome. With ``owner`` (a job's, or the sweeper's for its job), only
+        while the run holds that token (LostRun otherwise); a run that ends ``done`` keeps
+        no error or kill mark from an earlier attempt."""
         with self.session() as s:
             run = s.get_one(Run, run_id)
+            if owner is not None and (run.owner or 0) != owner:
+                raise LostRun(run_id)
             run.status = status
             run.ended_at = utcnow()
+            if status == RunStatus.done:
+                run.error, run.killed_at_epoch = None, None
             for k, v in fields.items():
                 setattr(run, k, v)
 
-    def set_fields(self, run_id: int, **fields: Any) -> None:
+    def set_fields(self, run_id: int, owner: int | None = None, **fields: Any) -> bool:
+        """Set columns of a run (with ``owner``: only while the run holds that token);
+        True when written."""
         with self.session() as s:
             run = s.get_one(Run, run_id)
+            if owner is not None and (run.owner or 0) != owner:
+                return False
             for k, v in fields.items():
                 setattr(run, k, v)
-
-    def requeue_run(self, run_id: int) -> None:
-        """A failed / diverged run asked to be retried: back to queued, error and kill
-        count cleared (a retry gets a fresh start)."""
-        with self.session() as s:
-            run = s.get_one(Run, run_id)
-            run.status = RunStatus.queued
-            run.error = None
-            run.killed_at_epoch = None
+            return True
 
     # ------------------------------------------------------------------- sweeps
     def create_sweep(self, name: str, command: str, launcher: str, n_points: int) -> SweepRecord:
+        """A sweep's record, alive (its sweeper beats: :meth:`Leases.sweep_heartbeat`)."""
         with self.session() as s:
-            sweep = Sweep(name=name, command=command, launcher=launcher, n_points=n_points)
+            sweep = Sweep(name=name, command=command, launcher=launcher, n_points=n_points,
+                          heartbeat_at=utcnow(), host=HOST, pid=os.getpid())  # fmt: skip
             s.add(sweep)
             s.flush()
             return sweep_record(sweep)

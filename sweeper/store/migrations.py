@@ -8,6 +8,9 @@ only record the version. ``store_info.schema_version`` says where a store is.
 2. ``sweep_runs.trial`` and the ``pruned`` run status (Optuna searches)
 3. cost columns, ``runs.heartbeat_at``, the ``interrupted`` run status
 4. ``runs.run_dir`` (where a run's artifacts are) and ``runs.killed_at_epoch``
+5. one owner per run: ``runs.owner`` (the fencing token), ``runs.claimed_by``, ``runs.pid``;
+   the sweeper's liveness and how a sweep ended: ``sweeps.heartbeat_at``, ``host``, ``pid``,
+   ``outcome`` (older sweeps keep NULL: ended ones have ``ended_at``)
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from sqlalchemy import inspect, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 
 def _add_columns(engine: Engine, table: str, columns: dict[str, str]) -> None:
@@ -70,4 +73,12 @@ def _to_4(engine: Engine) -> None:
     _add_columns(engine, "runs", {"run_dir": "TEXT", "killed_at_epoch": "INTEGER"})
 
 
-MIGRATIONS: dict[int, Callable[[Engine], None]] = {2: _to_2, 3: _to_3, 4: _to_4}
+def _to_5(engine: Engine) -> None:
+    stamp = "TIMESTAMP WITHOUT TIME ZONE" if engine.dialect.name == "postgresql" else "DATETIME"
+    _add_columns(engine, "runs", {"owner": "INTEGER NOT NULL DEFAULT 0",
+                                  "claimed_by": "INTEGER", "pid": "INTEGER"})  # fmt: skip
+    _add_columns(engine, "sweeps", {"heartbeat_at": stamp, "host": "VARCHAR(255)",
+                                    "pid": "INTEGER", "outcome": "VARCHAR(16)"})  # fmt: skip
+
+
+MIGRATIONS: dict[int, Callable[[Engine], None]] = {2: _to_2, 3: _to_3, 4: _to_4, 5: _to_5}

@@ -100,6 +100,14 @@ class Run(Base):
     # v4: ``epoch`` when its job was last killed; a second kill at the same epoch (no
     # progress in between) ends the run ``failed`` instead of resuming it forever
     killed_at_epoch: Mapped[int | None] = mapped_column(Integer)
+    # v5: the fencing token. Every claim of the run for a new job (a sweep's or a single
+    # run's) and every declaration that its job is dead increments it; a job writes only
+    # while the run still holds the token it was given (lease.LostRun otherwise)
+    owner: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # v5: the sweep whose claim the run is queued under (NULL: none, or a single run)
+    claimed_by: Mapped[int | None] = mapped_column(Integer)
+    # v5: the process id of the job training it (with ``host``): a dead one is seen at once
+    pid: Mapped[int | None] = mapped_column(Integer)
 
 
 class EpochMetric(Base):
@@ -156,6 +164,11 @@ class Sweep(Base):
     launcher: Mapped[str] = mapped_column(String(32))
     n_points: Mapped[int] = mapped_column(Integer)
     mlflow_parent_run_id: Mapped[str | None] = mapped_column(String(64))
+    # v5: the sweeper's liveness (its claims hold while it beats) and how the sweep ended
+    heartbeat_at: Mapped[dt.datetime | None]
+    host: Mapped[str | None] = mapped_column(String(255))
+    pid: Mapped[int | None] = mapped_column(Integer)
+    outcome: Mapped[str | None] = mapped_column(String(16))  # finished|failed|interrupted|abandoned
 
 
 class SweepRun(Base):

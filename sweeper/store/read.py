@@ -57,6 +57,19 @@ class Reads(Database):
                     out[rec.config_hash] = rec
         return out
 
+    def job_ids(self, run_id: int, launcher: str = "slurm") -> list[str]:
+        """The ids of the jobs sweeps with this ``launcher`` (``slurm``, ``optuna/slurm``)
+        dispatched for the run, newest first."""
+        with self.session() as s:
+            rows = s.execute(
+                select(SweepRun.job_id)
+                .join(Sweep, Sweep.id == SweepRun.sweep_id)
+                .where(SweepRun.run_id == run_id, SweepRun.job_id.is_not(None),
+                       Sweep.launcher.like(f"%{launcher}"))
+                .order_by(SweepRun.id.desc())
+            ).all()  # fmt: skip
+        return [str(j) for (j,) in rows]
+
     def get_run_by_id(self, run_id: int) -> RunRecord | None:
         with self.session() as s:
             row = s.get(Run, run_id)

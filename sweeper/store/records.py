@@ -63,6 +63,9 @@ class RunRecord:
     heartbeat_at: dt.datetime | None = None
     run_dir: str | None = None
     killed_at_epoch: int | None = None
+    owner: int = 0
+    claimed_by: int | None = None
+    pid: int | None = None
 
     @property
     def optimizer(self) -> str:
@@ -115,6 +118,10 @@ class SweepRecord:
     launcher: str
     n_points: int
     mlflow_parent_run_id: str | None = None
+    heartbeat_at: dt.datetime | None = None
+    host: str | None = None
+    pid: int | None = None
+    outcome: str | None = None
 
 
 @dataclass(frozen=True)

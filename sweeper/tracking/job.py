@@ -28,9 +28,10 @@ class JobTracker:
     """The MLflow record of one run, written from a thread of its job."""
 
     def __init__(self, mlrun: MlflowRun, store: Store, run: RunRecord, run_dir: Path,
-                 tags: dict[str, str], system_metrics: bool = False,
+                 tags: dict[str, str], system_metrics: bool = False, owner: int | None = None,
                  timeout_s: float = 300.0) -> None:  # fmt: skip
         self.mlrun, self.store, self.run_id_store = mlrun, store, run.id
+        self.owner = owner  # the job's token: its writes to the run hold it
         self.timeout_s = timeout_s
         self.monitor: Any = None  # MLflow's SystemMetricsMonitor, when asked for
         self.logged = Logged()
@@ -58,7 +59,7 @@ class JobTracker:
             if rid is not None:
                 self.logged = logged_of(self.mlrun)
                 if rid != run.mlflow_run_id:
-                    self.store.set_fields(run.id, mlflow_run_id=rid)
+                    self.store.set_fields(run.id, owner=self.owner, mlflow_run_id=rid)
         finally:
             self._open.set()  # the job's first epoch starts now; the rest is queued
         if rid is None:
@@ -82,7 +83,13 @@ class JobTracker:
     def _sync(self) -> None:
         run = self.store.get_run_by_id(self.run_id_store)
         if run is not None and self.mlrun.run_id is not None:
-            sync_run(self.store, run, self.mlrun, self.logged)
+            sync_run(self.store, run, self.mlrun, self.logged, self.owner)
+
+    def abandon(self) -> None:
+        """Stop the thread without touching the MLflow run again (its store run now belongs
+        to another job, whose tracker keeps the record)."""
+        self._calls.put(None)
+        self._thread.join(self.timeout_s)
 
     def finish(self) -> bool:
         """The run has ended in the store: its last sync (outcome, MLflow status), then the

@@ -72,12 +72,13 @@ def run_folder(run: RunRecord) -> Path | None:
     return Path(run.run_dir) if run.run_dir else None
 
 
-def sync_run(store: Store, run: RunRecord, mlrun: MlflowRun, logged: Logged) -> bool:
+def sync_run(store: Store, run: RunRecord, mlrun: MlflowRun, logged: Logged,
+             owner: int | None = None) -> bool:  # fmt: skip
     """Bring ``mlrun`` up to date with ``run`` (read fresh from ``store`` by the caller):
     log what ``logged`` does not hold yet; once the run has ended, its cost, feature norms
     and outcome tags, and close the MLflow run with its status (the store then records
-    ``mlflow_mirrored`` for a finished run). Returns True once the run has ended and its
-    record is complete."""
+    ``mlflow_mirrored`` for a finished run; with ``owner``, a job's token: only while the
+    run holds it). Returns True once the run has ended and its record is complete."""
     for em in store.epoch_metrics(run.id):
         if em.epoch not in logged.epochs:
             vals = {k: getattr(em, k) for k in METRICS if getattr(em, k, None) is not None}
@@ -107,5 +108,5 @@ def sync_run(store: Store, run: RunRecord, mlrun: MlflowRun, logged: Logged) -> 
     if run.status in FINISHED:
         fields["mlflow_mirrored"] = ok
     if fields:
-        store.set_fields(run.id, **fields)
+        store.set_fields(run.id, owner=owner, **fields)
     return True
