@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 
 from omegaconf import DictConfig
@@ -124,8 +125,19 @@ def _dispatch(argv: list[str]) -> int | None:
     return 0
 
 
+def _terminate_as_interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"received {signal.Signals(signum).name}")
+
+
 def main(argv: list[str] | None = None) -> None:
     from sweeper.config.compose import hydra_error_line
 
     argv = sys.argv[1:] if argv is None else argv
+    # SIGTERM (kill, a batch system, a closing session) is Ctrl-C for every command, at any
+    # moment -- planning included: one line, exit 130, and a running job records its runs
+    # interrupted instead of leaving them running
+    signal.signal(signal.SIGTERM, _terminate_as_interrupt)
+    # and SIGINT is Ctrl-C even where the shell started us with it ignored (a command put in
+    # the background of a script): whoever sends it wants the command to stop
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.exit(boundary(lambda: _dispatch(argv), hydra_error_line))

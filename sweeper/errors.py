@@ -10,6 +10,7 @@ of the job: its traceback is printed and the status is 1.
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import traceback
@@ -65,6 +66,12 @@ def boundary(main: Callable[[], int | None],
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the runner has said what it did
         _say(f"interrupted ({str(e) or 'Ctrl-C'}); run the same command again to resume")
         return EXIT_INTERRUPTED
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            traceback.print_exc()
+            return EXIT_FAILED
+        _say(f"{e.strerror or e}" + (f": {e.filename}" if e.filename else ""))  # a full disk
+        return EXIT_FAILED
     except Exception as e:
         if _is_config_exception(e):
             _say(config_error_line(e))

@@ -13,10 +13,12 @@ import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from torch import Tensor, nn
 
+from trainers.files import naming
 from trainers.records import EpochMetrics
 from trainers.registry import first_line
 
@@ -34,20 +36,53 @@ class Resumed:
     history: list[EpochMetrics] | None = None
 
 
+class _Recording:
+    """A file whose write errors are kept: torch's zip writer turns a failed write (a full
+    disk) into ``RuntimeError: ... unexpected pos``, losing the OSError that says why."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f, self.error = f, None
+
+    def write(self, b: bytes) -> int:
+        try:
+            return self.f.write(b)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+    def seek(self, *args: int) -> int:
+        return self.f.seek(*args)
+
+
 def atomic_torch_save(obj: object, path: Path, keep: Path | None = None,
-                      before_replace: Callable[[], None] | None = None) -> None:  # fmt: skip
+                      before_replace: Callable[[], bool | None] | None = None) -> None:  # fmt: skip
     """Write to a temp file in the same directory, fsync, then rename over ``path``; the
     file it replaces is first renamed to ``keep`` (the previous good checkpoint).
-    ``before_replace`` runs between the two (it may raise: a run this job no longer owns
-    keeps its owner's checkpoint). The temp file never outlives a failure (a full disk)."""
+    ``before_replace`` runs between the two: it may raise (a run this job no longer owns
+    keeps its owner's checkpoint) or return False (not yet: the epoch's rows are not in the
+    store, so the previous checkpoint stays). The temp file never outlives a failure (a
+    full disk), whose OSError names ``path``."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
+        with naming(path), open(tmp, "wb") as f:
+            rec = _Recording(f)
+            try:
+                torch.save(obj, rec)
+            except RuntimeError:
+                if rec.error is not None:
+                    raise rec.error from None
+                raise
             f.flush()
             os.fsync(f.fileno())
-        if before_replace is not None:
-            before_replace()
+        if before_replace is not None and before_replace() is False:
+            tmp.unlink(missing_ok=True)  # not now: the previous checkpoint stays
+            return
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -74,7 +109,7 @@ class Checkpoints:
         model: nn.Module,
         opt: torch.optim.Optimizer,
         scaler: torch.amp.GradScaler,
-        before_replace: Callable[[], None] | None = None,
+        before_replace: Callable[[], bool | None] | None = None,
     ) -> None:
         atomic_torch_save(
             {

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trainers.data import Loader
+from trainers.files import naming
 from trainers.records import ZERO_NORM, LayerFilterStats
 
 
@@ -87,12 +88,17 @@ class FilterNorms:
         d.mkdir(exist_ok=True)
         path = d / f"epoch_{epoch:04d}.npz"
         tmp = d / f".epoch_{epoch:04d}.tmp.npz"
-        np.savez_compressed(
-            tmp,
-            steps=np.asarray(log.steps),
-            names=np.asarray([n for n, _ in self.layers]),
-            **{k: np.stack(v) for k, v in log.vectors.items()},
-        )
+        try:
+            with naming(path):
+                np.savez_compressed(
+                    tmp,
+                    steps=np.asarray(log.steps),
+                    names=np.asarray([n for n, _ in self.layers]),
+                    **{k: np.stack(v) for k, v in log.vectors.items()},
+                )
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a full disk leaves no half-written file
+            raise
         os.replace(tmp, path)
         return path
 

@@ -86,8 +86,10 @@ class Sink(Protocol):
 
     # Optional (a sink without them: always held, never paused):
     # hold() -- raises when the run may no longer be written by this process (before its
-    #   files and its checkpoint are written); paused() -> float -- seconds the process has
-    #   been stopped, left out of the epochs' recorded times.
+    #   files are written); may_replace() -> bool -- before the checkpoint replaces the last
+    #   one: raises like hold(), False keeps the last one (the epoch's rows are not recorded
+    #   yet); paused() -> float -- seconds the process has been stopped, left out of the
+    #   epochs' recorded times.
 
 
 class NullSink:

@@ -345,7 +345,7 @@ class Trainer:
                 self.model,
                 self.opt,
                 self.scaler,
-                before_replace=self._hold,
+                before_replace=self._may_replace,
             )
             self.log(
                 f"epoch {epoch + 1:>3}/{cfg.epochs}  train loss {m.train_loss:.4f} "
@@ -374,6 +374,11 @@ class Trainer:
         hold = getattr(self.sink, "hold", None)
         if hold is not None:
             hold()
+
+    def _may_replace(self) -> bool:
+        """Whether the new checkpoint may replace the last one now (the sink's word)."""
+        may = getattr(self.sink, "may_replace", None)
+        return bool(may()) if may is not None else True
 
     def finish(self, result: TrainResult, start_epoch: int) -> None:
         """After the last epoch. A run that had finished before (e.g. killed after its last

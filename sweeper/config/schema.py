@@ -25,6 +25,9 @@ DATA_SCHEMAS = "gradsweep/data"  # where conf/data/NAME.yaml finds its schema
 @dataclass
 class StoreConf:
     url: str | None = None  # any SQLAlchemy URL; None -> sqlite:///<results_dir>/results.db
+    # how long a store that stopped answering (a server restart, a lock held past the busy
+    # timeout) is waited for, in seconds; None -> GRADSWEEP_STORE_RETRY_S or 120
+    retry_s: float | None = None
 
 
 @dataclass
@@ -68,12 +71,21 @@ class Config(RunConfig):
         """The results store: ``store.url``, or the SQLite file in the results dir."""
         return self.store.url or default_url(self.results_dir)
 
+    def open_store(self, *, wait_open: bool = False, warn: Any = None) -> Any:
+        """The results store (:class:`sweeper.store.Store`) with this config's retry bound."""
+        from sweeper.store import Store
+
+        return Store(self.store_url(), retry_s=self.store.retry_s, warn=warn, wait_open=wait_open)
+
     def tracking_uri(self) -> str:
         """The MLflow tracking store: ``mlflow.tracking_uri``, or SQLite in the results dir."""
         return self.mlflow.tracking_uri or default_tracking_uri(self.results_dir)
 
     def validate(self) -> None:
         super().validate()
+        if self.store.retry_s is not None and not 0 <= self.store.retry_s <= 86400:
+            raise ConfigError(f"store.retry_s={self.store.retry_s} is not allowed; expected "
+                              "seconds between 0 and 86400")  # fmt: skip
         if str(self.mlflow.system_metrics).lower() not in SYSTEM_METRICS:
             raise ConfigError(f"mlflow.system_metrics={self.mlflow.system_metrics} is not one of "
                               f"{', '.join(SYSTEM_METRICS)}")  # fmt: skip

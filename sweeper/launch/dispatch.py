@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import enum
+import errno
 import signal
 import threading
 import time
@@ -35,7 +36,15 @@ from sweeper.config.launcher import LauncherParams
 from sweeper.config.schema import Config
 from sweeper.launch.backends import Backend, Submission, make_backend
 from sweeper.launch.job import TRACKED_BY_SWEEPER
-from sweeper.store import HEARTBEAT_S, LostRun, RunRecord, RunStatus, Store
+from sweeper.store import (
+    HEARTBEAT_S,
+    LostRun,
+    RunRecord,
+    RunStatus,
+    Store,
+    StoreFull,
+    StoreUnavailable,
+)
 
 # what a job records as its outcome; a pruned run is not final for a grid (asked for again,
 # it resumes from its checkpoint to the last epoch)
@@ -155,15 +164,31 @@ def open_sweep(cfg0: Config, params: LauncherParams, name: str, command: str, la
     is open for the sweep's life, and the sweep's end is recorded however it ends (an error
     that escapes closes it as failed)."""
     cfg0.make_results_dir()
-    store = Store(cfg0.store_url())
+    store = cfg0.open_store(warn=out)
     d: Dispatcher | None = None
     try:
         d = Dispatcher(store, params, cfg0, name, command, label, n_points, out)
         yield d
     finally:
         if d is not None and not d.closed:
-            d.close(failed=True)
+            try:
+                d.close(failed=True)
+            except (StoreUnavailable, StoreFull):  # the next command records it abandoned
+                pass
         store.dispose()
+
+
+def _returned(sub: Submission, run_id: int) -> str | None:
+    """Why the job, which returned normally, left run ``run_id`` interrupted without
+    recording it (None: it did not say so)."""
+    try:
+        outcomes = sub.job.result() if sub.job is not None else None
+    except Exception:  # it raised, or left no result
+        return None
+    for o in outcomes or []:
+        if getattr(o, "run_id", None) == run_id and getattr(o, "status", "") == "interrupted":
+            return getattr(o, "why", None) or "its job stopped without recording it"
+    return None
 
 
 class Dispatcher:
@@ -403,7 +428,19 @@ class Dispatcher:
 
     def _outcome(self, p: Point, backend: Backend) -> None:
         """A job is over when its process is gone; its outcome is its run's row. Every
-        write here holds the point's token: a run another job took over is followed."""
+        write here holds the point's token: a run another job took over is followed. A
+        store that cannot take the write (its disk full) leaves the run as it is, said
+        once: the next command finds its job dead and resumes it."""
+        try:
+            self._read_outcome(p, backend)
+        except (StoreFull, OSError) as e:
+            if not isinstance(e, StoreFull) and e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            p.status = "interrupted"
+            self.out(f"point [{p.label}]: its outcome could not be recorded ({e}); the same "
+                     "command resumes it once there is space")  # fmt: skip
+
+    def _read_outcome(self, p: Point, backend: Backend) -> None:
         assert p.run is not None and p.sub is not None and p.owner is not None
         run = self.store.get_run_by_id(p.run.id)
         assert run is not None
@@ -421,6 +458,12 @@ class Dispatcher:
             run = self.store.get_run_by_id(run.id)
             assert run is not None
             p.status = "interrupted" if run.status == RunStatus.interrupted else run.status.value
+            self._ended_here(run.id)
+        elif (said := _returned(p.sub, run.id)) is not None:
+            # the job ended normally but could not record this run's stop (a full disk,
+            # the store away): what it said, recorded here
+            self.store.mark_cancelled([(run.id, p.owner)], said)
+            p.status = "interrupted"
             self._ended_here(run.id)
         else:  # it raised before it could record anything (e.g. while loading the data)
             error = self._error(p.sub, backend)

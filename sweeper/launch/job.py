@@ -15,6 +15,7 @@ DictConfig.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -36,7 +37,16 @@ from sweeper.config.identity import (
     run_dir_of,
 )
 from sweeper.config.schema import Config
-from sweeper.store import HEARTBEAT_S, LostRun, RunRecord, RunStatus, Store
+from sweeper.store import (
+    HEARTBEAT_S,
+    LostRun,
+    RunRecord,
+    RunStatus,
+    Store,
+    StoreFull,
+    StoreUnavailable,
+)
+from trainers.files import naming
 from trainers.records import EpochMetrics, LayerFilterStats, TrainResult
 
 if TYPE_CHECKING:
@@ -48,7 +58,8 @@ log = logging.getLogger("gradsweep")
 REQUEUED = "requeued (time-out or pre-emption)"
 PAUSE_S = 2.0  # a heartbeat tick this late means the process was stopped, not slow
 INTERRUPTED = (
-    "interrupted (Ctrl-C or a cancelled sweep); a rerun resumes it from its last checkpoint"
+    "interrupted (Ctrl-C, SIGTERM or a cancelled sweep); a rerun resumes it from its last "
+    "checkpoint"
 )
 # a job's MLflow tag saying the sweeper tracks its runs (sweeper.tracking.sweep.SweepTracker)
 TRACKED_BY_SWEEPER = "gradsweep.mirror"
@@ -62,6 +73,7 @@ class JobOutcome:
     status: str
     run_id: int
     test_acc: float | None = None
+    why: str | None = None  # an interrupted run's reason (a full disk, the store away)
 
 
 class Heartbeat:
@@ -88,20 +100,23 @@ class Heartbeat:
 
     def _loop(self) -> None:
         tick = min(1.0, self.every)
-        last = time.monotonic()
-        next_beat = last + self.every
-        while not self._stop.wait(tick):
+        next_beat = time.monotonic() + self.every
+        while True:
+            # only the wait is timed: a slow store call below is not a pause
+            before = time.monotonic()
+            if self._stop.wait(tick):
+                return
             now = time.monotonic()
-            if now - last > tick + PAUSE_S:
-                self.paused += now - last - tick
-            last = now
+            if now - before > tick + PAUSE_S:
+                self.paused += now - before - tick
             if now < next_beat:
                 continue
             next_beat = now + self.every
             for rid, owner in list(self.runs.items()):
                 try:
-                    if not self.store.heartbeat(rid, owner):
-                        self.lost.add(rid)
+                    with self.store.patience(0):  # never block the pause clock
+                        if not self.store.heartbeat(rid, owner):
+                            self.lost.add(rid)
                 except Exception as e:  # a busy or briefly unreachable store: try again later
                     if not self._warned:
                         log.warning(f"heartbeat of run {rid} failed ({type(e).__name__}); retrying")
@@ -123,7 +138,14 @@ class StoreSink:
     """Trainer -> results store (source of truth), then its MLflow record (a sync queued in
     the tracker's thread) and, for a search trial, the Optuna study (its intermediate values
     and pruning decisions). Every write holds the run's token: a run this job lost raises
-    :class:`~sweeper.store.LostRun` before anything of it is written."""
+    :class:`~sweeper.store.LostRun` before anything of it is written.
+
+    **Write-behind.** A store that stops answering (a server restart) does not stop the
+    training: an epoch's rows that cannot be written are kept, in order, and written first
+    thing when the store answers again; meanwhile the checkpoint is not advanced (a job
+    killed then resumes from the last epoch whose rows are in the store, so no row is ever
+    missing). A store away for longer than ``store.retry_s`` ends the job
+    (:class:`~sweeper.store.StoreUnavailable`): its run is left ``interrupted``, resumable."""
 
     def __init__(self, store: Store, run: RunRecord, owner: int, run_dir: Path,
                  tracker: JobTracker | None, reporter: TrialReporter | None, gpus: int,
@@ -133,17 +155,38 @@ class StoreSink:
         self.gpus = gpus  # for the run's GPU-hours
         self.sources = sources  # custom method pieces' source fingerprints (trainers.custom)
         self.beat: Heartbeat | None = None  # set when the group's heartbeat starts
+        self.pending: list[tuple[EpochMetrics, list[LayerFilterStats]]] = []
+        self.down_since: float | None = None  # when the store stopped answering
 
     def should_stop(self, m: EpochMetrics) -> bool:
         return self.reporter.report(m) if self.reporter is not None else False
 
+    def _owned(self) -> bool | None:
+        """Whether this job still owns the run (None: the store does not answer now)."""
+        if self.beat is not None and self.run.id in self.beat.lost:
+            return False
+        try:
+            with self.store.patience(0):
+                return self.store.owns(self.run.id, self.owner)
+        except StoreUnavailable:
+            return None
+
     def hold(self) -> None:
-        """Before writing a file of the run (filter norms, its checkpoint): this job still
-        owns it (LostRun otherwise)."""
-        if (self.beat is not None and self.run.id in self.beat.lost) or not self.store.owns(
-            self.run.id, self.owner
-        ):
+        """Before writing a file of the run (its filter norms): this job still owns it
+        (LostRun otherwise; while the store does not answer, the rows' writes check)."""
+        if not self.pending and self._owned() is False:
             raise LostRun(self.run.id)
+
+    def may_replace(self) -> bool:
+        """Before the checkpoint replaces the last one: only once the epoch's rows are in
+        the store (False: the last checkpoint stays), and only while this job owns the run
+        (LostRun otherwise)."""
+        if self.pending:
+            return False
+        owned = self._owned()
+        if owned is False:
+            raise LostRun(self.run.id)
+        return owned is True
 
     def paused(self) -> float:
         return self.beat.paused if self.beat is not None else 0.0
@@ -166,9 +209,41 @@ class StoreSink:
         )
 
     def on_epoch(self, m: EpochMetrics, stats: list[LayerFilterStats], _file: Path | None) -> None:
-        self.store.record_epoch(self.run.id, self.owner, m, stats)
-        if self.tracker is not None:
+        self.pending.append((m, stats))
+        self.flush(wait=False)
+        if self.tracker is not None and not self.pending:
             self.tracker.sync()
+
+    def flush(self, wait: bool) -> None:
+        """Write the kept epoch rows, oldest first. ``wait``: for as long as ``store.retry_s``
+        allows (the run's end); else one try, and training goes on (StoreUnavailable once
+        the store has been away for longer than ``store.retry_s``)."""
+        while self.pending:
+            m, stats = self.pending[0]
+            try:
+                with self.store.patience(self.store.retry_s if wait else 0):
+                    self.store.record_epoch(self.run.id, self.owner, m, stats)
+            except StoreUnavailable as e:
+                now = time.monotonic()
+                if self.down_since is None:
+                    self.down_since = now
+                    log.warning(f"run {self.run.id}: the results store is not answering "
+                                f"({e}); training goes on, its epoch rows are kept and "
+                                "written in order when it answers (the checkpoint waits "
+                                "for them)")  # fmt: skip
+                if wait or now - self.down_since > self.store.retry_s:
+                    raise StoreUnavailable(
+                        f"the results store did not answer for "
+                        f"{now - self.down_since:.0f} s (store.retry_s="
+                        f"{self.store.retry_s:g}); {len(self.pending)} epoch row(s) of run "
+                        f"{self.run.id} not written"
+                    ) from None
+                return
+            self.pending.pop(0)
+        if self.down_since is not None:
+            log.info(f"run {self.run.id}: the results store answers again; its kept epoch "
+                     "rows are written")  # fmt: skip
+            self.down_since = None
 
 
 @dataclass
@@ -214,7 +289,8 @@ def run_group(cfgs: list[Config], mlflow_tags: list[dict[str, str]],
         ident, chash = identity_of(cfg)
         members.append(Member(cfg, ident, chash, tags, link, owners[i] if owners else None))
     cfgs[0].make_results_dir()
-    store = Store(cfgs[0].store_url())
+    # a job waits out a store that is restarting (its sweeper has opened it already)
+    store = cfgs[0].open_store(wait_open=True, warn=log.warning)
     try:
         outcomes = _skip_done(store, members)
         todo = [m for m in members if m.run is None or m.run.status != RunStatus.done]
@@ -379,12 +455,53 @@ def _train(store: Store, todo: list[Member]) -> list[JobOutcome]:
                 what = "lost" if m.run.id in lost else "interrupted"  # type: ignore[union-attr]
                 outcomes.append(JobOutcome(m.chash, what, m.run.id))  # type: ignore[union-attr]
         except BaseException as e:
-            _stopped(store, [m for i, m in enumerate(todo) if i not in ended], e)
-            raise
+            left = [m for i, m in enumerate(todo) if i not in ended]
+            why = resource_stop(e)
+            if why is None:
+                _stopped(store, left, e)
+                raise
+            # a full disk or a store away for too long: not the run's fault, and not a
+            # crash: one line, the runs interrupted (resumable), the job ends normally
+            ids = ", ".join(str(m.run.id) for m in left)  # type: ignore[union-attr]
+            log.error(f"error: {why}; stopping run(s) {ids}, interrupted: the same command "
+                      "resumes them once that is fixed")  # fmt: skip
+            _interrupted(store, left, why)
+            outcomes += [JobOutcome(m.chash, "interrupted", m.run.id, why=why)  # type: ignore[union-attr]
+                         for m in left]  # fmt: skip
         finally:
             if monitors is not None:
                 monitors.stop()
     return outcomes
+
+
+def resource_stop(e: BaseException) -> str | None:
+    """The one line for a stop that is the machine's, not the run's: a full disk (naming
+    the file) or the results store away for longer than ``store.retry_s``; None otherwise."""
+    if isinstance(e, StoreUnavailable):
+        return str(e)
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = f" writing {e.filename}" if e.filename else ""
+        if isinstance(e, StoreFull):
+            return e.strerror or str(e)
+        return f"no space left on device{where}"
+    return None
+
+
+def _interrupted(store: Store, left: list[Member], why: str) -> None:
+    """Runs stopped by :func:`resource_stop`: ``interrupted`` with the reason, where the
+    store takes the write (else the sweeper, or the next command, records it)."""
+    for m in left:
+        try:
+            with store.patience(10.0):
+                store.finish_run(m.run.id, RunStatus.interrupted, owner=m.owner,  # type: ignore[union-attr]
+                                 error=f"interrupted: {why}; the same command resumes it "
+                                 "from its last checkpoint")  # fmt: skip
+        except (LostRun, StoreUnavailable, StoreFull):
+            pass
+        except Exception as e:  # the store's disk is full too, and so on: said, not raised
+            log.warning(f"run {m.run.id}: could not record it interrupted ({type(e).__name__})")  # type: ignore[union-attr]
+        if m.tracker is not None:
+            m.tracker.finish()
 
 
 def _gpus(trainer: Trainer) -> int:
@@ -452,10 +569,18 @@ def _record(store: Store, m: Member, result: TrainResult) -> JobOutcome:
         fields.update(n_features=len(result.feature_norms), zero_features=result.zero_features)
         fpath = run_dir / "feature_norms.json"
         tmp = fpath.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result.feature_norms))
+        try:
+            with naming(fpath):
+                tmp.write_text(json.dumps(result.feature_norms))
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         os.replace(tmp, fpath)
     if result.status == "diverged":
         fields["diverged_step"] = result.diverged_step
+    sink = m.trainer.sink
+    if isinstance(sink, StoreSink):  # rows kept while the store was away go first
+        sink.flush(wait=True)
     store.finish_run(run.id, RunStatus(result.status), owner=m.owner, **fields)
     if m.tracker is not None:
         m.tracker.finish()

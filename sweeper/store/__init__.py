@@ -11,6 +11,8 @@ One object, :class:`Store`, with one concern per module:
   a dead job's run ``interrupted``, a dead sweeper's sweep ``abandoned``.
 * :mod:`~sweeper.store.read` -- the read API, returning plain frozen records
   (:mod:`~sweeper.store.records`): runs, epochs, filter stats, sweeps.
+* :mod:`~sweeper.store.retry` -- a store that stops answering (a server restart, a lock
+  held past the busy timeout) is waited for, up to ``store.retry_s``.
 * :func:`default_url` -- where the store is when ``store.url`` is not given.
 """
 
@@ -29,12 +31,17 @@ from sweeper.store.records import (
     SweepRecord,
     SweepRunRecord,
 )
+from sweeper.store.retry import RETRY_S, StoreFull, StoreUnavailable, retry_api
 from sweeper.store.url import default_tracking_uri, default_url, display_url, engine_url
 
 
 class Store(Lifecycle, Leases, Reads):
     """A results store at any SQLAlchemy URL. ``Store(url)`` creates a missing store;
-    ``Store(url, create=False)`` requires an existing one (readers)."""
+    ``Store(url, create=False)`` requires an existing one (readers). Every call of its API
+    waits out a store that stopped answering, up to ``retry_s`` (:mod:`sweeper.store.retry`)."""
+
+
+retry_api(Store, Lifecycle, Leases, Reads)
 
 
 __all__ = [
@@ -42,6 +49,9 @@ __all__ = [
     "KILLED_TWICE",
     "LEASE_S",
     "LostRun",
+    "RETRY_S",
+    "StoreFull",
+    "StoreUnavailable",
     "SCHEMA_VERSION",
     "EpochRecord",
     "FilterStatRecord",

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -13,6 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from sweeper.store.migrations import MIGRATIONS, SCHEMA_VERSION
 from sweeper.store.models import Base, StoreInfo
+from sweeper.store.retry import RETRY_S, is_transient, patience
 from sweeper.store.url import display_url, engine_url, sqlite_path
 from trainers.registry import ConfigError, first_line
 
@@ -40,8 +43,18 @@ class Database:
     still upgraded (the numbered migrations only add), so every reader sees one schema.
     """
 
-    def __init__(self, url: str, *, create: bool = True, missing_hint: str = "") -> None:
+    def __init__(self, url: str, *, create: bool = True, missing_hint: str = "",
+                 retry_s: float | None = None, warn: Callable[[str], None] | None = None,
+                 wait_open: bool = False) -> None:  # fmt: skip
+        """``retry_s``: how long a call waits for a store that stopped answering
+        (:mod:`sweeper.store.retry`; default ``GRADSWEEP_STORE_RETRY_S`` or 120 s);
+        ``warn``: where the first retry of a call is said; ``wait_open``: a store not
+        answering when it is opened is waited for too (a job: its sweeper opened it
+        already, so it is there), else refused at once (a command: a wrong URL is bad
+        input, not an outage)."""
         self.url = url
+        self.retry_s = RETRY_S if retry_s is None else float(retry_s)
+        self.warn = warn if warn is not None else logging.getLogger("gradsweep").warning
         db = sqlite_path(url)
         self.db_dir = db.resolve().parent if db is not None else None
         if not create and db is not None and not db.is_file():
@@ -51,6 +64,8 @@ class Database:
         kwargs: dict[str, Any] = {}
         if url.startswith("sqlite"):
             kwargs["connect_args"] = {"timeout": 60}
+        else:  # a server may have restarted since a pooled connection was opened
+            kwargs["pool_pre_ping"] = True
         try:
             self.engine: Engine = create_engine(engine_url(url), **kwargs)
         except (ArgumentError, ImportError, ValueError) as e:
@@ -60,22 +75,31 @@ class Database:
         if url.startswith("sqlite"):
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
-        try:
-            if create:
-                Base.metadata.create_all(self.engine)
-            elif not inspect(self.engine).has_table(StoreInfo.__tablename__):
+        end = time.monotonic() + (self.retry_s if wait_open else 0.0)
+        while True:
+            try:
+                self._open(create)
+                break
+            except SQLAlchemyError as e:
+                if is_transient(e) and time.monotonic() < end:
+                    time.sleep(1.0)
+                    continue
+                self.engine.dispose()
                 raise StoreError(
-                    f"{display_url(url)} is not a gradsweep results store (no store_info table)"
-                )
-            self._upgrade()
-        except SQLAlchemyError as e:
-            self.engine.dispose()
+                    f"the results store {display_url(url)} cannot be opened ({first_line(e)})"
+                ) from None
+            except StoreError:
+                self.engine.dispose()
+                raise
+
+    def _open(self, create: bool) -> None:
+        if create:
+            Base.metadata.create_all(self.engine)
+        elif not inspect(self.engine).has_table(StoreInfo.__tablename__):
             raise StoreError(
-                f"the results store {display_url(url)} cannot be opened ({first_line(e)})"
-            ) from None
-        except StoreError:
-            self.engine.dispose()
-            raise
+                f"{display_url(self.url)} is not a gradsweep results store (no store_info table)"
+            )
+        self._upgrade()
 
     def _upgrade(self) -> None:
         with self.session() as s:
@@ -113,6 +137,8 @@ class Database:
             raise
         finally:
             s.close()
+
+    patience = staticmethod(patience)
 
     def dispose(self) -> None:
         self.engine.dispose()
