@@ -46,6 +46,10 @@ def _task(dcfg: DictConfig) -> None:
         return
     if outcome.status == "failed":  # diverged is a result (recorded), not a crash
         _TaskResult.error = Failed(f"run {outcome.run_id} failed; its traceback is in runs.error")
+    elif outcome.status == "interrupted":  # a full disk, the store away, its trainer gone
+        why = f": {outcome.why}" if outcome.why else ""
+        _TaskResult.error = Failed(f"run {outcome.run_id} interrupted{why}; the same command "
+                                   "resumes it from its last checkpoint")  # fmt: skip
 
 
 def _check_flags(argv: list[str]) -> None:

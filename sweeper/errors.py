@@ -40,6 +40,16 @@ class Failed(Exception):
     complete trial). The message is one line; the details are in the store."""
 
 
+def disk_full(e: BaseException) -> bool:
+    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full_line(e: OSError) -> str:
+    """``no space left on device: PATH`` (or the quota's words): what and where."""
+    what = "disk quota exceeded" if e.errno == errno.EDQUOT else "no space left on device"
+    return f"{what}: {e.filename}" if e.filename else what
+
+
 def _is_config_exception(e: BaseException) -> bool:
     """Hydra's and OmegaConf's own errors about the command line or the config files."""
     mod = type(e).__module__ or ""
@@ -67,10 +77,10 @@ def boundary(main: Callable[[], int | None],
         _say(f"interrupted ({str(e) or 'Ctrl-C'}); run the same command again to resume")
         return EXIT_INTERRUPTED
     except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        if not disk_full(e):
             traceback.print_exc()
             return EXIT_FAILED
-        _say(f"{e.strerror or e}" + (f": {e.filename}" if e.filename else ""))  # a full disk
+        _say(disk_full_line(e))
         return EXIT_FAILED
     except Exception as e:
         if _is_config_exception(e):

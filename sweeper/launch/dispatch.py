@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import enum
-import errno
 import signal
 import threading
 import time
@@ -34,6 +33,7 @@ from typing import Any, Protocol
 from sweeper.config.identity import grid_columns, resolved_config
 from sweeper.config.launcher import LauncherParams
 from sweeper.config.schema import Config
+from sweeper.errors import disk_full, disk_full_line
 from sweeper.launch.backends import Backend, Submission, make_backend
 from sweeper.launch.job import TRACKED_BY_SWEEPER
 from sweeper.store import (
@@ -85,6 +85,7 @@ class Point:
     trial_link: Any = None  # searches: what the job reports to (sweeper.launch.trials.TrialLink)
     owner: int | None = None  # the run's token this dispatch claimed it with
     followed: bool = False  # its run was trained by another live job (FOLLOW)
+    why: str | None = None  # why it ended interrupted, when not a cancel (a full disk, ...)
 
     @property
     def job_id(self) -> str | None:
@@ -433,12 +434,14 @@ class Dispatcher:
         once: the next command finds its job dead and resumes it."""
         try:
             self._read_outcome(p, backend)
-        except (StoreFull, OSError) as e:
-            if not isinstance(e, StoreFull) and e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        except OSError as e:
+            if not disk_full(e):
                 raise
-            p.status = "interrupted"
-            self.out(f"point [{p.label}]: its outcome could not be recorded ({e}); the same "
-                     "command resumes it once there is space")  # fmt: skip
+            p.status, p.why = "interrupted", disk_full_line(e)
+            self.out(f"point [{p.label}]: its outcome could not be recorded ({p.why}); the "
+                     "same command resumes it once there is space")  # fmt: skip
+            with contextlib.suppress(Exception):  # reading may still work
+                p.run = self.store.get_run_by_id(p.run.id) or p.run  # type: ignore[union-attr]
 
     def _read_outcome(self, p: Point, backend: Backend) -> None:
         assert p.run is not None and p.sub is not None and p.owner is not None
@@ -463,7 +466,7 @@ class Dispatcher:
             # the job ended normally but could not record this run's stop (a full disk,
             # the store away): what it said, recorded here
             self.store.mark_cancelled([(run.id, p.owner)], said)
-            p.status = "interrupted"
+            p.status, p.why = "interrupted", said
             self._ended_here(run.id)
         else:  # it raised before it could record anything (e.g. while loading the data)
             error = self._error(p.sub, backend)
@@ -520,8 +523,11 @@ class Dispatcher:
         self.closed = True
         self._beat.stop()
         now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
-        self.store.set_sweep_fields(self.sweep.id, ended_at=now,
-                                    outcome=outcome or ("failed" if failed else "finished"))  # fmt: skip
+        try:
+            self.store.set_sweep_fields(self.sweep.id, ended_at=now,
+                                        outcome=outcome or ("failed" if failed else "finished"))  # fmt: skip
+        except (StoreFull, StoreUnavailable) as e:  # the next command records it abandoned
+            self.out(f"the sweep's end could not be recorded ({e})")
         if self.tracker is not None:
             self.tracker.close(failed)
             self.tracker = None

@@ -224,7 +224,8 @@ def dry_run(points: list[Point], params: LauncherParams, name: str,
 
 
 def _named(p: Point) -> str:
-    return f"[{p.label}] (run {p.run.id})" if p.run else f"[{p.label}]"
+    why = f": {p.why}" if p.why else ""
+    return f"[{p.label}] (run {p.run.id}{why})" if p.run else f"[{p.label}]{why}"
 
 
 def summary_table(points: list[Point]) -> str:

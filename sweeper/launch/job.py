@@ -15,7 +15,6 @@ DictConfig.
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -37,6 +36,7 @@ from sweeper.config.identity import (
     run_dir_of,
 )
 from sweeper.config.schema import Config
+from sweeper.errors import disk_full, disk_full_line
 from sweeper.store import (
     HEARTBEAT_S,
     LostRun,
@@ -306,26 +306,43 @@ def run_group(cfgs: list[Config], mlflow_tags: list[dict[str, str]],
         for m in todo:
             m.run = store.claim_run(m.chash, grid_columns(m.cfg), resolved_config(m.cfg, m.ident))
             if m.owner is None:  # a single run: this job claims it
-                m.owner = store.claim(m.run.id, None)
+                m.owner = _claim_single(store, m.run)
             if m.owner is None:
                 outcomes.append(_follow(store, m.run))
             else:
                 mine.append(m)
         if mine:
-            outcomes += _train(store, mine)
+            got = _train(store, mine)
+            if owners is None:  # a single run lost to another job: followed to its end
+                for i, o in enumerate(got):
+                    if o.status == "lost" and (run := store.get_run_by_id(o.run_id)):
+                        got[i] = _follow(store, run, taken=True)
+            outcomes += got
         return outcomes
     finally:
         store.dispose()
 
 
-def _follow(store: Store, run: RunRecord, every: float = 2.0) -> JobOutcome:
+def _claim_single(store: Store, run: RunRecord) -> int | None:
+    """A single run's claim: a run whose job is gone (its process dead here, or its
+    lease lapsed and its backend does not list it) is recorded killed first, then taken."""
+    if run.status == RunStatus.running and not store.job_alive(run):
+        from sweeper.launch.dispatch import job_alive_elsewhere
+
+        store.expire_leases(alive=job_alive_elsewhere(store))
+    return store.claim(run.id, None)
+
+
+def _follow(store: Store, run: RunRecord, every: float = 2.0, taken: bool = False) -> JobOutcome:
     """A run another live job trains (or a live sweep has claimed): followed until it ends,
-    never trained twice; its outcome is this job's report of it."""
-    if run.status == RunStatus.done:
+    never trained twice; its outcome is this job's report of it. ``taken``: this job
+    trained it until another took it over."""
+    if run.status == RunStatus.done and not taken:
         return _skipped(run)
     where = f" (pid {run.pid} on {run.host})" if run.pid and run.host else ""
-    log.info(f"run {run.id} ({run.config_hash[:12]}) is being trained by another job{where}; "
-             "following it to its end instead of training it twice")  # fmt: skip
+    if not taken:
+        log.info(f"run {run.id} ({run.config_hash[:12]}) is being trained by another job"
+                 f"{where}; following it to its end instead of training it twice")  # fmt: skip
     while True:
         cur = store.get_run_by_id(run.id)
         assert cur is not None
@@ -479,11 +496,8 @@ def resource_stop(e: BaseException) -> str | None:
     the file) or the results store away for longer than ``store.retry_s``; None otherwise."""
     if isinstance(e, StoreUnavailable):
         return str(e)
-    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-        where = f" writing {e.filename}" if e.filename else ""
-        if isinstance(e, StoreFull):
-            return e.strerror or str(e)
-        return f"no space left on device{where}"
+    if isinstance(e, OSError) and disk_full(e):
+        return disk_full_line(e)
     return None
 
 

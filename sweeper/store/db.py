@@ -57,6 +57,7 @@ class Database:
         self.warn = warn if warn is not None else logging.getLogger("gradsweep").warning
         db = sqlite_path(url)
         self.db_dir = db.resolve().parent if db is not None else None
+        self.where = str(db.resolve()) if db is not None else display_url(url)  # for errors
         if not create and db is not None and not db.is_file():
             raise StoreError(
                 f"no results store at {db}" + (f"; {missing_hint}" if missing_hint else "")

@@ -58,17 +58,31 @@ class LostRun(Exception):
         self.run_id = run_id
 
 
-def pid_alive(host: str | None, pid: int | None) -> bool | None:
-    """Whether process ``pid`` of ``host`` is alive: True or False on this host, None (not
-    known) elsewhere or when none is recorded."""
+def pid_alive(host: str | None, pid: int | None, since: dt.datetime | None = None) -> bool | None:
+    """Whether process ``pid`` of ``host`` is alive and running: True or False on this host,
+    None (not known: judge it by its heartbeat) elsewhere, when none is recorded, or when
+    the process is stopped (``SIGSTOP``, Ctrl-Z: it may never continue, and if it does, its
+    token tells it that it lost its run). ``since``: a time that process wrote (its heartbeat,
+    UTC): a process of that id started later is another one (the id was reused): dead."""
     if host != HOST or not pid:
         return None
+    import psutil
+
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        proc = psutil.Process(pid)
+        if since is not None:
+            started = since.replace(tzinfo=dt.timezone.utc).timestamp()
+            if proc.create_time() > started + 2.0:  # clock granularity
+                return False
+        state = proc.status()
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:  # someone else's process: alive
+    except psutil.Error:  # someone else's process we may not inspect: alive
         return True
+    if state in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
+        return False
+    if state in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP):
+        return None
     return True
 
 
@@ -105,7 +119,7 @@ class Leases(Database):
         sw = s.get(Sweep, sweep_id)  # type: ignore[attr-defined]
         if sw is None or sw.ended_at is not None:
             return False
-        seen = pid_alive(sw.host, sw.pid)
+        seen = pid_alive(sw.host, sw.pid, sw.heartbeat_at)
         if seen is not None:
             return seen
         beat = sw.heartbeat_at or sw.created_at
@@ -135,7 +149,7 @@ class Leases(Database):
         twice)."""
         if run.status != RunStatus.running:
             return False
-        seen = pid_alive(run.host, run.pid)
+        seen = pid_alive(run.host, run.pid, run.heartbeat_at)
         if seen is not None:
             return seen
         lease = LEASE_S if lease_s is None else lease_s
@@ -162,7 +176,7 @@ class Leases(Database):
             ).all()  # fmt: skip
         dead = []
         for rid, owner, host, pid, beat, started, created in rows:
-            seen = pid_alive(host, pid)
+            seen = pid_alive(host, pid, beat)
             if seen is None:
                 stamp = beat or started or created
                 stale = stamp is not None and stamp < old

@@ -69,7 +69,7 @@ class StoreUnavailable(Failed):
 
 class StoreFull(OSError):
     """The store's disk is full (SQLite's "database or disk is full", PostgreSQL's ENOSPC):
-    nothing of the call was written."""
+    nothing of the call was written. Its file name is the store (its file, or its URL)."""
 
 
 def is_transient(e: BaseException) -> bool:
@@ -106,9 +106,7 @@ def retrying(fn: F) -> F:
                 return fn(self, *args, **kwargs)
             except DBAPIError as e:
                 if is_full(e):
-                    raise StoreFull(
-                        errno.ENOSPC, f"the results store's disk is full ({first_line(e)})"
-                    ) from None
+                    raise StoreFull(errno.ENOSPC, "No space left on device", self.where) from None
                 if not is_transient(e):
                     raise
                 left = end - time.monotonic()

@@ -1,0 +1,232 @@
+"""One owner per run, with real processes: a job stopped and taken over writes nothing when
+it continues; two sweepers on overlapping grids train each configuration once; a rerun
+follows the jobs of a sweeper that was killed; a full disk ends a job with one line and the
+same command resumes at once once there is space.
+
+Every wait is on a state of the store or of a process, never on a guess of how long
+something takes (except the lease itself, which is what is tested)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from helpers import cli_env, poll_sql, run_cli, sql
+
+pytestmark = pytest.mark.slow
+BEAT = {"GRADSWEEP_HEARTBEAT_S": "1"}  # a lease of 3 s
+
+
+def _start(*args: str, cwd: Path, **env: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "sweeper", *args], cwd=cwd,
+                            env=cli_env(**env), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+
+def _wait_for(db: Path, query: str, ok: object, procs: list[subprocess.Popen[str]],
+              timeout: float = 300) -> list[tuple]:  # fmt: skip
+    """Poll the store until ``ok(rows)``; fail at once if a process ends meanwhile."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        rows = poll_sql(db, query)
+        if rows and ok(rows):  # type: ignore[operator]
+            return rows
+        for p in procs:
+            if p.poll() is not None:
+                raise AssertionError(f"a command ended early: {p.communicate()}")
+        time.sleep(0.1)
+    raise AssertionError(f"never reached: {query} -> {poll_sql(db, query)}")
+
+
+def _snapshot(results: Path) -> dict[str, object]:
+    """Everything of the run: its row, its epoch rows, filter stats and files (by content)."""
+    files = {}
+    for f in sorted((results / "runs").rglob("*")):
+        if f.is_file():
+            files[str(f.relative_to(results))] = hashlib.sha256(f.read_bytes()).hexdigest()
+    db = results / "results.db"
+    return {
+        "run": sql(db, "SELECT * FROM runs"),
+        "epochs": sql(db, "SELECT * FROM epoch_metrics ORDER BY run_id, epoch"),
+        "filters": sql(db, "SELECT * FROM filter_stats ORDER BY id"),
+        "files": files,
+    }
+
+
+# ---------------------------------------------------------------- stopped, taken over
+def test_a_stopped_job_taken_over_writes_nothing_when_it_continues(tmp_path: Path) -> None:
+    """SIGSTOP (what Slurm's suspend and gang scheduling do) after epoch 2; the same
+    command, run after the lease, takes the run over and finishes it; on SIGCONT the old
+    job finds it lost the run at its next write, writes nothing, and reports the run's end."""
+    args = ("epochs=8", "batch_size=32", "mlflow.enabled=false", f"results_dir={tmp_path}")
+    db = tmp_path / "results.db"
+    old = _start(*args, cwd=tmp_path, **BEAT)
+    try:
+        _wait_for(db, "SELECT epoch FROM runs", lambda r: r[0][0] >= 2, [old])
+        old.send_signal(signal.SIGSTOP)
+        beat = sql(db, "SELECT heartbeat_at FROM runs")[0][0]
+        time.sleep(4.5)  # past the 3 s lease: the stopped job shows no life
+        assert sql(db, "SELECT heartbeat_at, status FROM runs")[0] == (beat, "running")
+        new = run_cli(*args, cwd=tmp_path, **BEAT)
+        assert new.returncode == 0, new.stdout[-3000:] + new.stderr[-3000:]
+        assert re.search(r"resuming after epoch [1-8]/8", new.stdout), new.stdout[-3000:]
+        done = _snapshot(tmp_path)
+        status, epoch, error, killed, owner = sql(
+            db, "SELECT status, epoch, error, killed_at_epoch, owner FROM runs"
+        )[0]
+        # ends done with no stale mark of the takeover; the token grew: fenced, then claimed
+        assert (status, epoch, error, killed) == ("done", 8, None, None)
+        assert owner >= 3
+        assert len(done["epochs"]) == 8  # type: ignore[arg-type]
+        old.send_signal(signal.SIGCONT)
+        out, err = old.communicate(timeout=120)
+    finally:
+        for sig in (signal.SIGCONT, signal.SIGKILL):
+            if old.poll() is None:
+                old.send_signal(sig)
+    assert "no longer this job's" in out + err, out[-3000:] + err[-3000:]
+    assert "taken over by another job" in out + err
+    assert "ended done (trained by another job)" in out + err
+    assert old.returncode == 0, err[-3000:]  # what it was asked for is done
+    assert _snapshot(tmp_path) == done  # not one write of the old job after it woke
+    assert not list(tmp_path.rglob("*.tmp*"))
+
+
+# ------------------------------------------------------------ two sweepers, one grid
+def test_two_sweepers_on_overlapping_grids_train_each_configuration_once(tmp_path: Path) -> None:
+    common = ("-m", "method=pgt", "epochs=2", "batch_size=32", "mlflow.enabled=false",
+              f"results_dir={tmp_path}")  # fmt: skip
+    first = _start(*common, "alpha=0.05,0.25,0.3", cwd=tmp_path)
+    time.sleep(0.5)
+    second = _start(*common, "alpha=0.25,0.3,0.5", cwd=tmp_path)
+    outs = [p.communicate(timeout=600) for p in (first, second)]
+    for p, (out, err) in zip((first, second), outs, strict=True):
+        assert p.returncode == 0, out[-3000:] + err[-3000:]
+        assert "Traceback" not in err
+    db = tmp_path / "results.db"
+    assert sql(db, "SELECT alpha, status, epoch FROM runs ORDER BY alpha") == [
+        (0.05, "done", 2), (0.25, "done", 2), (0.3, "done", 2), (0.5, "done", 2)
+    ]  # fmt: skip
+    # every job says which runs it trains (one line per run): each run was started once
+    logs = "".join(f.read_text() for f in (tmp_path / "logs" / "jobs").rglob("*_log.out"))
+    starts = Counter(re.findall(r"run (\d+) \([0-9a-f]{12}\): ", logs))
+    assert sorted(starts.values()) == [1, 1, 1, 1], (starts, logs[-3000:])
+    # the two headers split the work: four runs to run in all, two followed
+    to_run = [int(re.search(r"(\d+) to run", out).group(1)) for out, _ in outs]  # type: ignore[union-attr]
+    assert sum(to_run) == 4, [o[-2000:] for o, _ in outs]
+    assert sum(out.count("following it to its outcome") for out, _ in outs) == 2
+    assert sql(
+        db, "SELECT COUNT(*), COUNT(DISTINCT run_id || '-' || epoch) FROM epoch_metrics"
+    ) == [(8, 8)]
+
+
+# ------------------------------------------------------- the sweeper killed, jobs alive
+def test_a_rerun_follows_the_jobs_of_a_killed_sweeper(tmp_path: Path) -> None:
+    """SIGKILL on the sweeper alone: its local jobs run on (their own sessions); the same
+    command follows them to their end instead of saying "finished" or starting them twice,
+    and records the killed sweep's end."""
+    # long enough (about 0.3 s an epoch) to outlive the rerun's start
+    args = ("-m", "method=baseline,pgt", "alpha=0.3", "epochs=40", "batch_size=32",
+            "hydra.launcher.max_parallel=2", "hydra.launcher.fuse=off", "mlflow.enabled=false",
+            f"results_dir={tmp_path}")  # fmt: skip
+    db = tmp_path / "results.db"
+    sweeper = _start(*args, cwd=tmp_path, **BEAT)
+    try:
+        _wait_for(db, "SELECT epoch FROM runs", lambda r: len(r) == 2 and min(r)[0] >= 1,
+                  [sweeper])  # fmt: skip
+        sweeper.kill()
+        sweeper.wait(timeout=60)  # not its pipes: its jobs, still running, hold them open
+        again = run_cli(*args, cwd=tmp_path, timeout=600, **BEAT)
+    finally:
+        if sweeper.poll() is None:
+            sweeper.kill()
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "lost their sweeper; recorded abandoned" in again.stdout
+    assert again.stdout.count("following it to its outcome") == 2, again.stdout[-3000:]
+    assert "already finished" in again.stdout and "0 to run" in again.stdout
+    assert sql(db, "SELECT status, epoch FROM runs ORDER BY id") == [("done", 40), ("done", 40)]
+    assert sql(db, "SELECT id, outcome FROM sweeps ORDER BY id") == [
+        (1, "abandoned"),
+        (2, "finished"),
+    ]
+    logs = "".join(f.read_text() for f in (tmp_path / "logs" / "jobs").rglob("*_log.out"))
+    assert len(re.findall(r"run \d+ \([0-9a-f]{12}\): ", logs)) == 2  # no second job
+    assert "resuming" not in logs
+
+
+# --------------------------------------------------------------------- a full disk
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 24 MiB tmpfs (CI runs as root; elsewhere the test cannot make one)."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mnt)],
+                         capture_output=True, text=True)  # fmt: skip
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({res.stderr.strip()}); CI runs as root")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def _fill(disk: Path) -> Path:
+    """Take every free byte of ``disk`` (a file written until ENOSPC)."""
+    filler = disk / "filler"
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+    return filler
+
+
+def test_a_full_disk_interrupts_with_one_line_and_the_rerun_resumes_at_once(
+    small_disk: Path,
+) -> None:
+    results = small_disk / "results"
+    args = ("-m", "seed=0,1", "epochs=30", "batch_size=32", "mlflow.enabled=false",
+            "hydra.launcher.fuse=off", "hydra.launcher.max_parallel=2",
+            f"results_dir={results}")  # fmt: skip
+    db = results / "results.db"
+    sweeper = _start(*args, cwd=small_disk.parent)
+    try:
+        _wait_for(db, "SELECT epoch FROM runs", lambda r: len(r) == 2 and min(r)[0] >= 2,
+                  [sweeper])  # fmt: skip
+        filler = _fill(small_disk)
+        out, err = sweeper.communicate(timeout=300)
+    finally:
+        if sweeper.poll() is None:
+            sweeper.kill()
+    assert sweeper.returncode == 1, out[-3000:] + err[-3000:]
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    assert "interrupted points (the same command resumes them)" in lines[0]
+    assert re.search(r"no space left on device|disk is full", out + err, re.I), out[-3000:]
+    assert not list(results.rglob("*.tmp*")), list(results.rglob("*.tmp*"))
+    cut = sql(db, "SELECT epoch FROM runs ORDER BY id")
+    assert all(e < 30 for (e,) in cut)
+    filler.unlink()
+    again = run_cli(*args, cwd=small_disk.parent, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    # at once: their jobs' processes are gone, so no lease (90 s here) is waited for
+    assert "2 points, 2 to run" in again.stdout, again.stdout[-3000:]
+    assert "following" not in again.stdout
+    assert sql(db, "SELECT status, epoch FROM runs ORDER BY id") == [("done", 30), ("done", 30)]
+    rows = sql(db, "SELECT run_id, epoch FROM epoch_metrics ORDER BY run_id, epoch")
+    assert rows == [(r, e) for r in (1, 2) for e in range(30)]
+    assert not list(results.rglob("*.tmp*"))
+    shutil.rmtree(results, ignore_errors=True)
+    assert os.path.ismount(small_disk)
