@@ -71,11 +71,25 @@ class PgServer:
     def start(self) -> PgServer:
         self._run(str(self.bindir / "initdb"), "-D", str(self.data), "-U", USER,
                   "--auth=trust", "-E", "UTF8", "--no-sync")  # fmt: skip
+        self.resume()
+        return self
+
+    def resume(self) -> None:
+        """Start the server on its existing data directory (after :meth:`pause`)."""
         opts = (f"-h 127.0.0.1 -p {self.port} -k {self.sock} -c fsync=off "
                 "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200")  # fmt: skip
         self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l",
                   str(self.base / "server.log"), "-o", opts, "-w", "-t", "60", "start")  # fmt: skip
-        return self
+
+    def pause(self) -> None:
+        """Shut the server down (fast: open connections are terminated), data kept."""
+        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+    def restart(self) -> None:
+        """``pg_ctl restart``: down and up again in about a second."""
+        # -l: the server's output to its log, not to our pipe (which would never close)
+        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l",
+                  str(self.base / "server.log"), "-m", "fast", "-w", "-t", "60", "restart")  # fmt: skip
 
     def create_db(self, name: str) -> str:
         """A fresh database; returns its SQLAlchemy URL (plain ``postgresql://``)."""
