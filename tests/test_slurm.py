@@ -230,3 +230,70 @@ def test_job_dying_without_an_outcome_is_interrupted_with_its_stderr(
     assert f"Slurm job {job_id} ended" in error and "without recording an outcome" in error
     assert "CANCELLED" in error
     assert "interrupted 1" in out and "error: interrupted points" in err
+
+
+def test_a_suspended_fused_job_is_not_dead(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+    """``scontrol suspend`` of a fused job for longer than its lease: squeue says SUSPENDED,
+    so ``status`` and the same command started meanwhile leave its runs alone (the second
+    command follows them, it starts no job); after ``scontrol resume`` the job finishes them
+    ``done`` with no stale error or kill mark, no epoch billed the suspension, and each
+    run's MLflow record has one point per epoch."""
+    from mlflow.tracking import MlflowClient
+
+    grid = ["-m", "method=pgt", "alpha=0.05,0.25,0.3", "epochs=6", "batch_size=32",
+            "hydra.launcher.fuse=3", *slurm_args(slurm_cluster, tmp_path)]  # fmt: skip
+    env = cli_env(GRADSWEEP_HEARTBEAT_S="1")  # lease 3 s: a 6 s suspension outlives it
+    cmd = [sys.executable, "-m", "sweeper", *grid]
+    first = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)  # fmt: skip
+    second = None
+    db = tmp_path / "results.db"
+    try:
+        deadline, job_id = time.monotonic() + 180, None
+        while time.monotonic() < deadline and first.poll() is None:
+            rows = poll_sql(db, "SELECT r.epoch, s.job_id FROM runs r "
+                                "JOIN sweep_runs s ON s.run_id = r.id")  # fmt: skip
+            if len(rows) == 3 and all(e >= 1 and j for e, j in rows):
+                job_id = rows[0][1]
+                break
+            time.sleep(0.1)
+        assert job_id is not None, f"the job never trained (sweep exit {first.poll()})"
+        slurm_cluster.run("scontrol", "suspend", job_id)
+        state = slurm_cluster.run("squeue", "-h", "-j", job_id, "-o", "%T").stdout.strip()
+        assert state == "SUSPENDED", state
+        time.sleep(6)
+        status = run_cli(
+            "status", f"results_dir={tmp_path}", cwd=tmp_path, GRADSWEEP_HEARTBEAT_S="1"
+        )
+        assert status.returncode == 0, status.stderr
+        second = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)  # fmt: skip
+        time.sleep(8)  # the second command plans, claims and polls meanwhile
+        held = sql(db, "SELECT status, error, killed_at_epoch FROM runs ORDER BY id")
+        assert held == [("running", None, None)] * 3, held
+        assert sql(db, "SELECT DISTINCT job_id FROM sweep_runs WHERE job_id IS NOT NULL") == [
+            (job_id,)
+        ]
+        slurm_cluster.run("scontrol", "resume", job_id)
+        out1, err1 = first.communicate(timeout=240)
+        out2, err2 = second.communicate(timeout=240)
+    finally:
+        for p in (first, second):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.communicate()
+    assert first.returncode == 0, out1[-3000:] + err1[-3000:] + slurm_cluster.logs()
+    assert second.returncode == 0, out2[-3000:] + err2[-3000:]
+    assert "Traceback" not in err1 + err2
+    assert "3 points, 0 to run" in out2, out2[-3000:]
+    assert out2.count("following it to its outcome") == 3, out2[-3000:]
+    assert "submitted" not in out2, out2[-3000:]
+    runs = sql(db, "SELECT id, status, epoch, error, killed_at_epoch, mlflow_run_id FROM runs")
+    assert [r[1:5] for r in runs] == [("done", 6, None, None)] * 3, runs
+    (slowest,) = sql(db, "SELECT MAX(epoch_time) FROM epoch_metrics")[0]
+    assert slowest < 3.0, slowest  # the 6 s suspension is not training time
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    for run in runs:
+        for key in ("test_acc", "train_loss"):
+            steps = [m.step for m in client.get_metric_history(run[5], key)]
+            assert sorted(steps) == list(range(6)), (key, steps)  # one per epoch row
