@@ -252,6 +252,8 @@ SelectTypeParameters=CR_CPU_Memory
 ReturnToService=2
 KillWait=2
 MinJobAge=60
+# small, so that a test grid goes out as several arrays as a large one does on a cluster
+MaxArraySize=2
 SlurmctldTimeout=30
 SlurmdTimeout=30
 InactiveLimit=0

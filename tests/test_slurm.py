@@ -36,10 +36,11 @@ def slurm_args(cluster: SlurmCluster, results: Path, cpus: int = 1) -> list[str]
 
 
 def test_small_sweep_through_slurm(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
-    """Three points, fuse=2: a fused job of two members and one alone, as one job array."""
+    """Five points, fuse=2: two fused jobs of two members and one alone; the cluster's
+    MaxArraySize is 2, so they go out as an array of two tasks and a job."""
     res = run_cli(
         "-m",
-        "method=baseline,pgt,ls",
+        "method=baseline,pgt,ls,gc,znorm",
         "+experiment=smoke",
         "hydra.launcher.fuse=2",
         *slurm_args(slurm_cluster, tmp_path),
@@ -49,24 +50,28 @@ def test_small_sweep_through_slurm(slurm_cluster: SlurmCluster, tmp_path: Path) 
     out = res.stdout
     assert res.returncode == 0, out[-3000:] + res.stderr[-3000:] + slurm_cluster.logs()
     db = tmp_path / "results.db"
+    methods = ["baseline", "gc", "ls", "pgt", "znorm"]
     assert sql(db, "SELECT method, status, epoch FROM runs ORDER BY method") == [
-        ("baseline", "done", 3),
-        ("ls", "done", 3),
-        ("pgt", "done", 3),
+        (m, "done", 3) for m in methods
     ]
-    assert "3 points → 2 jobs: 1 fused (2 members), 1 alone" in out
+    assert "5 points → 3 jobs: 2 fused (2, 2 members), 1 alone" in out
     (launcher,) = sql(db, "SELECT launcher FROM sweeps WHERE id = 1")[0]
     assert launcher == "slurm"
     job_ids = sorted(r[0] for r in sql(db, "SELECT job_id FROM sweep_runs"))
     array = job_ids[0].split("_")[0]
-    assert job_ids == [f"{array}_0", f"{array}_0", f"{array}_1"]  # one array of two tasks
+    alone = next(j for j in job_ids if "_" not in j)  # the second sbatch: a plain job
+    # one array of two tasks (two members each), then the job that did not fit in it
+    assert sorted(job_ids) == sorted([f"{array}_0"] * 2 + [f"{array}_1"] * 2 + [alone])
     assert f"submitted Slurm job array {array} (2 tasks)" in out
-    assert "[  3/3]" in out and "done 3 · failed 0" in out and "sweep summary" in out
+    assert f"submitted Slurm job {alone}" in out
+    assert "[  5/5]" in out and "done 5 · failed 0" in out and "sweep summary" in out
     # no accounting on this cluster: the launcher must not lean on sacct (nor spam about it)
     assert "sacct" not in out + res.stderr
     logs = sorted((tmp_path / "logs" / "jobs" / "sweep1").glob("*_log.out"))
-    assert [p.name for p in logs] == [f"{array}_0_0_log.out", f"{array}_1_0_log.out"]
-    assert sum(p.read_text().count("epoch   3/3") for p in logs) == 3
+    assert [p.name for p in logs] == sorted(
+        [f"{array}_0_0_log.out", f"{array}_1_0_log.out", f"{alone}_0_log.out"]
+    )
+    assert sum(p.read_text().count("epoch   3/3") for p in logs) == 5
 
     from mlflow import MlflowClient
 
@@ -74,9 +79,9 @@ def test_small_sweep_through_slurm(slurm_cluster: SlurmCluster, tmp_path: Path) 
     exp = client.get_experiment_by_name("gradsweep")
     runs = client.search_runs([exp.experiment_id], "tags.sweep_id = '1'")
     kids = [r for r in runs if r.data.tags.get("sweep") != "parent"]
-    assert sorted(r.data.tags["method"] for r in kids) == ["baseline", "ls", "pgt"]
+    assert sorted(r.data.tags["method"] for r in kids) == methods
     assert all(r.info.status == "FINISHED" for r in kids)
-    assert sql(db, "SELECT count(*) FROM runs WHERE mlflow_mirrored = 1") == [(3,)]
+    assert sql(db, "SELECT count(*) FROM runs WHERE mlflow_mirrored = 1") == [(5,)]
 
 
 def test_optuna_search_through_slurm(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
@@ -116,7 +121,7 @@ def test_optuna_search_through_slurm(slurm_cluster: SlurmCluster, tmp_path: Path
 def test_requeued_job_resumes_from_checkpoint(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
     """``scontrol requeue`` mid-run: Slurm kills the job and runs it again; it resumes from
     its checkpoint and ends with exactly the metrics of an uninterrupted run."""
-    job = ["epochs=12", "batch_size=16", "mlflow.enabled=false"]
+    job = ["epochs=12", "batch_size=16"]
     res_dir, ref_dir = tmp_path / "slurm", tmp_path / "ref"
     proc = subprocess.Popen(
         [sys.executable, "-m", "sweeper", "-m", *job, *slurm_args(slurm_cluster, res_dir, 1)],
@@ -156,13 +161,21 @@ def test_requeued_job_resumes_from_checkpoint(slurm_cluster: SlurmCluster, tmp_p
     print(f"requeued at epoch {epoch}; resumed after epoch {k}; Restarts=1")
     # the uninterrupted reference: the same job, as its own process (bit-equality needs the
     # same process set-up; after the sweep: two trainings sharing 2 cores would be slow)
-    ref = run_cli(*job, f"results_dir={ref_dir}", cwd=tmp_path, timeout=300)
+    ref = run_cli(*job, "mlflow.enabled=false", f"results_dir={ref_dir}", cwd=tmp_path, timeout=300)
     assert ref.returncode == 0, ref.stderr[-3000:]
     query = f"SELECT {METRIC_COLUMNS} FROM epoch_metrics ORDER BY epoch"
     got, want = sql(db, query), sql(ref_dir / "results.db", query)
     assert len(want) == 12 and got == want  # exact float equality, every epoch
     final = "SELECT train_acc, test_acc, test_top5, test_loss, logit_norm FROM runs"
     assert sql(db, final) == sql(ref_dir / "results.db", final)
+    # the requeued job reopened the run's MLflow record and added only what it lacked
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{res_dir / 'mlflow.db'}")
+    ((mlflow_id,),) = sql(db, "SELECT mlflow_run_id FROM runs")
+    for key in ("test_acc", "train_loss", "lr"):
+        steps = [m.step for m in client.get_metric_history(mlflow_id, key)]
+        assert sorted(steps) == list(range(12)), (key, steps)
 
 
 def test_unknown_partition_refused_before_anything(

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from sweeper.config.launcher import LauncherParams
-from sweeper.launch.slurm import SlurmQueue, check_slurm, job_error, job_gone
+from sweeper.launch.slurm import SlurmQueue, check_slurm, job_error, job_gone, max_array_size
 from trainers.registry import ConfigError, first_line
 
 # A Slurm job that looks gone (an ended state, or no longer listed) while its run has no
@@ -249,8 +249,8 @@ class LocalBackend:
 
 
 class SlurmBackend:
-    """One job array per submission batch (a grid goes out as one array, a search's trials
-    one job each). Liveness from ``squeue`` (never ``sacct``); a requeued job (time-out,
+    """One job array per submission batch (a grid goes out as one array, or as several of
+    at most the cluster's ``MaxArraySize`` tasks; a search's trials one job each). Liveness from ``squeue`` (never ``sacct``); a requeued job (time-out,
     pre-emption, ``scontrol requeue``) stays alive and resumes from its checkpoint."""
 
     kind = "slurm"
@@ -288,8 +288,14 @@ class SlurmBackend:
             raise ConfigError(f"hydra/launcher=slurm: {first_line(e)}") from None
         self.queue = SlurmQueue([], out)
         self.live: dict[str, int] = {}  # submission id -> its jobs not yet released
+        # sbatch refuses an array larger than this: a larger grid goes out as several
+        self.array_max = max(1, max_array_size())
 
     def submit(self, subs: Sequence[Submission]) -> None:
+        for i in range(0, len(subs), self.array_max):
+            self._submit_array(subs[i : i + self.array_max])
+
+    def _submit_array(self, subs: Sequence[Submission]) -> None:
         from sweeper.launch.job import TrainJob
 
         err = io.StringIO()

@@ -110,6 +110,21 @@ class SlurmQueue:
         return None
 
 
+def max_array_size() -> int:
+    """The cluster's ``MaxArraySize`` (a job array holds at most this many tasks; 0: no
+    arrays), from ``scontrol show config``; Slurm's default 1001 where it cannot be read."""
+    try:
+        q = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True,
+                           timeout=60)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return 1001
+    for line in q.stdout.splitlines():
+        key, _, value = line.partition("=")
+        if key.strip() == "MaxArraySize" and value.strip().isdigit():
+            return int(value.strip())
+    return 1001
+
+
 def listed(job_ids: list[str]) -> bool | None:
     """Whether Slurm still has one of these jobs (pending, running, suspended, requeued:
     anything but an ended state): its run's job is not dead, whatever its heartbeat says.
