@@ -59,12 +59,17 @@ class Lifecycle(Database):
     def start_run(self, run_id: int, owner: int, provenance: dict[str, Any],
                   resume_epoch: int) -> None:  # fmt: skip
         """Running, under token ``owner`` (:meth:`Leases.claim`; LostRun when the run holds
-        another); drop rows a killed attempt wrote past its last checkpoint."""
+        another); drop rows a killed attempt wrote past its last checkpoint.
+
+        A run already ``running`` under this very token is the same job started again by
+        its backend (a Slurm requeue: time limit, pre-emption, ``scontrol requeue``), which
+        runs a job again only once its previous incarnation has ended: it resumes."""
         now = utcnow()
         with self.session() as s:
+            startable = (*CLAIMABLE, RunStatus.running)
             res = s.execute(
                 update(Run)
-                .where(Run.id == run_id, Run.owner == owner, Run.status.in_(CLAIMABLE))
+                .where(Run.id == run_id, Run.owner == owner, Run.status.in_(startable))
                 .values(status=RunStatus.running, heartbeat_at=now, ended_at=None, error=None,
                         diverged_step=None, epoch=resume_epoch, **provenance)
                 .execution_options(synchronize_session=False)
