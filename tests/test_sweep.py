@@ -88,23 +88,20 @@ def test_failing_point_is_recorded_and_named(tmp_path: Path) -> None:
     write_imagefolder(good, {"train": {"ant": 3, "bee": 2}, "val": {"ant": 1, "bee": 1}})
     write_imagefolder(bad, {"train": {"ant": 2, "bee": 2}, "val": {"ant": 1, "bee": 1}})
     (bad / "train" / "ant" / "broken.jpg").write_bytes(b"this is not a JPEG")
-    res = run_cli(
-        "-m",
-        "data=imagenet",
-        f"data.root={good},{bad}",
-        "data.image_size=32",
-        "data.num_workers=0",
-        "model=resnet18",
-        "batch_size=5",
-        "epochs=1",
-        "mlflow.enabled=false",
-        f"results_dir={tmp_path / 'res'}",
-        cwd=tmp_path,
-        timeout=600,
-    )
+    grid = ["-m", "data=imagenet", f"data.root={good},{bad}", "data.image_size=32",
+            "data.num_workers=0", "model=resnet18", "batch_size=5", "epochs=1",
+            "mlflow.enabled=false", f"results_dir={tmp_path / 'res'}"]  # fmt: skip
+    res = run_cli(*grid, cwd=tmp_path, timeout=600)
     assert res.returncode == 1
     err = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
     assert len(err) == 1 and str(bad) in err[0] and "failed points" in err[0]
+    # the same command again trains nothing and still exits 1 naming the failed point
+    again = run_cli(*grid, cwd=tmp_path, timeout=600)
+    assert again.returncode == 1, again.stdout[-2000:]
+    assert "2 points, 0 to run, 2 already finished (1 failed)" in again.stdout
+    err = [ln for ln in again.stderr.splitlines() if ln.startswith("error:")]
+    assert len(err) == 1 and str(bad) in err[0] and str(good) not in err[0], err
+    assert "retry_failed=true retries them" in err[0]
     rows = dict(
         sql(
             tmp_path / "res" / "results.db",
