@@ -136,7 +136,7 @@ def test_a_rerun_follows_the_jobs_of_a_killed_sweeper(tmp_path: Path) -> None:
     command follows them to their end instead of saying "finished" or starting them twice,
     and records the killed sweep's end."""
     # long enough (about 0.3 s an epoch) to outlive the rerun's start
-    args = ("-m", "method=baseline,pgt", "alpha=0.3", "epochs=40", "batch_size=32",
+    args = ("-m", "method=baseline,pgt", "alpha=0.3", "epochs=30", "batch_size=32",
             "hydra.launcher.max_parallel=2", "hydra.launcher.fuse=off", "mlflow.enabled=false",
             f"results_dir={tmp_path}")  # fmt: skip
     db = tmp_path / "results.db"
@@ -154,7 +154,7 @@ def test_a_rerun_follows_the_jobs_of_a_killed_sweeper(tmp_path: Path) -> None:
     assert "lost their sweeper; recorded abandoned" in again.stdout
     assert again.stdout.count("following it to its outcome") == 2, again.stdout[-3000:]
     assert "already finished" in again.stdout and "0 to run" in again.stdout
-    assert sql(db, "SELECT status, epoch FROM runs ORDER BY id") == [("done", 40), ("done", 40)]
+    assert sql(db, "SELECT status, epoch FROM runs ORDER BY id") == [("done", 30), ("done", 30)]
     assert sql(db, "SELECT id, outcome FROM sweeps ORDER BY id") == [
         (1, "abandoned"),
         (2, "finished"),
