@@ -11,6 +11,7 @@ real sweeps).
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -28,7 +29,7 @@ from analysis.sweep import summarize_sweep
 from sweeper.config.identity import grid_columns, identity_of, resolved_config
 from sweeper.store import RunRecord, RunStatus, Store
 from sweeper.tracking.catch_up import catch_up
-from sweeper.tracking.client import MlflowRun
+from sweeper.tracking.client import MlflowRun, init_tracking_store
 from sweeper.tracking.describe import point_tags, reason
 from sweeper.tracking.record import METRICS, logged_of, sync_run
 from sweeper.tracking.sweep import SweepTracker, summary_metrics
@@ -93,18 +94,34 @@ def _children(d: Path, parent_id: str) -> list[Any]:
     return c.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
 
 
+@pytest.fixture(scope="module")
+def migrated(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An MLflow tracking DB set up once for the module (MLflow's schema migrations take
+    seconds): each test gets a copy."""
+    db = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    init_tracking_store(f"sqlite:///{db}")
+    return db
+
+
+@pytest.fixture
+def results(tmp_path: Path, migrated: Path) -> Path:
+    """A results dir whose MLflow tracking DB (``mlflow.db``) is a fresh, set-up copy."""
+    shutil.copyfile(migrated, tmp_path / "mlflow.db")
+    return tmp_path
+
+
 # ------------------------------------------------------------------ no point twice
-def test_a_run_synced_resumed_and_synced_again_logs_each_step_once(tmp_path: Path) -> None:
+def test_a_run_synced_resumed_and_synced_again_logs_each_step_once(results: Path) -> None:
     """A job's record (sync_run), interrupted after epoch 3 with epoch 3 past its last
     checkpoint, resumed into the same MLflow run: epochs 0-7 once each, for every key."""
-    url, uri = _urls(tmp_path)
+    url, uri = _urls(results)
     store = Store(url)
-    run = _new_run(store, tmp_path)
+    run = _new_run(store, results)
     t1 = store.claim(run.id, None)
     assert t1 is not None
     store.start_run(run.id, t1, {}, 0)
     _record(store, run.id, t1, range(4))
-    first = MlflowRun(uri, "gradsweep", tmp_path / "mlartifacts")
+    first = MlflowRun(uri, "gradsweep", results / "mlartifacts")
     rid = first.open_run(run, None, {}, describe=False)
     assert rid is not None
     logged = logged_of(first)
@@ -112,26 +129,26 @@ def test_a_run_synced_resumed_and_synced_again_logs_each_step_once(tmp_path: Pat
     assert not sync_run(store, store.get_run_by_id(run.id), first, logged, t1)  # nothing new
     store.mark_cancelled([(run.id, t1)], "Ctrl-C")
     assert sync_run(store, store.get_run_by_id(run.id), first, logged, t1)
-    assert _client(tmp_path).get_run(rid).info.status == "KILLED"
+    assert _client(results).get_run(rid).info.status == "KILLED"
 
     t2 = store.claim(run.id, None)  # resumed from the checkpoint of epoch 2: epoch 3 again
     assert t2 is not None and t2 != t1
     store.start_run(run.id, t2, {}, 3)
     _record(store, run.id, t2, range(3, 8))
     store.finish_run(run.id, RunStatus.done, owner=t2, train_seconds=12.0, gpu_hours=0.0)
-    again = MlflowRun(uri, "gradsweep", tmp_path / "mlartifacts")
+    again = MlflowRun(uri, "gradsweep", results / "mlartifacts")
     cur = store.get_run_by_id(run.id)
     assert again.open_run(cur, None, {}, cur.mlflow_run_id, describe=False) == rid
     assert sync_run(store, store.get_run_by_id(run.id), again, logged_of(again), t2)
-    _once_each(tmp_path, rid, 8)
-    got = _client(tmp_path).get_run(rid)
+    _once_each(results, rid, 8)
+    got = _client(results).get_run(rid)
     assert got.info.status == "FINISHED" and got.data.tags["status"] == "done"
     assert "reason" not in got.data.tags
-    assert len(_client(tmp_path).get_metric_history(rid, "train_seconds")) == 1
+    assert len(_client(results).get_metric_history(rid, "train_seconds")) == 1
     # the end time is the store's, not the time the record was completed
     ended = store.get_run_by_id(run.id).ended_at
     assert abs(got.info.end_time - ended.timestamp() * 1000 - _utc_offset_ms(ended)) < 1000
-    assert sql(tmp_path / "results.db", "SELECT mlflow_mirrored FROM runs") == [(1,)]
+    assert sql(results / "results.db", "SELECT mlflow_mirrored FROM runs") == [(1,)]
     store.dispose()
 
 
@@ -142,16 +159,16 @@ def _utc_offset_ms(naive_utc: Any) -> float:
     return naive_utc.replace(tzinfo=dt.UTC).timestamp() * 1000 - naive_utc.timestamp() * 1000
 
 
-def test_a_job_that_lost_its_run_writes_nothing_to_mlflow(tmp_path: Path) -> None:
+def test_a_job_that_lost_its_run_writes_nothing_to_mlflow(results: Path) -> None:
     """Taken over (another job claimed the run): the old job's syncs write nothing, the new
     job's reopen reads what MLflow holds, so no step is logged twice."""
-    url, uri = _urls(tmp_path)
+    url, uri = _urls(results)
     store = Store(url)
-    run = _new_run(store, tmp_path)
+    run = _new_run(store, results)
     old = store.claim(run.id, None)
     store.start_run(run.id, old, {}, 0)
     _record(store, run.id, old, range(2))
-    a = MlflowRun(uri, "gradsweep", tmp_path / "mlartifacts")
+    a = MlflowRun(uri, "gradsweep", results / "mlartifacts")
     rid = a.open_run(run, None, {}, describe=False)
     store.set_fields(run.id, mlflow_run_id=rid)
     a_logged = logged_of(a)
@@ -160,72 +177,72 @@ def test_a_job_that_lost_its_run_writes_nothing_to_mlflow(tmp_path: Path) -> Non
     assert store.mark_killed([(run.id, old)], "its job 9 ended without recording an outcome")
     new = store.claim(run.id, None)
     store.start_run(run.id, new, {}, 2)
-    b = MlflowRun(uri, "gradsweep", tmp_path / "mlartifacts")
+    b = MlflowRun(uri, "gradsweep", results / "mlartifacts")
     cur = store.get_run_by_id(run.id)
     assert b.open_run(cur, None, {}, cur.mlflow_run_id, describe=False) == rid
     b_logged = logged_of(b)
     _record(store, run.id, new, range(2, 5))
     # the old job, not dead after all, syncs: the run is no longer its own
     assert sync_run(store, store.get_run_by_id(run.id), a, a_logged, old)
-    assert _steps(tmp_path, rid)["test_acc"] == [0, 1]
+    assert _steps(results, rid)["test_acc"] == [0, 1]
     assert not sync_run(store, store.get_run_by_id(run.id), b, b_logged, new)
-    _once_each(tmp_path, rid, 5)
+    _once_each(results, rid, 5)
     store.dispose()
 
 
-def test_the_sweepers_thread_leaves_a_run_another_job_took_over(tmp_path: Path) -> None:
+def test_the_sweepers_thread_leaves_a_run_another_job_took_over(results: Path) -> None:
     """A fused member whose job was declared dead and whose run another job trains now:
     the first sweep's thread, still running, writes none of the new job's epochs (the new
     job's own record has them, once each). The thread's passes are made here, one at a
     time (its own timer is an hour), so that one falls between the take-over and the new
     job's first sync."""
-    url, uri = _urls(tmp_path)
+    url, uri = _urls(results)
     store = Store(url)
-    run = _new_run(store, tmp_path)
+    run = _new_run(store, results)
     s1 = store.create_sweep("s1", "-m ...", "local", 2)
     store.link_run(s1.id, run.id, "seed=0")
     t1 = store.claim(run.id, s1.id)
     warned: list[str] = []
-    tracker = _tracker(tmp_path, s1.id, "s1", warned, every=3600)
+    tracker = _tracker(results, s1.id, "s1", warned, every=3600)
     tracker.watch([run.id], [{"sweep_id": str(s1.id), "sweep_name": "s1"}])
     store.start_run(run.id, t1, {}, 0)
     _record(store, run.id, t1, range(2))
     tracker._sync(store)  # the member trains: its record so far
     rid = store.get_run_by_id(run.id).mlflow_run_id
-    assert rid and _steps(tmp_path, rid)["test_acc"] == [0, 1], warned
+    assert rid and _steps(results, rid)["test_acc"] == [0, 1], warned
     # taken over: declared dead, claimed by another job, which opens the same MLflow run
     assert store.mark_killed([(run.id, t1)], "no heartbeat") == 1
     t2 = store.claim(run.id, None)
     assert t2 is not None
     store.start_run(run.id, t2, {}, 2)
-    job = MlflowRun(uri, "gradsweep", tmp_path / "mlartifacts")
+    job = MlflowRun(uri, "gradsweep", results / "mlartifacts")
     cur = store.get_run_by_id(run.id)
     assert job.open_run(cur, None, {}, cur.mlflow_run_id, describe=False) == rid
     logged = logged_of(job)
     _record(store, run.id, t2, range(2, 5))
     tracker._sync(store)  # the first sweep's thread: the run is not its job's any more
-    assert _steps(tmp_path, rid)["test_acc"] == [0, 1], warned
+    assert _steps(results, rid)["test_acc"] == [0, 1], warned
     store.finish_run(run.id, RunStatus.done, owner=t2, train_seconds=1.0, gpu_hours=0.0)
     assert sync_run(store, store.get_run_by_id(run.id), job, logged, t2)
     tracker.close(failed=True)
-    _once_each(tmp_path, rid, 5)
-    assert _client(tmp_path).get_run(rid).info.status == "FINISHED"
+    _once_each(results, rid, 5)
+    assert _client(results).get_run(rid).info.status == "FINISHED"
     store.dispose()
 
 
-def test_a_fused_member_resumed_by_a_second_sweep(tmp_path: Path) -> None:
+def test_a_fused_member_resumed_by_a_second_sweep(results: Path) -> None:
     """The sweeper's thread mirrors a fused member (SweepTracker.watch); the sweep is
     interrupted after epoch 3; a second sweep resumes the member: one point per epoch per
     key, and the run moves under the second sweep's parent with that sweep's tags."""
-    url, uri = _urls(tmp_path)
+    url, uri = _urls(results)
     store = Store(url)
-    run = _new_run(store, tmp_path, "method=baseline")
+    run = _new_run(store, results, "method=baseline")
     point = "method=baseline alpha=0.25 seed=0"
     warned: list[str] = []
     s1 = store.create_sweep("s1", "-m ...", "local", 2)
     store.link_run(s1.id, run.id, point)
     t1 = store.claim(run.id, s1.id)
-    first = _tracker(tmp_path, s1.id, "s1", warned)
+    first = _tracker(results, s1.id, "s1", warned)
     tags = point_tags(point, run.config["identity"])
     first.watch([run.id], [{"sweep_id": str(s1.id), "sweep_name": "s1", **tags,
                             "fused_group": "2"}])  # fmt: skip
@@ -234,7 +251,7 @@ def test_a_fused_member_resumed_by_a_second_sweep(tmp_path: Path) -> None:
     deadline = time.monotonic() + 60
     while (
         not store.get_run_by_id(run.id).mlflow_run_id
-        or len(_steps(tmp_path, store.get_run_by_id(run.id).mlflow_run_id)["test_acc"]) < 2
+        or len(_steps(results, store.get_run_by_id(run.id).mlflow_run_id)["test_acc"]) < 2
     ):  # the thread syncs while the member trains
         assert time.monotonic() < deadline, warned
         time.sleep(0.1)
@@ -242,12 +259,12 @@ def test_a_fused_member_resumed_by_a_second_sweep(tmp_path: Path) -> None:
     store.mark_cancelled([(run.id, t1)], "Ctrl-C")
     first.close(failed=True)
     rid = store.get_run_by_id(run.id).mlflow_run_id
-    assert _client(tmp_path).get_run(rid).info.status == "KILLED"
+    assert _client(results).get_run(rid).info.status == "KILLED"
 
     s2 = store.create_sweep("s2", "-m ...", "local", 2)
     store.link_run(s2.id, run.id, point)
     t2 = store.claim(run.id, s2.id)
-    second = _tracker(tmp_path, s2.id, "s2", warned)
+    second = _tracker(results, s2.id, "s2", warned)
     second.watch([run.id], [{"sweep_id": str(s2.id), "sweep_name": "s2", **tags}])
     store.start_run(run.id, t2, {}, 3)  # from the checkpoint of epoch 2
     _record(store, run.id, t2, range(3, 8))
@@ -255,17 +272,17 @@ def test_a_fused_member_resumed_by_a_second_sweep(tmp_path: Path) -> None:
     second.close(failed=False)
     assert not warned, warned
     assert store.get_run_by_id(run.id).mlflow_run_id == rid  # the same MLflow run
-    _once_each(tmp_path, rid, 8)
-    got = _client(tmp_path).get_run(rid)
+    _once_each(results, rid, 8)
+    got = _client(results).get_run(rid)
     p2 = store.sweeps([s2.id])[0].mlflow_parent_run_id
     p1 = store.sweeps([s1.id])[0].mlflow_parent_run_id
     assert got.info.status == "FINISHED"
     assert got.data.tags["mlflow.parentRunId"] == p2 and got.data.tags["sweep_id"] == "2"
     assert got.data.tags["sweep_name"] == "s2" and "fused_group" not in got.data.tags
     assert got.data.tags["config_label"] == "method=baseline"  # alpha: no PGT, no effect
-    assert [r.info.run_id for r in _children(tmp_path, p2)] == [rid]
-    assert _children(tmp_path, p1) == []
-    parent = _client(tmp_path).get_run(p2).data
+    assert [r.info.run_id for r in _children(results, p2)] == [rid]
+    assert _children(results, p1) == []
+    parent = _client(results).get_run(p2).data
     assert parent.tags["runs_ended"] == "1/1" and parent.metrics["runs/done"] == 1
     store.dispose()
 
@@ -299,26 +316,26 @@ def test_reasons_are_the_exception() -> None:
     assert reason("failed", error=ours) == "failed: killed twice"
 
 
-def test_a_run_that_failed_before_its_mlflow_run_opened(tmp_path: Path) -> None:
+def test_a_run_that_failed_before_its_mlflow_run_opened(results: Path) -> None:
     """Its job raised before it recorded anything (the sweeper records the failure with
     submitit's error text): mirrored by the sweeper's thread under the sweep's parent, with
     the sweep's tags and the exception as its reason."""
-    url, uri = _urls(tmp_path)
+    url, uri = _urls(results)
     store = Store(url)
-    run = _new_run(store, tmp_path, "method=baseline", "seed=1")
+    run = _new_run(store, results, "method=baseline", "seed=1")
     point = "method=baseline alpha=0.25 seed=1"
     sweep = store.create_sweep("s", "-m ...", "local", 1)
     store.link_run(sweep.id, run.id, point)
     token = store.claim(run.id, sweep.id)
     warned: list[str] = []
-    tracker = _tracker(tmp_path, sweep.id, "s", warned)
+    tracker = _tracker(results, sweep.id, "s", warned)
     store.finish_run(run.id, RunStatus.failed, owner=token, error=WRAPPED)
     tracker.ended([run.id])
     tracker.close(failed=False)
     assert not warned, warned
     row = store.get_run_by_id(run.id)
     assert row.mlflow_run_id and row.mlflow_mirrored
-    got = _client(tmp_path).get_run(row.mlflow_run_id)
+    got = _client(results).get_run(row.mlflow_run_id)
     parent = store.sweeps([sweep.id])[0].mlflow_parent_run_id
     assert got.info.status == "FAILED" and got.data.tags["status"] == "failed"
     assert got.data.tags["reason"] == "ValueError: the data set's files are corrupt"
@@ -328,9 +345,9 @@ def test_a_run_that_failed_before_its_mlflow_run_opened(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------ labels
-def test_labels_carry_only_the_keys_that_matter(tmp_path: Path) -> None:
+def test_labels_carry_only_the_keys_that_matter(results: Path) -> None:
     def ident(*o: str) -> dict:
-        return identity_of(compose(f"results_dir={tmp_path}", *o))[0]
+        return identity_of(compose(f"results_dir={results}", *o))[0]
 
     base, pgt = ident("method=baseline"), ident("method=pgt")
     assert point_label("method=baseline alpha=0.25 seed=0", base) == "method=baseline"
@@ -349,10 +366,10 @@ def test_labels_carry_only_the_keys_that_matter(tmp_path: Path) -> None:
     }
 
     # the parent's summary names the configurations the same way
-    store = Store(_urls(tmp_path)[0])
+    store = Store(_urls(results)[0])
     sweep = store.create_sweep("s", "-m method=baseline,pgt alpha=0.05,0.25", "local", 4)
     for method, alpha in (("baseline", "0.05"), ("baseline", "0.25"), ("pgt", "0.05")):
-        run = _new_run(store, tmp_path, f"method={method}", f"alpha={alpha}")
+        run = _new_run(store, results, f"method={method}", f"alpha={alpha}")
         store.link_run(sweep.id, run.id, f"method={method} alpha={alpha}")
     s = summarize_sweep(store, sweep.id, with_report=False)
     assert sorted(r.label for r in s.rows) == ["method=baseline", "method=pgt alpha=0.05"]
@@ -374,49 +391,49 @@ def _mirror(d: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
 
 
 def test_mirror_copies_runs_made_without_mlflow_under_a_parent_of_their_sweep(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    results: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    store = Store(_urls(tmp_path)[0])
+    store = Store(_urls(results)[0])
     sweep = store.create_sweep("nomlflow", "-m seed=0,1 mlflow.enabled=false", "local", 2)
     for seed in (0, 1):
-        run = _new_run(store, tmp_path, f"seed={seed}", "mlflow.enabled=false")
+        run = _new_run(store, results, f"seed={seed}", "mlflow.enabled=false")
         assert run.config["mlflow"]["enabled"] is False
         store.link_run(sweep.id, run.id, f"seed={seed}")
-        _done(store, tmp_path, run, store.claim(run.id, sweep.id))
+        _done(store, results, run, store.claim(run.id, sweep.id))
     # its sweeper ended (a live sweeper mirrors its own runs: mirror leaves them to it)
     store.set_sweep_fields(sweep.id, ended_at=sweep.created_at, outcome="finished")
-    rc, out = _mirror(tmp_path, capsys)
+    rc, out = _mirror(results, capsys)
     assert rc == 0 and "mirrored 2 of 2 run(s)" in out and "1 sweep parent run(s) made" in out
     parent = store.sweeps([sweep.id])[0].mlflow_parent_run_id
-    kids = _children(tmp_path, parent)
+    kids = _children(results, parent)
     assert len(kids) == 2 and {k.data.tags["sweep_id"] for k in kids} == {"1"}
     for k in kids:
-        _once_each(tmp_path, k.info.run_id, 5)
+        _once_each(results, k.info.run_id, 5)
         assert k.info.status == "FINISHED" and k.data.tags["mirrored_later"] == "true"
-    p = _client(tmp_path).get_run(parent)
+    p = _client(results).get_run(parent)
     assert p.data.tags["runs_ended"] == "2/2" and p.data.metrics["runs/done"] == 2
     assert p.info.status != "RUNNING"
-    rc, out = _mirror(tmp_path, capsys)
+    rc, out = _mirror(results, capsys)
     assert rc == 0 and out.startswith("nothing to mirror") and "2 already complete" in out
     store.dispose()
 
 
 def test_mirror_completes_a_record_that_lacks_steps_and_rebuilds_one_with_duplicates(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    results: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Two runs marked mirrored: one whose MLflow record stops at epoch 2, one whose record
     holds epoch 1 twice (an earlier version's resume) with system metrics and an artifact
     of its own. ``mirror`` completes the first in place and rebuilds the second."""
     from mlflow.entities import Metric
 
-    url, uri = _urls(tmp_path)
+    url, uri = _urls(results)
     store = Store(url)
-    client = _client(tmp_path)
+    client = _client(results)
     ids = []
     for seed in (0, 1):
-        run = _new_run(store, tmp_path, f"seed={seed}")
-        _done(store, tmp_path, run, store.claim(run.id, None))
-        m = MlflowRun(uri, "gradsweep", tmp_path / "mlartifacts")
+        run = _new_run(store, results, f"seed={seed}")
+        _done(store, results, run, store.claim(run.id, None))
+        m = MlflowRun(uri, "gradsweep", results / "mlartifacts")
         rid = m.open_run(run, None, {}, describe=False)
         for em in store.epoch_metrics(run.id)[: 3 if seed == 0 else 5]:
             m.log_metrics({k: getattr(em, k) for k in METRICS if getattr(em, k) is not None},
@@ -427,28 +444,28 @@ def test_mirror_completes_a_record_that_lacks_steps_and_rebuilds_one_with_duplic
             client.log_batch(rid, metrics=[Metric("test_acc", em.test_acc, 1, 1)])  # twice
             client.log_batch(rid, metrics=[Metric("system/cpu_utilization_percentage", v,
                                                   1000 + i, i) for i, v in enumerate((5, 7))])  # fmt: skip
-            note = tmp_path / "notes.txt"
+            note = results / "notes.txt"
             note.write_text("by hand")
             m.log_artifact(note)
         m.set_tags({"status": "done"})
         m.end("FINISHED")
         store.set_fields(run.id, mlflow_run_id=rid, mlflow_mirrored=True)
         ids.append((run.id, rid))
-    rc, out = _mirror(tmp_path, capsys)
+    rc, out = _mirror(results, capsys)
     assert rc == 0 and "mirrored 2 of 2 run(s)" in out, out
     assert "1 completed" in out and "1 rebuilt" in out
     (a, a_mlflow), (b, b_old) = ids
     assert store.get_run_by_id(a).mlflow_run_id == a_mlflow
-    _once_each(tmp_path, a_mlflow, 5)
+    _once_each(results, a_mlflow, 5)
     b_new = store.get_run_by_id(b).mlflow_run_id
     assert b_new != b_old and client.get_run(b_old).info.lifecycle_stage == "deleted"
-    _once_each(tmp_path, b_new, 5)
+    _once_each(results, b_new, 5)
     new = client.get_run(b_new)
     assert new.data.tags["rebuilt_from"] == b_old and new.info.status == "FINISHED"
     hist = client.get_metric_history(b_new, "system/cpu_utilization_percentage")
     assert sorted((h.step, h.value) for h in hist) == [(0, 5.0), (1, 7.0)]
     assert "notes.txt" in {f.path for f in client.list_artifacts(b_new)}
-    rc, out = _mirror(tmp_path, capsys)
+    rc, out = _mirror(results, capsys)
     assert rc == 0 and out.startswith("nothing to mirror"), out
     store.dispose()
 
