@@ -197,10 +197,47 @@ def config_key(identity: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def point_label(point: str) -> str:
+# config keys that never change what a run computes: where results go, how it is launched,
+# speed-only switches (``RunConfig.identity`` leaves them out)
+NOT_RUN_KEYS = frozenset({"results_dir", "sweep_name", "store", "mlflow", "hydra", "device",
+                          "channels_last", "compile", "compile_mode", "check_every"})  # fmt: skip
+# ``method.*`` keys that choose the method's pieces: they matter even where the identity
+# shows only their result (``method.pgt=true`` makes ``gc`` into ``gc_pgt``); every other
+# ``method.*`` key is a piece's knob, which matters only when the identity holds it
+PIECE_KEYS = frozenset({"name", "pgt", "grad", "loss", "label_smoothing"})
+DATA_NOT_RUN = frozenset({"num_workers", "download"})  # how data is fed, not what it is
+
+
+def _matters(token: str, identity: dict[str, Any]) -> bool:
+    """Whether a point's override ``key=value`` can change the run of ``identity`` (only
+    keys known not to are dropped; an unknown key is kept)."""
+    key = token.partition("=")[0].lstrip("+~")
+    top, _, rest = key.partition(".")
+    first = rest.partition(".")[0]
+    if top == "seed" or top in NOT_RUN_KEYS:
+        return False
+    if key == "alpha":  # only a method with PGT (or a custom loss) reads alpha
+        return identity.get("alpha") is not None
+    if key in ("momentum", "nesterov"):  # SGD's knobs: gone from an AdamW run's identity
+        return key in identity
+    if top == "method" and first and first not in PIECE_KEYS:
+        method = identity.get("method")
+        return isinstance(method, dict) and first in method
+    if top == "data" and first in DATA_NOT_RUN:
+        return False
+    if top == "optimizer" and first:  # AdamW's knobs: an SGD run has none
+        return "optimizer" in identity
+    return True
+
+
+def point_label(point: str, identity: dict[str, Any] | None = None) -> str:
     """A sweep point's label without its seed (``method=pgt seed=1`` -> ``method=pgt``):
-    the name of its configuration within the sweep ('' when only the seed was swept)."""
-    return " ".join(t for t in point.split() if not t.startswith("seed="))
+    the name of its configuration within the sweep ('' when only the seed was swept). Given
+    the run's recorded ``identity``, the keys that do not change that run go too:
+    ``method=baseline alpha=0.25`` -> ``method=baseline`` (no PGT: alpha has no effect),
+    ``lr=0.1 data.num_workers=4`` -> ``lr=0.1``."""
+    return " ".join(t for t in point.split() if not t.startswith("seed=")
+                    and (identity is None or _matters(t, identity)))  # fmt: skip
 
 
 def _model_name(model: Any) -> str:

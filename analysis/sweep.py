@@ -67,7 +67,7 @@ class SweepSummary:
 
 def _label(points: Sequence[str], identity: dict[str, Any]) -> str:
     for p in points:
-        if rest := point_label(p):
+        if rest := point_label(p, identity):
             return rest
     return config_label(identity)
 

@@ -419,13 +419,11 @@ class Dispatcher:
 
     def _tags(self, p: Point) -> dict[str, str]:
         """A point's MLflow tags: the sweep's, its point, its configuration's name within
-        the sweep (the point without its seed: what the parent's summary calls it)."""
-        from analysis.configs import point_label
+        the sweep (the point without its seed and the keys that do not change its run: what
+        the parent's summary calls it)."""
+        from sweeper.tracking.describe import point_tags
 
-        tags = {**self.base_tags, "point": p.label[:500], **p.mlflow_tags}
-        if label := point_label(p.label):
-            tags["config_label"] = label[:500]
-        return tags
+        return {**self.base_tags, **point_tags(p.label, p.identity), **p.mlflow_tags}
 
     def _outcome(self, p: Point, backend: Backend) -> None:
         """A job is over when its process is gone; its outcome is its run's row. Every

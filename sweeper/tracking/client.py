@@ -12,14 +12,17 @@ it (a GPU machine without it still trains).
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
+import fcntl
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from sweeper.store.url import engine_url
+from sweeper.store.url import engine_url, sqlite_path
 from trainers.registry import first_line
 
 if TYPE_CHECKING:
@@ -52,16 +55,54 @@ def _quiet_mlflow() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def init_tracking_store(tracking_uri: str) -> None:
-    """Create / migrate the MLflow tracking DB once, in the parent, before jobs start.
+_ready: set[str] = set()  # tracking stores this process has set up
 
-    Several processes initialising the same SQLite tracking DB at once race on MLflow's
-    schema migration, so the sweeper calls this first (docs/architecture.md, "Known traps").
-    """
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock held across processes (``flock`` on ``path``; released when the
+    process ends, however it ends)."""
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def init_tracking_store(tracking_uri: str, attempts: int = 4) -> None:
+    """Create / migrate the MLflow tracking DB, safe when several processes do it at once
+    (two sweeps started together on one results dir, a single run beside a sweep): MLflow
+    creates and migrates its schema with alembic on first use, and two processes doing that
+    on one database at once fail (alembic ``CommandError``, a table that already exists).
+    A SQLite tracking DB is set up under an exclusive file lock next to it (``<db>.lock``);
+    another database (PostgreSQL, MySQL) is retried a few times. Once per process and URI."""
+    if tracking_uri in _ready:
+        return
     from mlflow import MlflowClient
 
     _quiet_mlflow()
-    MlflowClient(tracking_uri=engine_url(tracking_uri)).search_experiments(max_results=1)
+    url = engine_url(tracking_uri)
+
+    def go() -> None:
+        MlflowClient(tracking_uri=url).search_experiments(max_results=1)
+
+    db = sqlite_path(url)
+    if db is not None and db.parent.is_dir():
+        with _file_lock(db.with_name(db.name + ".lock")):
+            go()
+    elif url.split("://", 1)[0].split("+")[0] in ("postgresql", "mysql", "mssql"):
+        for attempt in range(attempts):  # a database server: the migration race, retried
+            try:
+                go()
+                break
+            except Exception:
+                if attempt == attempts - 1:
+                    raise
+                time.sleep(0.5 * (attempt + 1))
+    else:  # a tracking server migrates its own database; a SQLite URI without a usable
+        go()  # folder fails here as it would anywhere
+    _ready.add(tracking_uri)
 
 
 def run_name(model: str, method: str, alpha: float | None, seed: int) -> str:
@@ -109,14 +150,16 @@ class MlflowRun:
         run_name: str,
         params: dict[str, Any],
         tags: dict[str, str],
+        start_time: int | None = None,
     ) -> str | None:
-        """Open (or re-open, when resuming) the MLflow run; returns its id."""
+        """Open (or re-open, when resuming) the MLflow run; returns its id. ``start_time``
+        (ms since the epoch) for a run made after the fact (default: now)."""
 
         def go() -> str:
             from mlflow import MlflowClient
             from mlflow.entities import Param, RunTag
 
-            _quiet_mlflow()
+            init_tracking_store(self.tracking_uri)
             self.client = MlflowClient(tracking_uri=engine_url(self.tracking_uri))
             if existing_run_id:
                 try:
@@ -125,24 +168,10 @@ class MlflowRun:
                     pass
                 else:
                     self.resumed = True
-                    # running again: the last stop's outcome no longer holds
-                    self.client.set_tag(existing_run_id, "status", "running")
-                    if "reason" in self.client.get_run(existing_run_id).data.tags:
-                        self.client.delete_tag(existing_run_id, "reason")
+                    self._retag(existing_run_id, tags)
                     return existing_run_id
-            exp = self.client.get_experiment_by_name(self.experiment)
-            if exp is None:
-                self.artifact_root.mkdir(parents=True, exist_ok=True)
-                exp_id = self.client.create_experiment(
-                    self.experiment,
-                    artifact_location=self.artifact_root.resolve().as_uri(),
-                    tags={EXPERIMENT_KIND: MODEL_TRAINING},
-                )
-            else:
-                exp_id = exp.experiment_id
-                if EXPERIMENT_KIND not in exp.tags:  # made by an older version: open it as training
-                    self.client.set_experiment_tag(exp_id, EXPERIMENT_KIND, MODEL_TRAINING)
-            run = self.client.create_run(exp_id, run_name=run_name, tags=tags)
+            run = self.client.create_run(self._experiment_id(), start_time=start_time,
+                                         run_name=run_name, tags=tags)  # fmt: skip
             rid = run.info.run_id
             flat = flatten(params)
             self.client.log_batch(
@@ -155,16 +184,63 @@ class MlflowRun:
         self.run_id = self._guard("start", go)
         return self.run_id
 
+    def _experiment_id(self) -> str:
+        """The experiment's id, made when missing (as training runs: MLflow 3's UI kind).
+        Two processes making it at once: the loser finds the winner's."""
+        exp = self.client.get_experiment_by_name(self.experiment)
+        if exp is None:
+            self.artifact_root.mkdir(parents=True, exist_ok=True)
+            try:
+                return self.client.create_experiment(
+                    self.experiment,
+                    artifact_location=self.artifact_root.resolve().as_uri(),
+                    tags={EXPERIMENT_KIND: MODEL_TRAINING},
+                )
+            except Exception:  # made meanwhile by another process (a unique name)
+                exp = self.client.get_experiment_by_name(self.experiment)
+                if exp is None:
+                    raise
+        if EXPERIMENT_KIND not in exp.tags:  # made by an older version: open it as training
+            self.client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
+        return exp.experiment_id
+
+    def _retag(self, rid: str, tags: dict[str, str]) -> None:
+        """A re-opened run: running again (the last stop's ``reason`` no longer holds), and
+        when a sweep opens it (``sweep_id`` in ``tags``: it resumes, retries or takes over the
+        run) it moves under that sweep's parent -- its sweep tags all replaced, a stale one
+        (``fused_group`` of an earlier fused job...) removed. Opened outside a sweep (the
+        single-run command resuming a sweep's run) it stays where it was."""
+        from mlflow.entities import RunTag
+
+        from sweeper.tracking.describe import SWEEP_TAGS
+
+        old = self.client.get_run(rid).data.tags
+        new = dict(tags)
+        if "sweep_id" in new:
+            stale = [k for k in SWEEP_TAGS if k in old and k not in new]
+        else:
+            new = {k: v for k, v in new.items() if k not in SWEEP_TAGS}
+            stale = []
+        new["status"] = "running"
+        stale += ["reason"] if "reason" in old else []
+        self.client.log_batch(rid, tags=[RunTag(k, v) for k, v in new.items()])
+        for k in stale:
+            self.client.delete_tag(rid, k)
+
     def open_run(self, run: RunRecord, run_dir: Path | None, tags: dict[str, str],
-                 existing_run_id: str | None = None, describe: bool = True) -> str | None:  # fmt: skip
+                 existing_run_id: str | None = None, describe: bool = True,
+                 after_the_fact: bool = False) -> str | None:  # fmt: skip
         """Open the MLflow run of a store run, described as :mod:`sweeper.tracking.describe` says:
-        its params, grouping tags and ``tags``; then (``describe``) :meth:`describe_run`."""
+        its params, grouping tags and ``tags``; then (``describe``) :meth:`describe_run`.
+        ``after_the_fact``: made for a run that trained earlier (the sweeper closing a dead
+        job's run, ``mirror``): it starts when the run started, not now."""
         from sweeper.tracking.describe import run_params, run_tags
 
         ident = (run.config or {}).get("identity", {})
         name = run_name(run.model, run.method, run.alpha, run.seed)
         all_tags = {**run_tags(ident, run.config_hash, run.method, run.model), **tags}
-        rid = self.start(existing_run_id, name, run_params(ident, run.id), all_tags)
+        start = epoch_ms(run.started_at or run.created_at) if after_the_fact else None
+        rid = self.start(existing_run_id, name, run_params(ident, run.id), all_tags, start)
         if rid is not None and describe:
             self.describe_run(run, run_dir)
         return rid
@@ -256,12 +332,19 @@ class MlflowRun:
 
         self._guard("set_tag", go)
 
-    def end(self, status: str) -> bool:
-        """Close the run (FINISHED / FAILED / KILLED); True when everything was mirrored."""
+    def end(self, status: str, end_time: int | None = None) -> bool:
+        """Close the run (FINISHED / FAILED / KILLED) at ``end_time`` (ms since the epoch;
+        default now); True when everything was mirrored."""
         if self.run_id is None:
             return False
-        self._guard("end", lambda: self.client.set_terminated(self.run_id, status=status))
+        self._guard("end", lambda: self.client.set_terminated(self.run_id, status=status,
+                                                              end_time=end_time))  # fmt: skip
         return self.ok
+
+
+def epoch_ms(t: dt.datetime | None) -> int | None:
+    """A store time (naive UTC) as MLflow's milliseconds since the epoch."""
+    return None if t is None else int(t.replace(tzinfo=dt.UTC).timestamp() * 1000)
 
 
 def open_parent(

@@ -22,10 +22,11 @@ they had (the full identity, flattened); these apply to runs opened from now on.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
-from analysis.configs import config_key, config_label
+from analysis.configs import config_key, config_label, point_label
 from trainers.catalog import data_facts, data_knobs
 
 # the MLflow run status each of our statuses ends with; ``reason`` says why
@@ -100,9 +101,51 @@ def run_tags(identity: dict[str, Any], config_hash: str, method: str, model: str
     }
 
 
-def _last_line(text: str | None) -> str:
-    lines = [ln.strip() for ln in (text or "").strip().splitlines() if ln.strip()]
-    return lines[-1] if lines else ""
+# the tags that say which sweep a run is part of: a later sweep that trains the run again
+# (resumed, retried, taken over) replaces them all, so the run sits under that sweep's parent
+SWEEP_TAGS = ("mlflow.parentRunId", "sweep_id", "sweep_name", "point", "config_label",
+              "fused_group", "jobs_per_gpu", "optuna_study", "optuna_trial")  # fmt: skip
+
+
+def point_tags(point: str, identity: dict[str, Any]) -> dict[str, str]:
+    """A sweep point's own tags: ``point`` (its overrides as typed) and ``config_label``
+    (its configuration's name in the sweep, :func:`analysis.configs.point_label`: without
+    the seed and the keys that do not change the run, as the parent's summary names it)."""
+    tags = {"point": point[:500]}
+    if label := point_label(point, identity):
+        tags["config_label"] = label[:500]
+    return tags
+
+
+def sweep_tags(sweep_id: int, sweep_name: str, parent_run_id: str | None, point: str,
+               identity: dict[str, Any], trial: int | None = None) -> dict[str, str]:  # fmt: skip
+    """The tags of a run in a sweep, from the store (its link to the sweep): for a run whose
+    job never opened its MLflow run, and for ``python -m sweeper mirror``."""
+    tags = {"sweep_id": str(sweep_id), "sweep_name": sweep_name, **point_tags(point, identity)}
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    if trial is not None:
+        tags["optuna_trial"] = str(trial)
+    return tags
+
+
+# submitit's wrapper around a job's exception (str(job.exception())): the exception itself
+# is the last line of the traceback inside it
+SUBMITIT_WRAPPER = re.compile(r"^Job \(task=\d+\) failed during processing")
+TRACEBACK = "Traceback (most recent call last):"
+
+
+def exception_line(text: str) -> str:
+    """The exception a traceback ends with (its first line): the first unindented line after
+    the last ``Traceback (most recent call last):`` ('' without one)."""
+    lines = text.splitlines()
+    starts = [i for i, ln in enumerate(lines) if ln.strip() == TRACEBACK]
+    if not starts:
+        return ""
+    for ln in lines[starts[-1] + 1 :]:
+        if ln.strip() and not ln[:1].isspace() and not ln.startswith("-" * 8):
+            return ln.strip()
+    return ""
 
 
 def reason(status: str, error: str | None = None, diverged_step: int | None = None,
@@ -120,8 +163,13 @@ def reason(status: str, error: str | None = None, diverged_step: int | None = No
     first = (text.splitlines() or [""])[0].strip()
     if status == "interrupted":
         return (first or "interrupted; the same command resumes it")[:500]
-    # failed: a traceback's last line is the exception; a message of ours is its first line
-    line = _last_line(text) if first.startswith("Traceback") else first
+    # failed: a traceback (as the job recorded it, or inside submitit's wrapper when the job
+    # raised before it could record anything) gives its exception; a message of ours is its
+    # first line (a traceback in the stderr tail that follows it is not the reason)
+    if first.startswith("Traceback") or SUBMITIT_WRAPPER.match(first):
+        line = exception_line(text) or first
+    else:
+        line = first
     return line[:500] or "failed"
 
 

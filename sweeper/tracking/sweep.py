@@ -20,8 +20,8 @@ from analysis.render import fmt_summary
 from analysis.sweep import SweepSummary
 from sweeper.store import RunRecord, RunStatus, Store
 from sweeper.tracking.client import MlflowRun, open_parent
-from sweeper.tracking.describe import STATUS_FOR_MLFLOW
-from sweeper.tracking.record import Logged, ended_tags, logged_of, run_folder, sync_run
+from sweeper.tracking.describe import sweep_tags
+from sweeper.tracking.record import Logged, find_mlflow_run, logged_of, run_folder, sync_run
 from trainers.registry import first_line
 
 
@@ -73,6 +73,8 @@ class SweepTracker:
         self._live: dict[int, Any] = {}  # run id -> its MlflowRun while it trains
         self._logged: dict[int, Logged] = {}  # run id -> what its MLflow run holds
         self._ended: set[int] = set()  # runs the sweeper recorded ended for their jobs
+        self._owner: dict[int, int] = {}  # run id -> the token of the job it mirrors
+        self._reset: set[int] = set()  # watched again: a new job, its record opened afresh
         self.objective = objective  # a search's (metric, direction)
         self._summarized: object = None  # the state the parent's summary was made from
         self.failed = False
@@ -87,15 +89,18 @@ class SweepTracker:
         return self.parent.run_id if self.parent is not None else None
 
     def watch(self, run_ids: list[int], tags: list[dict[str, str]]) -> None:
-        """Mirror these runs (the members of a fused job) until they end."""
+        """Mirror these runs (the members of a fused job) until they end. A run watched
+        again (a new job of this sweep trains it) is opened afresh."""
         with self._lock:
             for rid, t in zip(run_ids, tags, strict=True):
                 self._watch[rid] = t
+                self._reset.add(rid)
 
     def ended(self, run_ids: list[int]) -> None:
         """The sweeper recorded these runs' outcome for jobs that could not (killed, lost,
-        cancelled): their MLflow runs, left RUNNING by the dead job, are closed with that
-        outcome."""
+        cancelled, or raised before they recorded anything): their MLflow records are
+        brought up to date from the store and closed with that outcome -- a run whose job
+        never opened its MLflow run gets one, under this sweep's parent."""
         with self._lock:
             self._ended.update(run_ids)
 
@@ -136,6 +141,9 @@ class SweepTracker:
     def _sync(self, store: Store) -> None:
         with self._lock:
             todo = dict(self._watch)
+            reset, self._reset = self._reset, set()
+        for rid in reset:
+            self._forget(rid)
         for rid, tags in todo.items():
             run = store.get_run_by_id(rid)
             if run is None or run.status == RunStatus.queued:
@@ -144,58 +152,71 @@ class SweepTracker:
                 with self._lock:
                     self._watch.pop(rid, None)
                 continue
-            try:
-                if self._sync_run(store, run, tags):
+            if rid not in self._owner:
+                if run.claimed_by != self.sweep_id:  # another sweep's (or a single run's)
+                    with self._lock:  # claim since: that one keeps the record
+                        self._watch.pop(rid, None)
+                    continue
+                self._owner[rid] = run.owner  # the token of the job this sweep started
+            if run.owner != self._owner[rid]:
+                # another token: its job was declared dead. Running (or claimed) again: the
+                # new job keeps the record. Ended (the sweeper recorded the kill): closed
+                # here, from what MLflow holds now (read again, not remembered)
+                self._forget(rid)
+                if run.status in (RunStatus.running, RunStatus.queued):
                     with self._lock:
                         self._watch.pop(rid, None)
+                    continue
+            try:
+                if self._sync_run(store, run, tags):
+                    with self._lock:  # closed here: nothing left for _close_ended
+                        self._watch.pop(rid, None)
+                        self._ended.discard(rid)
             except Exception as e:  # one run's trouble: say so; `mirror` completes it later
                 self.warn(f"warning: run {rid} not mirrored to MLflow: {_first(e)}")
                 with self._lock:
                     self._watch.pop(rid, None)
 
+    def _forget(self, rid: int) -> None:
+        self._live.pop(rid, None)
+        self._logged.pop(rid, None)
+        self._owner.pop(rid, None)
+
     def _close_ended(self, store: Store) -> None:
         with self._lock:
-            todo, self._ended = self._ended, set()
-        if self.parent is None or self.parent.client is None:
+            todo = {rid for rid in self._ended if rid not in self._watch}
+            self._ended -= todo
+        if self.parent is None or self.parent.client is None or not todo:
             return
-        client = self.parent.client
+        links = {link.run_id: link for link, _ in store.sweep_runs(self.sweep_id)}
         for rid in sorted(todo):
             run = store.get_run_by_id(rid)
-            if run is None or not run.mlflow_run_id or rid in self._live:
-                continue  # no MLflow run, or one this thread mirrors (it closes it itself)
-            if run.status in (RunStatus.queued, RunStatus.running):
-                continue
+            if run is None or run.status in (RunStatus.queued, RunStatus.running):
+                continue  # trained again meanwhile: its new job keeps the record
+            link = links.get(rid)
+            ident = (run.config or {}).get("identity", {})
+            tags = sweep_tags(self.sweep_id, self.sweep_name, self.parent.run_id,
+                              link.point if link else "", ident,
+                              link.trial if link else None)  # fmt: skip
             try:
-                if client.get_run(run.mlflow_run_id).info.status != "RUNNING":
-                    continue  # its job closed it before it went
-                for k, v in ended_tags(run).items():
-                    client.set_tag(run.mlflow_run_id, k, v)
-                client.set_terminated(run.mlflow_run_id, status=STATUS_FOR_MLFLOW[run.status.value])
+                existing = find_mlflow_run(self.parent.client, self.experiment, run)
+                m = MlflowRun(self.uri, self.experiment, self.results_dir / "mlartifacts",
+                              warn=self.warn)  # fmt: skip
+                if m.open_run(run, run_folder(run), tags, existing, after_the_fact=True):
+                    sync_run(store, run, m, logged_of(m))
             except Exception as e:  # that run only; the sweep goes on
                 self.warn(f"warning: MLflow run of run {rid} not closed: {_first(e)}")
 
     def _summarize(self, store: Store, final: bool) -> None:
-        """The parent run tells the sweep's result so far (:mod:`analysis.sweep`): logged
-        again whenever a run's status changes, with step = the number of ended runs, so
-        its metric history is the sweep's progress."""
+        """The parent run tells the sweep's result so far (:func:`write_summary`), again
+        whenever a run's status changes."""
         if self.parent is None or not self.parent.ok:
             return
         state = tuple((link.run_id, run.status.value) for link, run in
                       store.sweep_runs(self.sweep_id))  # fmt: skip
         if state == self._summarized and not final:
             return
-        from analysis.sweep import Objective, summarize_sweep
-
-        obj = Objective(*self.objective) if self.objective else None
-        s = summarize_sweep(store, self.sweep_id, obj)
-        self.parent.log_metrics(summary_metrics(s), step=s.ended)
-        folder = self.results_dir / "logs" / "jobs" / f"sweep{self.sweep_id}" / "summary"
-        folder.mkdir(parents=True, exist_ok=True)
-        for name, text in (("sweep_summary.csv", summary_csv(s)), ("report.md", s.report)):
-            (folder / name).write_text(text)
-            self.parent.log_artifact(folder / name)
-        self.parent.set_tags({**summary_tags(s), "mlflow.note.content": summary_markdown(s),
-                              "runs_ended": f"{s.ended}/{len(s.runs)}"})  # fmt: skip
+        write_summary(self.parent, store, self.sweep_id, self.results_dir, self.objective)
         self._summarized = state
 
     def _sync_run(self, store: Store, run: RunRecord, tags: dict[str, str]) -> bool:
@@ -207,6 +228,8 @@ class SweepTracker:
             all_tags = dict(tags)
             if self.parent is not None and self.parent.run_id:
                 all_tags["mlflow.parentRunId"] = self.parent.run_id
+            # an MLflow run of an earlier attempt is re-opened (moved under this sweep's
+            # parent) and completed with only what it lacks
             rid = m.open_run(run, run_folder(run), all_tags, run.mlflow_run_id)
             if rid is None:
                 return True  # MLflow refused: left for `python -m sweeper mirror`
@@ -216,9 +239,28 @@ class SweepTracker:
             self._logged[run.id] = logged_of(m)
         if not sync_run(store, run, m, self._logged[run.id]):
             return False
-        self._live.pop(run.id, None)
-        self._logged.pop(run.id, None)
+        self._forget(run.id)
         return True
+
+
+def write_summary(parent: MlflowRun, store: Store, sweep_id: int, results_dir: Path,
+                  objective: tuple[str, str] | None = None) -> None:  # fmt: skip
+    """The sweep's result so far on its parent run (:mod:`analysis.sweep`): metrics logged
+    with step = the number of ended runs, so their history is the sweep's progress; the
+    tags naming the best configuration; the description; ``sweep_summary.csv`` and
+    ``report.md``."""
+    from analysis.sweep import Objective, summarize_sweep
+
+    obj = Objective(*objective) if objective else None
+    s = summarize_sweep(store, sweep_id, obj)
+    parent.log_metrics(summary_metrics(s), step=s.ended)
+    folder = results_dir / "logs" / "jobs" / f"sweep{sweep_id}" / "summary"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in (("sweep_summary.csv", summary_csv(s)), ("report.md", s.report)):
+        (folder / name).write_text(text)
+        parent.log_artifact(folder / name)
+    parent.set_tags({**summary_tags(s), "mlflow.note.content": summary_markdown(s),
+                     "runs_ended": f"{s.ended}/{len(s.runs)}"})  # fmt: skip
 
 
 # ------------------------------------------------------------ the parent's summary
