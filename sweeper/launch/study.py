@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from sweeper.config.checks import check_before_writing
 from sweeper.config.identity import identity_of, preflight
 from sweeper.config.launcher import LauncherParams
 from sweeper.config.schema import Config
@@ -347,6 +348,7 @@ def run_search(
     source = StudySource(dims, fixed, compose, search, study_name, "", say)
     source.fuse_limit = launcher.fuse_limit() if launcher.tasks == 1 else 1
     cfg0 = source.check_space()
+    check_before_writing([("", cfg0)])  # custom builds (one corner), the store: nothing written
     source.storage_url = search.storage or cfg0.store_url()
     if launcher.dry_run:  # the space and its corners are checked; nothing is opened or written
         space = ", ".join(d.text for d in dims)
