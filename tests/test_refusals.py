@@ -211,7 +211,8 @@ def lab(tmp_path: Path) -> tuple[Path, dict[str, str]]:
 @pytest.mark.slow
 def test_a_model_without_fc_is_refused_by_a_sweep_as_by_a_run(lab: tuple[Path, dict]) -> None:
     """A sweep used to record itself, fail every point and exit 1; a run refused it after
-    Hydra had made its run folder. Now both refuse it first, with the same line."""
+    Hydra had made its run folder. Now a run, a sweep and a search refuse it first, with the
+    same line (prefixed with the point's label where other points differ)."""
     cwd, env = lab
     model = "model._target_=mylab.nets.NoFc"
     run = _refused([model, *FAST], cwd, **env)
@@ -220,6 +221,10 @@ def test_a_model_without_fc_is_refused_by_a_sweep_as_by_a_run(lab: tuple[Path, d
     assert sweep == run
     mixed = _refused(["-m", f"{model},torchvision.models.resnet18", *FAST], cwd, **env)
     assert mixed == f"error: point [{model}]: {run.removeprefix('error: ')}"
+    choice = "model._target_=choice(mylab.nets.NoFc,torchvision.models.resnet18)"
+    search = _refused(["-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=2", choice, *FAST],
+                      cwd, **env)  # fmt: skip
+    assert search == mixed  # each corner of the space (here: each choice)
 
 
 @pytest.mark.slow
