@@ -2,8 +2,10 @@
 
 ``python -m sweeper [overrides]`` trains one run; ``-m`` sweeps a grid (our Hydra sweeper
 and launcher plugins) or a search (``hydra/sweeper=optuna``); ``status`` and ``mirror`` are
-subcommands. Before Hydra starts, :func:`~sweeper.config.compose.preflight_argv` checks the command
-line (bad input: one line, exit 2, nothing written). Everything below raises; only
+subcommands. Before Hydra starts, :func:`~sweeper.config.compose.preflight_argv` and
+:mod:`sweeper.config.checks` check the command line (bad input: one line, exit 2, nothing
+written: Hydra makes a single run's folder before it calls the task, so no check is left
+to the task). Everything below raises; only
 :func:`main` prints and exits (:func:`sweeper.errors.boundary`).
 
 Start-up matters (every job of a sweep pays it): this module imports Hydra and the config
@@ -19,6 +21,7 @@ import sys
 
 from omegaconf import DictConfig
 
+from sweeper.config.checks import check_argv, check_before_writing
 from sweeper.config.compose import CONF_DIR, preflight_argv, to_config
 from sweeper.config.schema import register_configs
 from sweeper.errors import ConfigError, Failed, boundary
@@ -71,7 +74,9 @@ def _run_hydra(argv: list[str]) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     register_configs()
     if not any(a in HYDRA_INFO_FLAGS for a in argv):
-        preflight_argv(argv)
+        cfg = preflight_argv(argv)
+        if cfg is not None:  # a single run: Hydra makes its run folder before the task runs
+            check_before_writing([("", cfg)])
     sys.argv = [sys.argv[0], *argv]
     _TaskResult.error = None
     hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(_task)()
@@ -113,6 +118,8 @@ def _help(argv: list[str]) -> None:
 
 
 def _dispatch(argv: list[str]) -> int | None:
+    if not argv or argv[0] not in SUBCOMMANDS:
+        check_argv(argv)  # before Hydra's parser, which would fail naming no key
     if any(a in ("--help", "-h") for a in argv) and (not argv or argv[0] not in SUBCOMMANDS):
         _help(argv)
         return 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import sys
 import traceback
 from collections.abc import Callable
@@ -101,4 +102,10 @@ def _quiet_stdout() -> None:
 
 
 def _say(line: str) -> None:
-    print(f"error: {line}", file=sys.stderr, flush=True)
+    print(f"error: {_short_numbers(line)}", file=sys.stderr, flush=True)
+
+
+def _short_numbers(line: str) -> str:
+    """A number of thousands of digits (a typo, or a value beyond the limits) is shown by
+    its ends and its length, so that the one line stays readable."""
+    return re.sub(r"\d{41,}", lambda m: f"{m[0][:4]}...{m[0][-4:]} ({len(m[0])} digits)", line)

@@ -135,6 +135,8 @@ def unknown_key_message(path: str, object_type: str | None = None) -> str:
             keys = ["name", *entry.knobs, "_target_", "args"]
             hint = _did_you_mean(path, keys) or ";"
             return f"unknown key {path!r} for data={entry.name}{hint} its keys: {', '.join(keys)}"
+    if parts[0] == "hydra" and len(parts) > 1:
+        return _unknown_hydra_key(path, object_type)
     node: Any = Config
     for part in parts[:-1]:
         fields = getattr(node, "__dataclass_fields__", {})
@@ -145,6 +147,29 @@ def unknown_key_message(path: str, object_type: str | None = None) -> str:
     where = "top-level keys" if len(parts) == 1 else f"keys of {'.'.join(parts[:-1])}"
     hint = _did_you_mean(path, list(fields)) or ";"
     return f"unknown key {path!r}{hint} known {where}: {', '.join(fields)}"
+
+
+def _unknown_hydra_key(path: str, object_type: str | None) -> str:
+    """``hydra.*``: the keys of the node it was put in -- our launcher's or sweeper's
+    settings (``object_type`` names which: local or slurm, grid or search), or Hydra's own."""
+    import hydra.conf
+
+    from sweeper.config import schema
+
+    parts = path.split(".")
+    node: Any = getattr(schema, object_type or "", None) or getattr(
+        hydra.conf, object_type or "", None
+    )
+    if not hasattr(node, "__dataclass_fields__"):
+        node = hydra.conf.HydraConf
+        for part in parts[1:-1]:  # Hydra's schema has real types (no string annotations)
+            sub = getattr(node, "__dataclass_fields__", {}).get(part)
+            if sub is None or not hasattr(sub.type, "__dataclass_fields__"):
+                break
+            node = sub.type
+    known = [k for k in node.__dataclass_fields__ if not k.startswith("_")]  # not _target_
+    hint = _did_you_mean(path, known) or ";"
+    return f"unknown key {path!r}{hint} known keys of {'.'.join(parts[:-1])}: {', '.join(known)}"
 
 
 def _schema_class(name: object) -> Any:

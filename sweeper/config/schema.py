@@ -3,7 +3,7 @@ sweeper and launcher plugins (all registered once, by :func:`register_configs`).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +12,17 @@ from hydra.core.config_store import ConfigStore
 from sweeper.config.launcher import LauncherParams
 from sweeper.config.search import SearchParams
 from sweeper.store.url import default_tracking_uri, default_url
-from trainers.catalog import DATASETS, DataConfig, data_config
+from trainers.catalog import DATASETS, DataConfig, data_config, data_facts, data_identity
 from trainers.config import RunConfig
 from trainers.registry import ConfigError
 
 SYSTEM_METRICS = ("auto", "true", "false")
+# MLflow's longest experiment name (mlflow/utils/validation.py, MAX_EXPERIMENT_NAME_LENGTH,
+# MLflow 3.x), copied so that the pre-flight refuses a longer one without importing MLflow
+MLFLOW_MAX_EXPERIMENT_NAME = 500
+# the store's integer columns (SQLite INTEGER, PostgreSQL BIGINT) and torch's indices are
+# 64-bit: a larger integer would crash the job after its row exists
+INT64_LIMIT = 2**63
 
 _PLUGINS = "hydra_plugins.gradsweep_plugins"
 DATA_SCHEMAS = "gradsweep/data"  # where conf/data/NAME.yaml finds its schema
@@ -83,12 +89,59 @@ class Config(RunConfig):
 
     def validate(self) -> None:
         super().validate()
+        _check_int64(self)
         if self.store.retry_s is not None and not 0 <= self.store.retry_s <= 86400:
             raise ConfigError(f"store.retry_s={self.store.retry_s} is not allowed; expected "
                               "seconds between 0 and 86400")  # fmt: skip
         if str(self.mlflow.system_metrics).lower() not in SYSTEM_METRICS:
             raise ConfigError(f"mlflow.system_metrics={self.mlflow.system_metrics} is not one of "
                               f"{', '.join(SYSTEM_METRICS)}")  # fmt: skip
+        name = self.mlflow.experiment
+        if not name or len(name) > MLFLOW_MAX_EXPERIMENT_NAME:
+            shown = f"{name[:40]}... ({len(name)} characters)" if len(name) > 60 else name
+            raise ConfigError(f"mlflow.experiment={shown} is not allowed; expected a name of 1 to "
+                              f"{MLFLOW_MAX_EXPERIMENT_NAME} characters (MLflow's limit)")  # fmt: skip
+        self._check_data_sizes()
+
+    def _check_data_sizes(self) -> None:
+        """What a built-in data set's loader would refuse, known without loading it: the
+        same lines as :mod:`trainers.data` says in the job, before anything is written."""
+        d = self.data
+        if d._target_:
+            return  # your own data: built once by the pre-flight (sweeper.config.checks)
+        if d.name == "synthetic":
+            for key in ("image_size", "num_classes", "channels", "num_train", "num_test"):
+                if getattr(d, key) <= 0:
+                    raise ConfigError(
+                        f"data.{key}={getattr(d, key)} must be positive for synthetic"
+                    )
+        if d.name == "imagenet" and (d.image_size <= 0 or d.num_workers < 0):
+            raise ConfigError(f"imagenet needs data.image_size > 0 and data.num_workers >= 0, got "
+                              f"{d.image_size} and {d.num_workers}")  # fmt: skip
+        num_train = data_facts(data_identity(d)).get("num_train")
+        if isinstance(num_train, int) and self.batch_size > num_train:
+            raise ConfigError(
+                f"batch_size={self.batch_size} exceeds the {num_train} training images of {d.name}"
+            )
+
+
+def _check_int64(node: object, prefix: str = "") -> None:
+    """Every integer of the config (nested settings and lists included) fits in 64 bits."""
+    assert is_dataclass(node)
+    for f in fields(node):
+        value, key = getattr(node, f.name), prefix + f.name
+        if is_dataclass(value):
+            _check_int64(value, key + ".")
+            continue
+        for v in value if isinstance(value, list) else [value]:
+            if (
+                isinstance(v, int)
+                and not isinstance(v, bool)
+                and not -INT64_LIMIT < v < INT64_LIMIT
+            ):
+                bound = "below 2**63" if v > 0 else "above -2**63"
+                raise ConfigError(f"{key}={value} is not allowed; expected an integer {bound} "
+                                  "(64 bits)")  # fmt: skip
 
 
 @dataclass

@@ -14,6 +14,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
+from sweeper.config.checks import check_before_writing
 from sweeper.config.identity import identity_of, preflight
 from sweeper.config.launcher import LauncherParams
 from sweeper.config.schema import Config
@@ -44,6 +45,7 @@ def validate_points(points: list[tuple[str, Config]]) -> list[Point]:
         out.append(Point(label, cfg, chash, ident))
     if len(urls) > 1:
         raise ConfigError(f"all points of a sweep must share one results store; got {sorted(urls)}")
+    check_before_writing([(p.label, p.cfg) for p in out])  # custom builds, the store
     return out
 
 

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from sweeper.config.checks import check_before_writing
 from sweeper.config.identity import identity_of, preflight
 from sweeper.config.launcher import LauncherParams
 from sweeper.config.schema import Config
@@ -87,6 +88,7 @@ class StudySource:
         self.budget = self.total = 0
         self.resumed: list[tuple[int, int, dict[str, Any]]] = []
         self.space: dict[str, Any] = {}
+        self.corners: list[tuple[str, Config]] = []  # (label, config), by check_space
 
     # --------------------------------------------------------------- validation
     def overrides(self, params: dict[str, Any]) -> tuple[list[str], str]:
@@ -113,6 +115,7 @@ class StudySource:
                 except ConfigError as e:
                     raise ConfigError(f"search point [{label}]: {e}") from None
                 first = first or cfg
+                self.corners.append((label, cfg))
         assert first is not None
         if self.search.sampler == "grid":
             grid_of(self.dims)
@@ -347,6 +350,7 @@ def run_search(
     source = StudySource(dims, fixed, compose, search, study_name, "", say)
     source.fuse_limit = launcher.fuse_limit() if launcher.tasks == 1 else 1
     cfg0 = source.check_space()
+    check_before_writing(source.corners)  # custom builds, the store: nothing written
     source.storage_url = search.storage or cfg0.store_url()
     if launcher.dry_run:  # the space and its corners are checked; nothing is opened or written
         space = ", ".join(d.text for d in dims)
