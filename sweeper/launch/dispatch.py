@@ -22,10 +22,11 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import enum
+import functools
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -35,6 +36,7 @@ from sweeper.config.launcher import LauncherParams
 from sweeper.config.schema import Config
 from sweeper.launch.backends import Backend, Submission, make_backend
 from sweeper.launch.job import TRACKED_BY_SWEEPER
+from sweeper.launch.slurm import job_alive_elsewhere
 from sweeper.store import HEARTBEAT_S, LostRun, RunRecord, RunStatus, Store
 
 # what a job records as its outcome; a pruned run is not final for a grid (asked for again,
@@ -136,16 +138,9 @@ class SweepBeat:
         self._stop.set()
 
 
-def job_alive_elsewhere(store: Store) -> Callable[[RunRecord], bool | None]:
-    """What a backend knows of a run's job besides its heartbeat: a Slurm job that
-    ``squeue`` still lists (suspended, requeued and pending, running) is not dead."""
-    from sweeper.launch.slurm import listed
-
-    def alive(run: RunRecord) -> bool | None:
-        jobs = store.job_ids(run.id)
-        return listed(jobs) if jobs else None
-
-    return alive
+def _new_row(p: Point, memo: dict) -> tuple[dict[str, Any], dict]:
+    """A new run's grid columns and resolved config (made only for runs not yet stored)."""
+    return grid_columns(p.cfg), resolved_config(p.cfg, p.identity, memo)
 
 
 @contextlib.contextmanager
@@ -231,6 +226,52 @@ class Dispatcher:
         if st in (RunStatus.failed, RunStatus.diverged):
             return Decision.RETRY
         return Decision.START if st == RunStatus.queued else Decision.RESUME
+
+    def claim_many(self, points: Sequence[Point], retry_failed: bool) -> list[Decision]:
+        """:meth:`claim` for every point of a grid, in order, in a few transactions
+        (:meth:`Store.claim_runs`, :meth:`Store.claim_many`): the same decisions, the same
+        compare-and-set on each run's token, the same links; a point whose hash an earlier
+        one holds is SHARED."""
+        memo: dict = {}  # sub-configs the points share, each turned into a dict once
+        want = [(p.config_hash, p.label, functools.partial(_new_row, p, memo)) for p in points]
+        runs = self.store.claim_runs(self.sweep.id, want)
+        before = runs
+        dead = next((r for r in (runs[p.config_hash] for p in points)
+                     if r.status == RunStatus.running and not self.store.job_alive(r)), None)  # fmt: skip
+        if dead is not None:  # a job died: recorded before claiming, as claim does at its point
+            self.store.expire_leases(alive=job_alive_elsewhere(self.store))
+            runs = self.store.runs_by_hash(list(runs))
+
+        def record(p: Point) -> RunRecord:
+            # claim reads the point that saw the dead job before expiring it, later ones after
+            r = runs[p.config_hash]
+            return before[p.config_hash] if dead is not None and r.id == dead.id else r
+
+        ended = (RunStatus.failed, RunStatus.diverged)
+        asked = [r.id for r in map(record, points) if r.status != RunStatus.done
+                 and (retry_failed or r.status not in ended)]  # fmt: skip
+        tokens = self.store.claim_many(asked, self.sweep.id, retry=retry_failed)
+        out: list[Decision] = []
+        firsts: dict[str, Point] = {}
+        for p in points:
+            twin = firsts.setdefault(p.config_hash, p)
+            if twin is not p:
+                p.twin, p.run = twin, twin.run
+                out.append(Decision.SHARED)
+                continue
+            run = p.run = record(p)
+            st = run.status
+            if st == RunStatus.done:
+                out.append(Decision.DONE)
+            elif st in ended and not retry_failed:
+                out.append(Decision.FINISHED)
+            elif (owner := tokens.get(run.id)) is None:
+                out.append(Decision.FOLLOW)
+            else:
+                p.owner = owner
+                out.append(Decision.RETRY if st in ended else
+                           Decision.START if st == RunStatus.queued else Decision.RESUME)  # fmt: skip
+        return out
 
     def follow_message(self, p: Point) -> str:
         assert p.run is not None
