@@ -182,3 +182,78 @@ def test_a_grids_new_runs_are_recorded_as_the_store_reads_them_back(tmp_path: Pa
             assert made[p.config_hash].config == resolved_config(p.cfg, p.identity)
     finally:
         store.dispose()
+
+
+class _Recorded:
+    """A backend (sweeper.launch.backends.Backend) that starts nothing: it records what it
+    is asked to submit (the claims and follows are what is tested, not the jobs)."""
+
+    kind, capacity, threads = "local", float("inf"), None
+
+    def __init__(self) -> None:
+        self.submitted: list[Any] = []
+
+    def submit(self, subs: Any) -> None:
+        self.submitted += subs
+
+    def gone(self, subs: Any) -> list:
+        return []
+
+
+def test_followed_runs_end_or_are_taken_over_in_one_poll(tmp_path: Path) -> None:
+    """One ``_follow`` over followed runs of every kind: ended ones finish their points,
+    live trainers and live sweeps' claims keep them followed, a dead job's or a dead
+    sweep's run is claimed (one point per run) and submitted."""
+    from sweeper.launch.grid import GridSource
+
+    points = list({p.config_hash: p for p in _points(tmp_path, 0)}.values())[:8]  # distinct
+    kinds = ["done", "failed", "alive", "died", "live sweep", "dead sweep", "dead sweep",
+             "pruned"]  # fmt: skip
+    points[6].config_hash, points[6].cfg = points[5].config_hash, points[5].cfg  # one run
+    store = Store(default_url(tmp_path))
+    now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+    live = store.create_sweep("live", "x", "local", 1)
+    gone = store.create_sweep("gone", "x", "local", 1)
+    store.set_sweep_fields(gone.id, pid=DEAD)
+    d = Dispatcher(store, LauncherParams(), points[0].cfg, "s", "cmd", "local", 8, lambda s: None)
+    try:
+        for p, kind in zip(points, kinds, strict=True):
+            p.run = store.claim_run(p.config_hash, grid_columns(p.cfg),
+                                    resolved_config(p.cfg, p.identity))  # fmt: skip
+            fields: dict[str, Any] = {"owner": 2, "status": RunStatus.queued}
+            if kind in ("done", "failed", "pruned"):
+                fields["status"] = RunStatus(kind)
+            elif kind in ("alive", "died"):
+                fields.update(status=RunStatus.running, host=HOST, heartbeat_at=now,
+                              pid=os.getpid() if kind == "alive" else DEAD)  # fmt: skip
+            else:
+                fields["claimed_by"] = live.id if kind == "live sweep" else gone.id
+            with store.session() as s:
+                s.execute(update(Run).where(Run.id == p.run.id).values(**fields))
+            p.status, p.followed = "following", True
+        d.following = list(points)
+        source, backend = GridSource(points, lambda s: None, None), _Recorded()
+        d._follow(source, backend)  # type: ignore[arg-type]
+        left = {p.label: p for p in d.following}
+        assert [kinds[i] for i, p in enumerate(points) if p.label in left] == [
+            "alive", "live sweep", "dead sweep"]  # fmt: skip
+        assert [p.status for p in points[:2]] + [points[7].status] == ["done", "failed", "pruned"]
+        taken = [p for p in points if p.sub is not None]
+        assert [kinds[points.index(p)] for p in taken] == ["died", "dead sweep"]
+        assert len(backend.submitted) == 2 and not any(p.followed for p in taken)
+        assert [p.owner for p in taken] == [4, 3]  # the dead job's run was fenced first
+        rows = dict(sql_rows(tmp_path, "SELECT id, status || ' ' || owner || ' ' || "
+                                       "coalesce(claimed_by, '') FROM runs"))  # fmt: skip
+        assert rows[points[3].run.id] == f"queued 4 {d.sweep.id}"  # interrupted, then ours
+        assert rows[points[5].run.id] == f"queued 3 {d.sweep.id}"
+        assert rows[points[4].run.id] == f"queued 2 {live.id}"  # a live sweep's claim holds
+    finally:
+        d.close(failed=False)
+        store.dispose()
+
+
+def sql_rows(tmp: Path, query: str) -> list[tuple]:
+    import sqlite3
+
+    with sqlite3.connect(tmp / "results.db") as c:
+        return c.execute(query).fetchall()

@@ -382,11 +382,18 @@ class Dispatcher:
     def _follow(self, source: Source, backend: Backend) -> None:
         """Points whose run another live job trains: their outcome once it ends. A run
         whose trainer died meanwhile (interrupted, or a claim of a dead sweep) is claimed
-        here and trained by a job of this sweep."""
+        here and trained by a job of this sweep. Each poll reads the followed runs in
+        bulk and claims the free ones in one go (thousands may be followed)."""
+        if not self.following:
+            return
+        runs = self.store.runs_by_id([p.run.id for p in self.following])  # type: ignore[union-attr]
+        if any(r.status == RunStatus.running and not self.store.job_alive(r)
+               for r in runs.values()):  # fmt: skip
+            self.store.expire_leases(alive=job_alive_elsewhere(self.store))  # a job died
+            runs = self.store.runs_by_id(list(runs))
+        free: list[Point] = []
         for p in list(self.following):
-            run = self.store.get_run_by_id(p.run.id)  # type: ignore[union-attr]
-            assert run is not None
-            p.run = run
+            run = p.run = runs[p.run.id]  # type: ignore[union-attr]
             if run.status in OUTCOMES:
                 self.following.remove(p)
                 p.status = run.status.value
@@ -394,13 +401,16 @@ class Dispatcher:
                 continue
             if run.status == RunStatus.running and self.store.job_alive(run):
                 continue
-            if run.status == RunStatus.running:
-                self.store.expire_leases(alive=job_alive_elsewhere(self.store))
-            p.owner = self.store.claim(run.id, self.sweep.id)
+            free.append(p)
+        ids = [p.run.id for p in free]  # type: ignore[union-attr]
+        tokens = self.store.claim_many(ids, self.sweep.id) if ids else {}
+        for p in free:
+            assert p.run is not None
+            p.owner = tokens.pop(p.run.id, None)  # one point per run takes it; others follow
             if p.owner is not None:  # its trainer is gone: ours to train now
                 self.following.remove(p)
                 p.followed = False
-                self.out(f"point [{p.label}]: run {run.id} lost the job that trained it; "
+                self.out(f"point [{p.label}]: run {p.run.id} lost the job that trained it; "
                          "training it here")  # fmt: skip
                 self._submit([[p]], backend)
 
