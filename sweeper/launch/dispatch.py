@@ -382,35 +382,40 @@ class Dispatcher:
     def _follow(self, source: Source, backend: Backend) -> None:
         """Points whose run another live job trains: their outcome once it ends. A run
         whose trainer died meanwhile (interrupted, or a claim of a dead sweep) is claimed
-        here and trained by a job of this sweep. Each poll reads the followed runs in
-        bulk and claims the free ones in one go (thousands may be followed)."""
+        here and trained by a job of this sweep. Thousands may be followed: each poll
+        looks at their leases in bulk (no configs read), claims the free ones in one go
+        (:meth:`Store.claim_many`: the same compare-and-set as one claim each) and reads
+        in full only the runs that ended or were claimed."""
         if not self.following:
             return
-        runs = self.store.runs_by_id([p.run.id for p in self.following])  # type: ignore[union-attr]
-        if any(r.status == RunStatus.running and not self.store.job_alive(r)
-               for r in runs.values()):  # fmt: skip
+        ids = [p.run.id for p in self.following]  # type: ignore[union-attr]
+
+        def trained() -> tuple[dict, set[int]]:  # the runs' leases, those trained by a live job
+            leases = self.store.lease_states(ids)
+            return leases, {i for i, r in leases.items() if r.status == RunStatus.running
+                            and self.store.job_alive(r)}  # type: ignore[arg-type]  # fmt: skip
+
+        leases, live = trained()
+        if any(r.status == RunStatus.running and i not in live for i, r in leases.items()):
             self.store.expire_leases(alive=job_alive_elsewhere(self.store))  # a job died
-            runs = self.store.runs_by_id(list(runs))
-        free: list[Point] = []
+            leases, live = trained()
+        ended = [i for i, r in leases.items() if r.status in OUTCOMES]
+        free = [i for i, r in leases.items() if r.status not in OUTCOMES and i not in live]
+        tokens = self.store.claim_many(free, self.sweep.id) if free else {}
+        runs = self.store.runs_by_id(ended + [i for i, t in tokens.items() if t is not None])
         for p in list(self.following):
-            run = p.run = runs[p.run.id]  # type: ignore[union-attr]
-            if run.status in OUTCOMES:
-                self.following.remove(p)
-                p.status = run.status.value
-                source.finished(p)
-                continue
-            if run.status == RunStatus.running and self.store.job_alive(run):
-                continue
-            free.append(p)
-        ids = [p.run.id for p in free]  # type: ignore[union-attr]
-        tokens = self.store.claim_many(ids, self.sweep.id) if ids else {}
-        for p in free:
             assert p.run is not None
-            p.owner = tokens.pop(p.run.id, None)  # one point per run takes it; others follow
-            if p.owner is not None:  # its trainer is gone: ours to train now
+            rid = p.run.id
+            if rid in runs and leases[rid].status in OUTCOMES:
+                p.run = runs[rid]
+                self.following.remove(p)
+                p.status = p.run.status.value
+                source.finished(p)
+            elif (owner := tokens.pop(rid, None)) is not None:  # one point a run takes it
+                p.run, p.owner = runs[rid], owner  # its trainer is gone: ours to train now
                 self.following.remove(p)
                 p.followed = False
-                self.out(f"point [{p.label}]: run {p.run.id} lost the job that trained it; "
+                self.out(f"point [{p.label}]: run {rid} lost the job that trained it; "
                          "training it here")  # fmt: skip
                 self._submit([[p]], backend)
 
