@@ -125,6 +125,12 @@ def test_status_records_dead_jobs_and_abandoned_sweeps_first(tmp_path: Path) -> 
     assert sql(db, "SELECT outcome FROM sweeps ORDER BY id") == [
         ("finished",), ("abandoned",), ("interrupted",), (None,)]  # fmt: skip
     assert "abandoned" in text
+    store = Store(default_url(tmp_path))
+    try:  # the cheap form of a sweep's state (the MLflow parent's "anything changed?")
+        want = tuple((lk.run_id, r.status.value) for lk, r in store.sweep_runs(2))
+        assert store.sweep_run_states(2) == want and len(want) > 50
+    finally:
+        store.dispose()
     # all=true: every run of a sweep, in its order; of the store without sweep=
     every = _table_rows(_status(tmp_path, "sweep=2", "all=true"), "runs of sweep 2")
     assert [int(r[0]) for r in every] == [

@@ -207,6 +207,18 @@ class Reads(Database):
                     out[r[0]] = LeaseState(*r)
         return out
 
+    def sweep_run_states(self, sweep_id: int) -> tuple[tuple[int, str], ...]:
+        """``(run id, status)`` of each run a sweep links, in link order: whether anything
+        changed, without reading the runs (:meth:`sweep_runs` decodes every config)."""
+        q = (
+            select(SweepRun.run_id, Run.status)
+            .join(Run, Run.id == SweepRun.run_id)
+            .where(SweepRun.sweep_id == sweep_id)
+            .order_by(SweepRun.id)
+        )
+        with self.session() as s:
+            return tuple((rid, RunStatus(st).value) for rid, st in s.execute(q))
+
     def sweep_counts(self) -> dict[int, dict[RunStatus, int]]:
         """Each sweep's runs by status, counted by the database (GROUP BY)."""
         q = (
