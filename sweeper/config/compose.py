@@ -12,7 +12,7 @@ import difflib
 import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -273,21 +273,39 @@ class PointComposer:
     """The typed config of each point of a sweep, composed at the speed of a loop.
 
     Hydra composes a sweep's point by re-reading and re-merging the whole defaults tree
-    (``load_sweep_config``: YAML parsing included) -- most of a large grid's planning time.
-    Composition has two stages, and only the first needs the files: the config-group
-    choices (``method=pgt``, ``+experiment=smoke``, ``hydra.*``) pick and merge the defaults;
-    the value overrides (``alpha=0.3``) are then applied to the merged config
-    (``ConfigLoaderImpl._apply_overrides_to_config``, in order, with the same errors). Here
-    the first stage runs once per distinct combination of group choices and the second on a
-    copy of its result: the same configs, hashes and errors as Hydra's per-point
-    composition (``tests/test_sweep.py`` compares them on a mixed grid)."""
+    (``load_sweep_config``: YAML parsing included), then applies the value overrides
+    (``alpha=0.3``) to the merged config (``ConfigLoaderImpl._apply_overrides_to_config``,
+    in order, with their errors) and converts it to the typed Config. Three caches give the
+    same configs, hashes and errors at a fraction of the cost (``tests/test_compose.py``
+    compares them with Hydra's per-point composition on a large mixed grid):
+
+    * the config-group choices (``method=pgt``, ``+experiment=smoke``, ``hydra.*``) are
+      merged once per distinct combination (the *base*);
+    * a *stem* is a base with the point's other value overrides applied, converted once;
+    * a *leaf* override (a plain ``key=value`` of a number, string, bool or null on a value
+      that the stem holds as a plain, set, non-interpolated value of a dataclass that
+      :func:`to_config` builds as is) is applied once per stem by Hydra's own code, on the
+      stem, and its converted value kept; a point is then its stem's typed Config with
+      those values replaced (``dataclasses.replace``).
+
+    Anything else (a list or dict value, ``+``/``~``, keys of the ``data`` node, whose
+    typed form :func:`to_config` rebuilds) belongs to the stem; a stem with an
+    interpolation (a leaf may be what it refers to), a leaf that a stem override also
+    touches, and a point whose fast form fails
+    in any way is composed as Hydra composes it, so its error is Hydra's. Points share the
+    sub-configs their overrides do not change; nothing changes a Config once made."""
 
     def __init__(self, loader: Any, master: DictConfig) -> None:
         self.loader, self.master = loader, master
         self._bases: dict[tuple[str, ...], DictConfig] = {}
+        # (groups, stem overrides) -> (stem DictConfig, its typed Config), None: no fast path
+        self._stems: dict[tuple[tuple[str, ...], tuple[str, ...]], tuple[DictConfig, Config] | None] = {}  # fmt: skip
+        self._leaves: dict[tuple[Any, str], Any] = {}  # (stem key, override) -> value | _SLOW
+        self._leafy: dict[tuple[tuple[str, ...], str], bool] = {}  # a leaf on that base?
         self._is_group: dict[str, bool] = {}
         self._parsed: dict[str, Any] = {}  # override string -> Hydra's parsed Override
         self._repo: Any = None
+        self.slow = 0  # points composed Hydra's way (the tests check the fast path is taken)
 
     def _group(self, ov: Any) -> bool:
         """Whether an override chooses a config group (or is Hydra's own: it may change the
@@ -307,9 +325,6 @@ class PointComposer:
 
     def compose(self, overrides: list[str]) -> Config:
         """One point's typed config (ConfigError, one line, on bad input)."""
-        import copy
-
-        from hydra._internal.config_loader_impl import ConfigLoaderImpl
         from hydra.core.override_parser.overrides_parser import OverridesParser
 
         try:
@@ -327,10 +342,197 @@ class PointComposer:
                 with open_dict(base):
                     del base["hydra"]
                 self._bases[groups] = base
-            cfg = copy.deepcopy(base)
-            ConfigLoaderImpl._apply_overrides_to_config(values, cfg)
-            return to_config(cfg)
+            try:
+                cfg = self._fast(groups, base, values)
+            except Exception:  # anything unforeseen: Hydra's way decides
+                cfg = None
+            if cfg is not None:
+                return cfg
+            self.slow += 1
+            return self._hydra(base, values)
         except ConfigError:
             raise
         except Exception as e:
             raise ConfigError(hydra_error_line(e)) from None
+
+    @staticmethod
+    def _hydra(base: DictConfig, values: list[Any]) -> Config:
+        """Hydra's own way: the value overrides applied to a copy of the base, converted."""
+        import copy
+
+        from hydra._internal.config_loader_impl import ConfigLoaderImpl
+
+        cfg = copy.deepcopy(base)
+        ConfigLoaderImpl._apply_overrides_to_config(values, cfg)
+        return to_config(cfg)
+
+    def _fast(self, groups: tuple[str, ...], base: DictConfig, values: list[Any]) -> Config | None:
+        """The point from its stem and leaves, or None where it must be composed Hydra's way."""
+        leaves = [ov for ov in values if self._is_leaf(groups, base, ov)]
+        if not leaves:
+            return None
+        rest = [ov for ov in values if not any(ov is lf for lf in leaves)]
+        keys = [ov.key_or_group for ov in leaves]
+        touched = [ov.key_or_group.lstrip("+~") for ov in rest]
+        if any(a == b or a.startswith(b + ".") or b.startswith(a + ".")
+               for a in keys for b in touched):  # fmt: skip
+            return None  # a stem override changes a leaf's node: order matters
+        skey = (groups, tuple(ov.input_line for ov in rest))
+        if skey not in self._stems:
+            self._stems[skey] = self._stem(base, rest)
+        stem = self._stems[skey]
+        if stem is None:
+            return None
+        changes: dict[str, Any] = {}  # nested by dotted key; in order: the last one wins
+        for ov in leaves:
+            lkey = (skey, ov.input_line)
+            if lkey not in self._leaves:
+                self._leaves[lkey] = self._leaf(stem, ov)
+            value = self._leaves[lkey]
+            if value is _SLOW:
+                return None
+            *path, last = ov.key_or_group.split(".")
+            node = changes
+            for part in path:
+                node = node.setdefault(part, {})
+            node[last] = _Value(value)
+        return _replaced(stem[1], changes)
+
+    def _is_leaf(self, groups: tuple[str, ...], base: DictConfig, ov: Any) -> bool:
+        """Whether ``ov`` may be a leaf: ``key=value`` of a primitive on a plain set value of
+        the base (checked again on the stem when its value is made)."""
+        from hydra.core.override_parser.types import OverrideType
+
+        key = (groups, ov.input_line)
+        if key not in self._leafy:
+            ok = ov.package is None and ov.type == OverrideType.CHANGE and _plain(ov.value())
+            ok = ok and _built_as_is(ov.key_or_group)
+            self._leafy[key] = ok and _leaf_node(base, ov.key_or_group) is not None
+        return self._leafy[key]
+
+    def _stem(self, base: DictConfig, rest: list[Any]) -> tuple[DictConfig, Config] | None:
+        """The base with the non-leaf value overrides applied and converted; None when that
+        fails (each of its points then fails, or not, Hydra's way) or when it holds an
+        interpolation (a leaf may be what it refers to)."""
+        import copy
+
+        from hydra._internal.config_loader_impl import ConfigLoaderImpl
+
+        try:
+            cfg = copy.deepcopy(base)
+            ConfigLoaderImpl._apply_overrides_to_config(rest, cfg)
+            if _has_interpolation(cfg):
+                return None
+            return cfg, to_config(cfg)
+        except Exception:
+            return None
+
+    @staticmethod
+    def _leaf(stem: tuple[DictConfig, Config], ov: Any) -> Any:
+        """A leaf override's converted value on this stem, as :func:`to_config` would read it
+        (``_SLOW`` when it is not a plain leaf here or Hydra refuses it: composed Hydra's
+        way, for Hydra's error). Applied by Hydra's own code to a copy of the leaf's node,
+        which is put back afterwards: the stem is unchanged."""
+        import copy
+
+        from hydra._internal.config_loader_impl import ConfigLoaderImpl
+        from omegaconf.nodes import ValueNode
+
+        cfg, typed = stem
+        parts = ov.key_or_group.split(".")
+        parent: Any = cfg
+        obj: Any = typed
+        for part in parts[:-1]:  # each dataclass on the way must be the one to_config builds
+            if type(obj) is not parent._metadata.object_type:
+                return _SLOW
+            parent, obj = parent._get_node(part, validate_access=False), getattr(obj, part, None)
+            if not isinstance(parent, DictConfig):
+                return _SLOW
+        if (
+            type(obj) is not parent._metadata.object_type
+            or _leaf_node(cfg, ov.key_or_group) is None
+        ):
+            return _SLOW
+        last = parts[-1]
+        orig = parent._get_node(last)
+        parent.__dict__["_content"][last] = copy.deepcopy(orig)
+        try:
+            ConfigLoaderImpl._apply_overrides_to_config([ov], cfg)
+            node = parent._get_node(last)
+            if not isinstance(node, ValueNode) or node._is_missing() or node._is_interpolation():
+                return _SLOW
+            return node._value()
+        except Exception:
+            return _SLOW
+        finally:
+            parent.__dict__["_content"][last] = orig
+
+
+_SLOW = object()  # a leaf that must be applied Hydra's way
+
+
+def _plain(value: Any) -> bool:
+    """A value a leaf may take: a number, bool, null or a string that is neither an
+    interpolation nor OmegaConf's missing value."""
+    if isinstance(value, str):
+        return "${" not in value and value != "???"
+    return value is None or isinstance(value, (bool, int, float))
+
+
+def _leaf_node(cfg: DictConfig, key: str) -> Any:
+    """The value node at dotted ``key`` when every step is a dict key and the value is set
+    and not an interpolation; else None."""
+    from omegaconf.nodes import ValueNode
+
+    node: Any = cfg
+    for part in key.split("."):
+        if not isinstance(node, DictConfig) or not part.isidentifier():
+            return None
+        node = node._get_node(part, validate_access=False)
+    if not isinstance(node, ValueNode) or node._is_missing() or node._is_interpolation():
+        return None
+    return node
+
+
+def _built_as_is(key: str) -> bool:
+    """Whether every container above ``key`` is declared as a dataclass of the schema, which
+    :func:`to_config` builds from its node as is (``data`` is not: its declared type is
+    ``Any`` and Config rebuilds it as a DataConfig)."""
+    schema: Any = Config
+    for part in key.split(".")[:-1]:
+        fields = getattr(schema, "__dataclass_fields__", None)
+        if not fields or part not in fields:
+            return False
+        schema = _schema_class(fields[part].type)
+    return hasattr(schema, "__dataclass_fields__")
+
+
+def _has_interpolation(node: Any) -> bool:
+    from omegaconf import ListConfig
+
+    if isinstance(node, (DictConfig, ListConfig)):
+        if node._is_missing() or node._is_none():
+            return False
+        if node._is_interpolation():
+            return True
+        children = node._content.values() if isinstance(node, DictConfig) else node._content
+        return any(_has_interpolation(c) for c in children)
+    return bool(node._is_interpolation())
+
+
+class _Value(NamedTuple):
+    """A leaf's new value in the nested changes of :func:`_replaced` (a dict is a level)."""
+
+    value: Any
+
+
+def _replaced(obj: Any, changes: dict[str, Any]) -> Any:
+    """A copy of the dataclass ``obj`` with ``changes`` (``{field: _Value(v)}``, or
+    ``{field: {...}}`` for a field's own fields): one ``dataclasses.replace`` per changed
+    dataclass; what is not changed is shared."""
+    import dataclasses
+
+    return dataclasses.replace(obj, **{
+        k: v.value if isinstance(v, _Value) else _replaced(getattr(obj, k), v)
+        for k, v in changes.items()
+    })  # fmt: skip

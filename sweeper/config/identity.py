@@ -8,8 +8,9 @@ pins the hashes, so a change that would move them fails the tests.
 
 from __future__ import annotations
 
+import functools
 import os
-from dataclasses import asdict
+from dataclasses import asdict, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from trainers.config import RunConfig
 from trainers.registry import ConfigError
 
 
+@functools.cache  # asked for every point of a grid; a driver does not come or go meanwhile
 def surely_no_cuda() -> bool:
     """True when torch cannot see a CUDA (or ROCm) device here: no NVIDIA or AMD kernel
     driver, and no WSL GPU. Then ``device=auto`` is the CPU without importing torch (most
@@ -51,9 +53,30 @@ def identity_of(cfg: RunConfig) -> tuple[dict[str, Any], str]:
     return ident, provenance.config_hash(ident)
 
 
-def resolved_config(cfg: Config, identity: dict[str, Any]) -> dict[str, Any]:
-    """What ``runs.config`` records: the whole config, the resolved lr and the identity."""
-    return {**asdict(cfg), "resolved_lr": cfg.resolved_lr(), "identity": identity}
+def resolved_config(cfg: Config, identity: dict[str, Any],
+                    memo: dict[int, tuple[Any, dict]] | None = None) -> dict[str, Any]:  # fmt: skip
+    """What ``runs.config`` records: the whole config, the resolved lr and the identity.
+
+    ``memo`` (one dict for the points of one grid, which share the sub-configs their
+    overrides do not change: :class:`sweeper.config.compose.PointComposer`): each shared
+    sub-config is turned into a dict once, not once per point. The same values as
+    ``asdict(cfg)``; the dicts are shared between the results, which are only written."""
+    if memo is None:
+        whole = asdict(cfg)
+    else:
+        whole = {}
+        for f in fields(cfg):
+            v = getattr(cfg, f.name)
+            if is_dataclass(v):
+                if id(v) not in memo:  # the object is kept with its dict: its id stays its own
+                    memo[id(v)] = (v, asdict(v))
+                whole[f.name] = memo[id(v)][1]
+            elif v is None or isinstance(v, (str, int, float, bool)):
+                whole[f.name] = v
+            else:  # a container: asdict's own recursion
+                whole = asdict(cfg)
+                break
+    return {**whole, "resolved_lr": cfg.resolved_lr(), "identity": identity}
 
 
 def grid_columns(cfg: RunConfig) -> dict[str, Any]:

@@ -22,10 +22,11 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import enum
+import functools
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -36,6 +37,7 @@ from sweeper.config.schema import Config
 from sweeper.errors import disk_full, disk_full_line
 from sweeper.launch.backends import Backend, Submission, make_backend
 from sweeper.launch.job import TRACKED_BY_SWEEPER
+from sweeper.launch.slurm import job_alive_elsewhere
 from sweeper.store import (
     HEARTBEAT_S,
     LostRun,
@@ -146,16 +148,9 @@ class SweepBeat:
         self._stop.set()
 
 
-def job_alive_elsewhere(store: Store) -> Callable[[RunRecord], bool | None]:
-    """What a backend knows of a run's job besides its heartbeat: a Slurm job that
-    ``squeue`` still lists (suspended, requeued and pending, running) is not dead."""
-    from sweeper.launch.slurm import listed
-
-    def alive(run: RunRecord) -> bool | None:
-        jobs = store.job_ids(run.id)
-        return listed(jobs) if jobs else None
-
-    return alive
+def _new_row(p: Point, memo: dict) -> tuple[dict[str, Any], dict]:
+    """A new run's grid columns and resolved config (made only for runs not yet stored)."""
+    return grid_columns(p.cfg), resolved_config(p.cfg, p.identity, memo)
 
 
 @contextlib.contextmanager
@@ -257,6 +252,52 @@ class Dispatcher:
         if st in (RunStatus.failed, RunStatus.diverged):
             return Decision.RETRY
         return Decision.START if st == RunStatus.queued else Decision.RESUME
+
+    def claim_many(self, points: Sequence[Point], retry_failed: bool) -> list[Decision]:
+        """:meth:`claim` for every point of a grid, in order, in a few transactions
+        (:meth:`Store.claim_runs`, :meth:`Store.claim_many`): the same decisions, the same
+        compare-and-set on each run's token, the same links; a point whose hash an earlier
+        one holds is SHARED."""
+        memo: dict = {}  # sub-configs the points share, each turned into a dict once
+        want = [(p.config_hash, p.label, functools.partial(_new_row, p, memo)) for p in points]
+        runs = self.store.claim_runs(self.sweep.id, want)
+        before = runs
+        dead = next((r for r in (runs[p.config_hash] for p in points)
+                     if r.status == RunStatus.running and not self.store.job_alive(r)), None)  # fmt: skip
+        if dead is not None:  # a job died: recorded before claiming, as claim does at its point
+            self.store.expire_leases(alive=job_alive_elsewhere(self.store))
+            runs = self.store.runs_by_hash(list(runs))
+
+        def record(p: Point) -> RunRecord:
+            # claim reads the point that saw the dead job before expiring it, later ones after
+            r = runs[p.config_hash]
+            return before[p.config_hash] if dead is not None and r.id == dead.id else r
+
+        ended = (RunStatus.failed, RunStatus.diverged)
+        asked = [r.id for r in map(record, points) if r.status != RunStatus.done
+                 and (retry_failed or r.status not in ended)]  # fmt: skip
+        tokens = self.store.claim_many(asked, self.sweep.id, retry=retry_failed)
+        out: list[Decision] = []
+        firsts: dict[str, Point] = {}
+        for p in points:
+            twin = firsts.setdefault(p.config_hash, p)
+            if twin is not p:
+                p.twin, p.run = twin, twin.run
+                out.append(Decision.SHARED)
+                continue
+            run = p.run = record(p)
+            st = run.status
+            if st == RunStatus.done:
+                out.append(Decision.DONE)
+            elif st in ended and not retry_failed:
+                out.append(Decision.FINISHED)
+            elif (owner := tokens.get(run.id)) is None:
+                out.append(Decision.FOLLOW)
+            else:
+                p.owner = owner
+                out.append(Decision.RETRY if st in ended else
+                           Decision.START if st == RunStatus.queued else Decision.RESUME)  # fmt: skip
+        return out
 
     def follow_message(self, p: Point) -> str:
         assert p.run is not None
@@ -367,25 +408,40 @@ class Dispatcher:
     def _follow(self, source: Source, backend: Backend) -> None:
         """Points whose run another live job trains: their outcome once it ends. A run
         whose trainer died meanwhile (interrupted, or a claim of a dead sweep) is claimed
-        here and trained by a job of this sweep."""
+        here and trained by a job of this sweep. Thousands may be followed: each poll
+        looks at their leases in bulk (no configs read), claims the free ones in one go
+        (:meth:`Store.claim_many`: the same compare-and-set as one claim each) and reads
+        in full only the runs that ended or were claimed."""
+        if not self.following:
+            return
+        ids = [p.run.id for p in self.following]  # type: ignore[union-attr]
+
+        def trained() -> tuple[dict, set[int]]:  # the runs' leases, those trained by a live job
+            leases = self.store.lease_states(ids)
+            return leases, {i for i, r in leases.items() if r.status == RunStatus.running
+                            and self.store.job_alive(r)}  # type: ignore[arg-type]  # fmt: skip
+
+        leases, live = trained()
+        if any(r.status == RunStatus.running and i not in live for i, r in leases.items()):
+            self.store.expire_leases(alive=job_alive_elsewhere(self.store))  # a job died
+            leases, live = trained()
+        ended = [i for i, r in leases.items() if r.status in OUTCOMES]
+        free = [i for i, r in leases.items() if r.status not in OUTCOMES and i not in live]
+        tokens = self.store.claim_many(free, self.sweep.id) if free else {}
+        runs = self.store.runs_by_id(ended + [i for i, t in tokens.items() if t is not None])
         for p in list(self.following):
-            run = self.store.get_run_by_id(p.run.id)  # type: ignore[union-attr]
-            assert run is not None
-            p.run = run
-            if run.status in OUTCOMES:
+            assert p.run is not None
+            rid = p.run.id
+            if rid in runs and leases[rid].status in OUTCOMES:
+                p.run = runs[rid]
                 self.following.remove(p)
-                p.status = run.status.value
+                p.status = p.run.status.value
                 source.finished(p)
-                continue
-            if run.status == RunStatus.running and self.store.job_alive(run):
-                continue
-            if run.status == RunStatus.running:
-                self.store.expire_leases(alive=job_alive_elsewhere(self.store))
-            p.owner = self.store.claim(run.id, self.sweep.id)
-            if p.owner is not None:  # its trainer is gone: ours to train now
+            elif (owner := tokens.pop(rid, None)) is not None:  # one point a run takes it
+                p.run, p.owner = runs[rid], owner  # its trainer is gone: ours to train now
                 self.following.remove(p)
                 p.followed = False
-                self.out(f"point [{p.label}]: run {run.id} lost the job that trained it; "
+                self.out(f"point [{p.label}]: run {rid} lost the job that trained it; "
                          "training it here")  # fmt: skip
                 self._submit([[p]], backend)
 

@@ -34,17 +34,21 @@ def validate_points(points: list[tuple[str, Config]]) -> list[Point]:
     if not points:
         raise ConfigError("the grid is empty: no point to run")
     out: list[Point] = []
-    urls = set()
+    urls: dict[tuple[str | None, str], str] = {}  # (store.url, results_dir) -> the store
     for label, cfg in points:
         try:
             preflight(cfg)
             ident, chash = identity_of(cfg)
         except ConfigError as e:
             raise ConfigError(f"point [{label}]: {e}") from None
-        urls.add(cfg.store_url())
+        where = (cfg.store.url, cfg.results_dir)
+        if where not in urls:
+            urls[where] = cfg.store_url()
         out.append(Point(label, cfg, chash, ident))
-    if len(urls) > 1:
-        raise ConfigError(f"all points of a sweep must share one results store; got {sorted(urls)}")
+    if len(set(urls.values())) > 1:
+        raise ConfigError(
+            f"all points of a sweep must share one results store; got {sorted(set(urls.values()))}"
+        )
     check_before_writing([(p.label, p.cfg) for p in out])  # custom builds, the store
     return out
 
@@ -61,10 +65,7 @@ class GridSource:
         self.counts: Counter[str] = Counter()
 
     def claim_all(self, d: Dispatcher, retry_failed: bool) -> None:
-        twins: dict[str, Point] = {}
-        for p in self.points:
-            decision = d.claim(p, retry_failed, twins)
-            twins.setdefault(p.config_hash, p)
+        for p, decision in zip(self.points, d.claim_many(self.points, retry_failed), strict=True):
             if decision == Decision.SHARED:  # e.g. baseline x alpha: one run serves both
                 p.status = "shared"
             elif decision.dispatch:

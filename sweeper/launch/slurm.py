@@ -14,9 +14,12 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from trainers.registry import ConfigError
+
+if TYPE_CHECKING:
+    from sweeper.store import RunRecord, Store
 
 SLURM_COMMANDS = ("sbatch", "srun", "squeue", "scancel", "sinfo")
 # squeue states after which a job will not run again by itself. Anything else (PENDING,
@@ -135,6 +138,18 @@ def listed(job_ids: list[str]) -> bool | None:
     if states is None:
         return None
     return any(states.get(j) not in (None, *SLURM_ENDED) for j in job_ids)
+
+
+def job_alive_elsewhere(store: Store) -> Callable[[RunRecord], bool | None]:
+    """What a backend knows of a run's job besides its heartbeat: a Slurm job that
+    ``squeue`` still lists (suspended, requeued and pending, running) is not dead. Here,
+    light to import, so that ``status`` asks it too."""
+
+    def alive(run: RunRecord) -> bool | None:
+        jobs = store.job_ids(run.id)
+        return listed(jobs) if jobs else None
+
+    return alive
 
 
 def job_gone(job: Any, kind: str, states: dict[str, str] | None = None) -> bool:

@@ -5,19 +5,32 @@ back); a config hash is never inserted twice."""
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from typing import Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from sweeper.store.db import Database
-from sweeper.store.lease import CLAIMABLE, HOST, LostRun
+from sweeper.store.lease import CLAIMABLE, HOST, Leases, LostRun
 from sweeper.store.models import EpochMetric, FilterStat, Run, RunStatus, Sweep, SweepRun, utcnow
-from sweeper.store.records import RunRecord, SweepRecord, run_record, sweep_record
+from sweeper.store.records import (
+    RUN_COLUMNS,
+    RunRecord,
+    SweepRecord,
+    artifact_dir,
+    run_record,
+    run_record_from_columns,
+    sweep_record,
+)
 from trainers.records import EpochMetrics, LayerFilterStats
+
+CHUNK = 500  # ids or hashes per IN (...): well under any database's limit on parameters
+# what a new run's row needs besides its hash: its grid columns and resolved config, made
+# only for the runs that do not exist yet
+NewRow = Callable[[], tuple[dict[str, Any], dict]]
 
 
 def _update_cost(s: Session, run: Run) -> None:
@@ -55,6 +68,106 @@ class Lifecycle(Database):
                 return run_record(
                     s.scalars(select(Run).where(Run.config_hash == config_hash)).one(), self.db_dir
                 )
+
+    def claim_runs(self, sweep_id: int,
+                   points: Sequence[tuple[str, str, NewRow]]) -> dict[str, RunRecord]:  # fmt: skip
+        """:meth:`claim_run` and :meth:`link_run` for a whole grid in a few transactions: the
+        run of each ``(config_hash, point, new_row)`` -- created ``queued`` from
+        ``new_row()`` where missing -- linked to the sweep under the first point that asks
+        for it. Returns the runs by hash (a new run's record holds the config as given,
+        not read back). Never duplicates a hash: a chunk that races another process's
+        insert is redone run by run."""
+        first: dict[str, tuple[str, NewRow]] = {}
+        for config_hash, point, new_row in points:
+            first.setdefault(config_hash, (point, new_row))
+        hashes = list(first)
+        made: dict[str, RunRecord] = {}
+        returning = self.engine.dialect.insert_executemany_returning_sort_by_parameter_order
+        for i in range(0, len(hashes), CHUNK):
+            part = hashes[i : i + CHUNK]
+            try:
+                with self.session() as s:
+                    have = set(s.scalars(select(Run.config_hash).where(Run.config_hash.in_(part))))
+                    rows = []
+                    for h in part:
+                        if h not in have:
+                            columns, config = first[h][1]()
+                            rows.append({"config_hash": h, "config": config, "epoch": 0,
+                                         "status": RunStatus.queued, "created_at": utcnow(),
+                                         **columns})  # fmt: skip
+                    if rows and returning:  # each new run's id, in the rows' order
+                        q = insert(Run).returning(Run.id, sort_by_parameter_order=True)
+                        ids = s.scalars(q, rows).all()
+                    elif rows:
+                        s.execute(insert(Run), rows)
+                if rows and returning:
+                    for row, rid in zip(rows, ids, strict=True):
+                        h = row["config_hash"]
+                        where = artifact_dir(None, h, row["config"], self.db_dir)
+                        made[h] = RunRecord(id=rid, run_dir=where, **row)
+            except IntegrityError:  # another process inserted one of them first: use its row
+                for h in part:
+                    self.claim_run(h, *first[h][1]())
+        runs: dict[str, RunRecord] = {}
+        rest = [h for h in hashes if h not in made]
+        with self.session() as s:
+            for i in range(0, len(rest), CHUNK):
+                q = select(*RUN_COLUMNS).where(Run.config_hash.in_(rest[i : i + CHUNK]))
+                for r in s.execute(q):
+                    rec = run_record_from_columns(r, self.db_dir)
+                    runs[rec.config_hash] = rec
+            runs.update(made)
+            linked = set(s.scalars(select(SweepRun.run_id).where(SweepRun.sweep_id == sweep_id)))
+            links = [{"sweep_id": sweep_id, "run_id": runs[h].id, "point": first[h][0]}
+                     for h in hashes if runs[h].id not in linked]  # fmt: skip
+            if links:
+                s.execute(insert(SweepRun), links)
+        return runs
+
+    def claim_many(self, run_ids: Sequence[int], sweep_id: int,
+                   retry: bool = False) -> dict[int, int | None]:  # fmt: skip
+        """:meth:`Leases.claim` for many runs at once: for each run its new token, or None
+        when it is done, being trained, claimed by another live sweep, or failed and not
+        ``retry`` -- the same decision, the same compare-and-set on ``runs.owner`` (one
+        UPDATE per chunk and prior (status, token), its RETURNING saying which rows it
+        took; run by run where the database has no UPDATE ... RETURNING)."""
+        out: dict[int, int | None] = dict.fromkeys(run_ids)
+        ids = list(out)
+        retried = (RunStatus.failed, RunStatus.diverged)
+        alive: dict[int, bool] = {}  # a holding sweep's liveness, asked once
+        with self.session() as s:
+            for i in range(0, len(ids), CHUNK):
+                rows = s.execute(
+                    select(Run.id, Run.status, Run.owner, Run.claimed_by)
+                    .where(Run.id.in_(ids[i : i + CHUNK]))
+                ).all()  # fmt: skip
+                groups: dict[tuple[RunStatus, int], list[int]] = {}
+                for rid, status, token, holder in rows:
+                    ok = status in CLAIMABLE or (retry and status in retried)
+                    if ok and status == RunStatus.queued and holder not in (None, sweep_id):
+                        if holder not in alive:
+                            alive[holder] = Leases._sweep_alive(s, holder)
+                        ok = not alive[holder]
+                    if ok:
+                        groups.setdefault((status, token or 0), []).append(rid)
+                for (status, token), rids in groups.items():
+                    values: dict = {"owner": token + 1, "claimed_by": sweep_id,
+                                    "status": RunStatus.queued}  # fmt: skip
+                    if status in retried:  # a retry: a fresh start
+                        values.update(error=None, killed_at_epoch=None, diverged_step=None)
+                    cas = (
+                        update(Run)
+                        .where(Run.owner == token, Run.status == status)
+                        .values(**values)
+                        .execution_options(synchronize_session=False)
+                    )
+                    if self.engine.dialect.update_returning:
+                        took = s.scalars(cas.where(Run.id.in_(rids)).returning(Run.id)).all()
+                    else:
+                        took = [r for r in rids if s.execute(cas.where(Run.id == r)).rowcount == 1]
+                    for rid in took:
+                        out[rid] = token + 1
+        return out
 
     def start_run(self, run_id: int, owner: int, provenance: dict[str, Any],
                   resume_epoch: int) -> None:  # fmt: skip

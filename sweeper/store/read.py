@@ -3,13 +3,15 @@ records (status, the sweeper, the MLflow mirror and the analysis all read throug
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
-from sqlalchemy import func, select
+from sqlalchemy import case, func, literal, select
 
 from sweeper.store.db import Database
-from sweeper.store.models import EpochMetric, FilterStat, Run, Sweep, SweepRun
+from sweeper.store.models import EpochMetric, FilterStat, Run, RunStatus, Sweep, SweepRun
 from sweeper.store.records import (
     RUN_COLUMNS,
     EpochRecord,
@@ -35,6 +37,23 @@ class RunQuery:
     methods: Sequence[str] = field(default_factory=list)
     datas: Sequence[str] = field(default_factory=list)
     statuses: Sequence[str] = field(default_factory=list)
+
+
+class LeaseState(NamedTuple):
+    """A run's status and signs of life: all :meth:`Leases.job_alive` reads of a record."""
+
+    id: int
+    status: RunStatus
+    owner: int
+    host: str | None
+    pid: int | None
+    heartbeat_at: dt.datetime | None
+    started_at: dt.datetime | None
+    created_at: dt.datetime | None
+
+
+LEASE_COLUMNS = (Run.id, Run.status, Run.owner, Run.host, Run.pid, Run.heartbeat_at,
+                 Run.started_at, Run.created_at)  # fmt: skip
 
 
 class Reads(Database):
@@ -162,3 +181,90 @@ class Reads(Database):
             return [
                 (sweep_run_record(a), run_record(b, self.db_dir)) for a, b in s.execute(q).all()
             ]
+
+    # ------------------------------------------------------- aggregates (status at scale)
+    def runs_by_id(self, run_ids: Sequence[int]) -> dict[int, RunRecord]:
+        """The runs with these ids (those that exist), in chunks of 500: one query per
+        chunk, not one per run (a sweeper following thousands of runs reads them each poll)."""
+        out: dict[int, RunRecord] = {}
+        ids = list(dict.fromkeys(run_ids))
+        with self.session() as s:
+            for i in range(0, len(ids), 500):
+                for r in s.execute(select(*RUN_COLUMNS).where(Run.id.in_(ids[i : i + 500]))):
+                    rec = run_record_from_columns(r, self.db_dir)
+                    out[rec.id] = rec
+        return out
+
+    def lease_states(self, run_ids: Sequence[int]) -> dict[int, LeaseState]:
+        """What :meth:`Leases.job_alive` reads of these runs, their configs not read: a
+        cheap look at thousands of followed runs each poll."""
+        out: dict[int, LeaseState] = {}
+        ids = list(dict.fromkeys(run_ids))
+        with self.session() as s:
+            for i in range(0, len(ids), 500):
+                q = select(*LEASE_COLUMNS).where(Run.id.in_(ids[i : i + 500]))
+                for r in s.execute(q):
+                    out[r[0]] = LeaseState(*r)
+        return out
+
+    def sweep_run_states(self, sweep_id: int) -> tuple[tuple[int, str], ...]:
+        """``(run id, status)`` of each run a sweep links, in link order: whether anything
+        changed, without reading the runs (:meth:`sweep_runs` decodes every config)."""
+        q = (
+            select(SweepRun.run_id, Run.status)
+            .join(Run, Run.id == SweepRun.run_id)
+            .where(SweepRun.sweep_id == sweep_id)
+            .order_by(SweepRun.id)
+        )
+        with self.session() as s:
+            return tuple((rid, RunStatus(st).value) for rid, st in s.execute(q))
+
+    def sweep_counts(self) -> dict[int, dict[RunStatus, int]]:
+        """Each sweep's runs by status, counted by the database (GROUP BY)."""
+        q = (
+            select(SweepRun.sweep_id, Run.status, func.count())
+            .join(Run, Run.id == SweepRun.run_id)
+            .group_by(SweepRun.sweep_id, Run.status)
+        )
+        out: dict[int, dict[RunStatus, int]] = {}
+        with self.session() as s:
+            for sid, status, n in s.execute(q):
+                out.setdefault(sid, {})[RunStatus(status)] = int(n)
+        return out
+
+    def sweep_jobs(self) -> dict[int, tuple[int, int]]:
+        """Each sweep's (jobs, fused jobs): distinct job ids of its links, and those that
+        several of its runs share (the members of a fused job share their job's id)."""
+        per_job = (
+            select(SweepRun.sweep_id, func.count().label("n"))
+            .where(SweepRun.job_id.is_not(None))
+            .group_by(SweepRun.sweep_id, SweepRun.job_id)
+            .subquery()
+        )
+        fused = func.sum(case((per_job.c.n > 1, 1), else_=0))
+        q = select(per_job.c.sweep_id, func.count(), fused).group_by(per_job.c.sweep_id)
+        with self.session() as s:
+            return {sid: (int(n), int(f or 0)) for sid, n, f in s.execute(q)}
+
+    def latest_sweep_runs(self, sweep_id: int | None,
+                          limit: int | None) -> list[tuple[str, RunRecord]]:  # fmt: skip
+        """``(point, run)`` of a sweep (``sweep_id`` None: every run of the store, point
+        ""): at most ``limit``, running ones first, then the most recently active (ended,
+        else started, else created); ``limit`` None: all of them, in the order they were
+        asked for."""
+        active = func.coalesce(Run.ended_at, Run.started_at, Run.created_at)
+        order = (case((Run.status == RunStatus.running, 0), else_=1), active.desc(), Run.id.desc())
+        if sweep_id is None:
+            q = select(literal(""), *RUN_COLUMNS)
+        else:
+            q = (
+                select(SweepRun.point, *RUN_COLUMNS)
+                .join(Run, Run.id == SweepRun.run_id)
+                .where(SweepRun.sweep_id == sweep_id)
+            )
+        if limit is None:
+            q = q.order_by(Run.id if sweep_id is None else SweepRun.id)
+        else:
+            q = q.order_by(*order).limit(limit)
+        with self.session() as s:
+            return [(r[0], run_record_from_columns(r[1:], self.db_dir)) for r in s.execute(q)]
