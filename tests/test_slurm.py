@@ -298,7 +298,7 @@ def test_a_suspended_fused_job_is_not_dead(slurm_cluster: SlurmCluster, tmp_path
     assert first.returncode == 0, out1[-3000:] + err1[-3000:] + slurm_cluster.logs()
     assert second.returncode == 0, out2[-3000:] + err2[-3000:]
     assert "Traceback" not in err1 + err2
-    assert "3 points, 0 to run" in out2, out2[-3000:]
+    assert "3 points, 0 to run, 0 already finished, 3 trained by another live job" in out2
     assert out2.count("following it to its outcome") == 3, out2[-3000:]
     assert "submitted" not in out2, out2[-3000:]
     runs = sql(db, "SELECT id, status, epoch, error, killed_at_epoch, mlflow_run_id FROM runs")

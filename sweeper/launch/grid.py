@@ -152,11 +152,12 @@ def run_grid(
         grid.claim_all(d, params.retry_failed)
         c = grid.counts
         shared = sum(p.status == "shared" for p in points)
+        following = sum(p.status == "following" for p in points)
         say(
             f"sweep {d.sweep.id} '{name}': {len(points)} points, {len(grid.todo)} to run, "
             f"{c['ended']} already finished"
             + (f" ({c['failed']} failed)" if c["failed"] else "")
-            + (f", {c['following']} trained by another live job" if c["following"] else "")
+            + (f", {following} trained by another live job" if following else "")
             + (f", {shared} duplicates" if shared else "")
         )
         if not grid.todo and not d.following:

@@ -212,8 +212,7 @@ class SweepTracker:
         whenever a run's status changes."""
         if self.parent is None or not self.parent.ok:
             return
-        state = tuple((link.run_id, run.status.value) for link, run in
-                      store.sweep_runs(self.sweep_id))  # fmt: skip
+        state = store.sweep_run_states(self.sweep_id)  # cheap: no config decoded
         if state == self._summarized and not final:
             return
         write_summary(self.parent, store, self.sweep_id, self.results_dir, self.objective)
