@@ -508,13 +508,13 @@ BAD_DATA = '''
 import os
 
 
-def corrupt(n: int = 8):
+def corrupt(n: int = 128):
     """Fine for the sweeper's pre-flight; raises in the job (before any row changes)."""
     import torch
 
     if os.environ.get("SUBMITIT_LOCAL_JOB_ID"):
         raise ValueError("the data set's files are corrupt")
-    x = torch.zeros(n, 1, 8, 8, dtype=torch.uint8)
+    x = torch.zeros(n, 1, 8, 8, dtype=torch.uint8)  # as many as a batch
     y = torch.arange(n) % 2
     return x, y, x, y
 '''

@@ -426,7 +426,9 @@ def test_an_interrupted_run_resumes_its_own_mlflow_run(tmp_path: Path) -> None:
     (first,) = _runs(tmp_path)
     assert first.info.status == "KILLED", first.data.tags
     assert first.data.tags["status"] == "interrupted"
-    assert first.data.tags["reason"].startswith("interrupted (Ctrl-C or a cancelled sweep)")
+    assert first.data.tags["reason"].startswith(
+        "interrupted (Ctrl-C, SIGTERM or a cancelled sweep)"
+    )
     again = run_cli(*run, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-2000:]
     (run,) = _runs(tmp_path)  # one MLflow run for the one configuration

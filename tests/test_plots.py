@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sqlite3
+import threading
 from pathlib import Path
 
 import matplotlib.image as mpimg
@@ -219,6 +220,11 @@ def test_figures_drawn_in_worker_processes_equal_serial(
     import analysis.plots as plots
 
     seen: list[int] = []
+    # the report forks only where no other thread runs; an earlier test in this process may
+    # have left tqdm's monitor thread (MLflow's progress bars): stop it
+    for t in threading.enumerate():
+        if type(t).__name__ == "TMonitor":
+            t.exit()  # type: ignore[attr-defined]  # sets its event and joins it
     real = plots.ProcessPoolExecutor
 
     def pool(workers: int, **kw):  # noqa: ANN202
@@ -228,7 +234,9 @@ def test_figures_drawn_in_worker_processes_equal_serial(
     monkeypatch.setattr(plots, "ProcessPoolExecutor", pool)
     monkeypatch.setattr(plots.os, "cpu_count", lambda: 2)
     forked = make_figures(records, tmp_path / "forked")
-    assert seen == [2]  # 5 tasks: 1 α grid, 1 Fig. 8 group, 2 runs' norms, the features
+    assert seen == [2], (
+        threading.enumerate()
+    )  # 5 tasks: 1 α grid, 1 Fig. 8 group, 2 runs' norms, the features
     monkeypatch.setattr(plots.os, "cpu_count", lambda: 1)
     serial = make_figures(records, tmp_path / "serial")
     assert seen == [2]

@@ -124,10 +124,12 @@ def test_a_sweep_survives_postgres_stopped_for_ten_seconds_and_restarted(tmp_pat
         assert proc.returncode == 0, out[-3000:] + err[-3000:]
         assert "Traceback" not in out + err and not err.strip(), err[-3000:]
         # progress counts the points waiting for a slot: two jobs at a time, so when the
-        # first point ends the other three are queued or running, at least one queued
+        # first point ends at least one is still queued (another may have ended in the same
+        # poll, its line next)
         first = next(ln for ln in out.splitlines() if ln.startswith("[  1/4]"))
         counts = dict(kv.rsplit(" ", 1) for kv in first.split("   ")[-1].split(" · "))
-        assert int(counts["queued"]) >= 1 and int(counts["queued"]) + int(counts["running"]) == 3
+        queued, running = int(counts["queued"]), int(counts["running"])
+        assert queued >= 1 and 2 <= queued + running <= 3, first
         runs = _rows(store, "SELECT status, epoch, error FROM runs ORDER BY id")
         assert runs == [("done", 25, None)] * 4, runs
         assert _rows(

@@ -77,10 +77,14 @@ class FilterNorms:
             )
         log.steps.append(step)
 
-    def write(self, epoch: int, log: FilterLog) -> Path | None:
+    def write(self, epoch: int, log: FilterLog,
+              before_replace: Callable[[], object] | None = None) -> Path | None:  # fmt: skip
         """Full per-filter norm vectors of this epoch's snapshots: one .npz per epoch.
 
         Arrays: ``steps`` (S,), ``L001`` ... (S, n_filters), ``names`` (layer names).
+        ``before_replace`` runs once the file is written, just before it takes its name: it
+        raises when the run is no longer this process's to write (a job stopped while
+        writing and taken over meanwhile leaves no file of its own).
         """
         if not log.steps:
             return None
@@ -96,8 +100,10 @@ class FilterNorms:
                     names=np.asarray([n for n, _ in self.layers]),
                     **{k: np.stack(v) for k, v in log.vectors.items()},
                 )
+            if before_replace is not None:
+                before_replace()
         except BaseException:
-            tmp.unlink(missing_ok=True)  # a full disk leaves no half-written file
+            tmp.unlink(missing_ok=True)  # a full disk or a lost run leaves no file
             raise
         os.replace(tmp, path)
         return path

@@ -336,7 +336,7 @@ class Trainer:
         stop = False
         if main:
             self._hold()  # a run another job took over gets no file of this one's
-            filter_file = self.filters.write(epoch, flog)
+            filter_file = self.filters.write(epoch, flog, before_replace=self._hold)
             self.sink.on_epoch(m, flog.stats, filter_file)
             self.checkpoints.save(
                 epoch + 1,
