@@ -22,14 +22,22 @@ from collections import defaultdict
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
-from analysis.configs import Key, config_key, config_of, flat_identity, method_of, setting_of
+from analysis.configs import (
+    Key,
+    config_key,
+    config_of,
+    extra_columns,
+    flat_identity,
+    is_method_key,
+    method_of,
+    setting_of,
+)
 from analysis.inference import DIRECTIONS, MARGIN, Comparison, compare, direction
 from analysis.queries import RunRecord
 
 ABLATION = ("pgt", "ls", "ls_pgt")
-# the keys a setting's label always names (from the run's columns)
-_NAMED = {"model", "model.name", "data.name", "batch_size", "epochs", "schedule.name",
-          "optimizer.name"}  # fmt: skip
+# the run's columns a setting's label always names
+_SHOWN = ["model", "data", "batch_size", "epochs", "schedule", "optimizer"]
 
 
 def metric_choices() -> list[str]:
@@ -91,22 +99,6 @@ def treatment_label(r: RunRecord, knobs: Sequence[str] = ()) -> str:
     return " ".join(parts)
 
 
-def _varying(groups: Sequence[Sequence[RunRecord]], keep: Callable[[str], bool]) -> list[str]:
-    """Identity keys (those ``keep`` accepts) whose value differs between the groups."""
-    seen: dict[str, set] = defaultdict(set)
-    for g in groups:
-        f = flat_identity(g[0])
-        for k, v in f.items():
-            if keep(k):
-                seen[k].add(repr(v))
-    keys = set(seen)
-    for g in groups:  # a key some group lacks varies too
-        f = flat_identity(g[0])
-        for k in keys - f.keys():
-            seen[k].add("<missing>")
-    return sorted(k for k, vals in seen.items() if len(vals) > 1)
-
-
 def judge(
     done: Sequence[RunRecord],
     table: str,
@@ -119,7 +111,8 @@ def judge(
     setting, one family per setting, in the settings' and treatments' readable order."""
     direction(metric)
     by_setting = _group(done, setting_of)
-    setting_extra = _varying(list(by_setting.values()), lambda k: k not in _NAMED)
+    # the setting keys the label's columns do not determine (lr follows the batch size)
+    setting_extra = extra_columns(done, _SHOWN, lambda k: not is_method_key(k))
     out: list[Judged] = []
     labelled = sorted(((setting_label(rs[0], setting_extra), s) for s, rs in by_setting.items()),
                       key=lambda x: x[0])  # fmt: skip
@@ -132,8 +125,9 @@ def judge(
         cells = _group([r for r in runs if r.method != "baseline" and treated(r)], config_of)
         if not cells:
             continue
-        knobs = _varying(list(cells.values()), lambda k: k.startswith("method.")
-                         and k != "method.name")  # fmt: skip
+        # the knobs that tell apart configurations of one method at one α
+        knobs = extra_columns([r for rs in cells.values() for r in rs], ["method", "alpha"],
+                              lambda k: k.startswith("method.") and k != "method.name")  # fmt: skip
         m = len(cells)
         bvals = _values(base, metric)
         rows = []

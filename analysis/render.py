@@ -178,7 +178,7 @@ def md_verdicts(tables: Sequence[Table]) -> list[str]:
                 c = j.result
                 parts += ["", f"Family: against the baseline of {j.setting}, "
                           f"{c.family_size} comparison(s), each interval at "
-                          f"{c.confidence:.4%} ({LEVEL:.0%} jointly).", ""]  # fmt: skip
+                          f"{100 * c.confidence:.3g} % ({LEVEL:.0%} jointly).", ""]  # fmt: skip
             mark = " *(shown in the table)*" if t.compared and j.config in shown else ""
             parts.append(f"- {verdict_line(j)}{mark}")
     return parts
