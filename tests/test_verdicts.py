@@ -398,3 +398,18 @@ def test_seeds_needed_from_a_pilot_is_a_first_guess_simulation() -> None:
         < rates["3-seed pilots, +0.5 pp, sd 1.0, m=7"]
         < rates["5-seed pilots, +1.0 pp, sd 1.0, m=3"]
     )
+
+
+def test_an_older_store_reports_its_verdicts_selected_on_test(tmp_path: Path, capsys) -> None:
+    """The schema-3 store (no validation columns) opens, reports and judges: one seed each,
+    so too few seeds, α chosen on the test set."""
+    import shutil
+
+    res = tmp_path / "results"
+    shutil.copytree(REPO / "tests" / "fixtures" / "store_v3", res)
+    assert main(["--results-dir", str(res), "--formats", "md,csv,tex"]) == 0
+    capsys.readouterr()
+    rows = _csv(res / "report" / "verdicts.csv")
+    assert rows and {r["selected_on"] for r in rows} == {"test"}
+    assert {r["verdict"] for r in rows} == {TOO_FEW}
+    assert (res / "report" / "zeroed_filters.tex").is_file()
