@@ -25,7 +25,8 @@ def parser() -> argparse.ArgumentParser:
     """The CLI's argument parser."""
     p = argparse.ArgumentParser(
         prog="python -m analysis",
-        description="Rebuild the paper's tables (mean ± std over seeds, diffs with 95 % CI) "
+        description="Rebuild the paper's tables (mean ± std over seeds, diffs with 95 % CI) and "
+        "a verdict on each comparison (better, worse, equivalent, unresolved) "
         "from a gradsweep results store.",
     )
     src = p.add_mutually_exclusive_group()
