@@ -25,7 +25,8 @@ def parser() -> argparse.ArgumentParser:
     """The CLI's argument parser."""
     p = argparse.ArgumentParser(
         prog="python -m analysis",
-        description="Rebuild the paper's tables (mean ± std over seeds, diffs with 95 % CI) "
+        description="Rebuild the paper's tables (mean ± std over seeds, diffs with 95 % CI) and "
+        "a verdict on each comparison (better, worse, equivalent, unresolved) "
         "from a gradsweep results store.",
     )
     src = p.add_mutually_exclusive_group()
@@ -38,6 +39,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data", action="append", help="only these data sets")
     p.add_argument("--alpha", default="best",
                    help="PGT alpha in Tables 1-2: best (by mean test top-1), all, or a value")  # fmt: skip
+    p.add_argument("--metric", default="test_acc",
+                   help="what the verdicts compare: test_acc (default), train_acc, test_top5, "
+                   "test_loss")  # fmt: skip
+    p.add_argument("--margin", default="0.2",
+                   help="differences within ± this are 'equivalent' (percentage points of "
+                   "top-1; the metric's units; default 0.2)")  # fmt: skip
     p.add_argument("--study-storage", metavar="URL",
                    help="Optuna storage of the searches (default: the results store)")  # fmt: skip
     p.add_argument("--out", type=Path, help="output directory (default <results-dir>/report)")
@@ -54,6 +61,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     return boundary(lambda: _report(args))
 
 
+def _margin(text: str) -> float:
+    """``--margin``: a finite number >= 0."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise AnalysisError(f"--margin must be a number >= 0 (e.g. 0.2 percentage points), "
+                            f"got {text!r}")  # fmt: skip
+    return value
+
+
 def _report(args: argparse.Namespace) -> None:
     from analysis.queries import RunFilter
     from analysis.report import FORMATS, ReportRequest, make_report
@@ -68,6 +89,13 @@ def _report(args: argparse.Namespace) -> None:
         except ValueError as e:
             msg = f"--alpha must be best, all or a number, got {args.alpha!r}"
             raise AnalysisError(msg) from e
+    margin = _margin(args.margin)
+    from analysis.comparisons import metric_choices
+
+    if args.metric not in metric_choices():
+        raise AnalysisError(
+            f"unknown --metric {args.metric!r}; choose from {', '.join(metric_choices())}"
+        )
     try:
         sweeps = [int(s) for s in _split(args.sweep)]
     except ValueError as e:
@@ -82,6 +110,8 @@ def _report(args: argparse.Namespace) -> None:
         flt=RunFilter(sweeps, _split(args.model), _split(args.method), _split(args.data)),
         alpha=args.alpha,
         study_storage=args.study_storage,
+        metric=args.metric,
+        margin=margin,
     )
     make_report(req)
 

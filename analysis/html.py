@@ -106,6 +106,30 @@ def _figure(fig: Any) -> str:
     )
 
 
+def _verdicts(tables: Sequence[Table]) -> list[str]:
+    """The opening section: the rules, then one line per comparison (as in report.md)."""
+    lines = render.md_verdicts(tables)[2:]  # past "## Verdicts" and its blank line
+    out = ['<h2 id="verdicts">Verdicts</h2>']
+    items: list[str] = []
+
+    def flush() -> None:
+        if items:
+            out.append("<ul>\n" + "\n".join(items) + "\n</ul>")
+            items.clear()
+
+    for ln in lines:
+        if ln.startswith("- "):
+            items.append(f"<li>{_esc(ln[2:].replace('*', ''))}</li>")
+            continue
+        flush()
+        if ln.startswith("### "):
+            out.append(f"<h3>{_esc(ln[4:])}</h3>")
+        elif ln:
+            out.append(f'<p class="note">{_esc(ln.replace("**", "").replace("`", ""))}</p>')
+    flush()
+    return out
+
+
 def report_html(
     tables: Sequence[Table],
     ex: Excluded,
@@ -117,7 +141,7 @@ def report_html(
 ) -> str:
     """The whole report as one HTML document; ``cost_line``: the total cost sentence."""
     now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    sections = [(f"t{i}", t.title) for i, t in enumerate(tables, 1)]
+    sections = [("verdicts", "Verdicts"), *((f"t{i}", t.title) for i, t in enumerate(tables, 1))]
     sections += [("excluded", "Excluded runs"), ("figures", "Figures")]
     nav = " ".join(f'<a href="#{a}">{_esc(t)}</a>' for a, t in sections)
     parts = [
@@ -133,11 +157,16 @@ def report_html(
         "<h1>gradsweep report</h1>",
         f'<p class="note">{_esc(source)}{" · " if source else ""}generated {now}</p>',
         f"<nav>{nav}</nav>",
+    ]
+    parts += _verdicts(tables)
+    parts += [
         f'<p class="note">{_esc(NOTE)}</p>',
         *([f'<p class="cost">{_esc(cost_line)}</p>'] if cost_line else []),
     ]
     for i, t in enumerate(tables, 1):
         parts.append(f'<h2 id="t{i}">{_esc(t.title)}</h2>')
+        if t.note:
+            parts.append(f'<p class="note">{_esc(t.note)}.</p>')
         if t.rows:
             header, rows = render.grid(t)
             n_paper = len(render.PAPER_COLUMNS) if header[-1:] == render.PAPER_COLUMNS[-1:] else 0

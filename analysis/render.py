@@ -17,7 +17,9 @@ import csv
 import io
 from collections.abc import Sequence
 
+from analysis.comparisons import Judged
 from analysis.configs import extra_values
+from analysis.inference import EQUIVALENT, LEVEL, MARGIN, POWER, TOO_FEW, UNRESOLVED
 from analysis.paper import PaperRow, paper_of
 from analysis.stats import Comparison, Summary
 from analysis.tables import Cost, Excluded, Row, Table
@@ -35,6 +37,10 @@ LABELS = {
     "alpha": "α",
     "train_acc": "train top-1",
     "test_acc": "test top-1",
+    "test_top5": "test top-5",
+    "test_loss": "test loss",
+    "val_acc": "val top-1",
+    "val_loss": "val loss",
     "gap": "gap",
     # identity keys shown as extra columns, where a plain name says it
     "data.name": "data",
@@ -100,6 +106,84 @@ def fmt_diff(c: Comparison | None, no_baseline: bool = False) -> str:
 COST_COLUMNS = ["cost", "img/s"]
 
 
+def unit(metric: str) -> str:
+    """ " pp" for accuracies (percentage points), "" for losses."""
+    return " pp" if metric.endswith(("_acc", "_top5")) else ""
+
+
+def fmt_verdict(j: Judged | None) -> str:
+    """A table's verdict cell: the verdict, with the seeds per side an unresolved one needs."""
+    if j is None:
+        return DASH
+    c = j.result
+    if c.verdict == UNRESOLVED:
+        return f"unresolved ({c.seeds_needed} seeds)" if c.seeds_needed else "unresolved"
+    return c.verdict
+
+
+def verdict_line(j: Judged) -> str:
+    """``pgt α=0.25 vs baseline — model · data · b128: +0.42 pp [+0.10, +0.74], P(better)
+    1.00 [0.48, 1.00] (5/5 seeds) → better``."""
+    c = j.result
+    u = unit(c.metric)
+    head = f"{j.treatment} vs {j.baseline} — {j.setting}: "
+    if c.verdict == TOO_FEW:
+        d = DASH if c.diff is None else f"{c.diff:+.2f}{u}"
+        return f"{head}{d} ({c.n_treatment} vs {c.n_baseline} seeds) → {TOO_FEW}"
+    kind = "" if c.paired else " Welch"
+    pairs = f"{c.wins:g}/{c.pairs} {'seeds' if c.paired else 'seed pairs'}"
+    line = (f"{head}{c.diff:+.2f}{u} [{c.ci_low:+.2f}, {c.ci_high:+.2f}]{kind}, P(better) "
+            f"{c.p_improve:.2f} [{c.p_low:.2f}, {c.p_high:.2f}] ({pairs}) → {c.verdict}")  # fmt: skip
+    if c.verdict == EQUIVALENT and c.excludes_zero:
+        line += f" (within ±{c.margin:g}{u}, though the interval excludes 0)"
+    if c.verdict == UNRESOLVED:
+        line += (f" (≈{c.seeds_needed} seeds per side would resolve it)" if c.seeds_needed
+                 else " (more than 100,000 seeds per side would be needed)")  # fmt: skip
+    return line
+
+
+def verdict_rules(metric: str, margin: float) -> str:
+    """The paragraph that says how the verdicts are made."""
+    u = unit(metric) or " (in the metric's units)"
+    return (
+        f"On {LABELS.get(metric, metric)} (`--metric`): treatment − baseline of the same "
+        "setting, paired by seed where both hold the same seeds, Welch otherwise. The "
+        f"intervals of one family (every comparison against one baseline in one table, all α "
+        f"of a grid included) are simultaneous at {LEVEL:.0%} (Bonferroni: each at "
+        f"1 − {1 - LEVEL:.2g}/m), so picking the best α afterwards keeps the coverage. "
+        f"**equivalent**: the interval lies inside ±{margin:g}{u} (`--margin`); **better** / "
+        "**worse**: otherwise, the interval excludes 0; **unresolved**: neither, with the "
+        f"seeds per side that would resolve it with {POWER:.0%} power at the observed "
+        "difference and spread; **too few seeds**: fewer than 2 on a side. P(better): the "
+        "share of seed pairs where the treatment wins (ties half), with its Clopper-Pearson "
+        "interval at the family's level. α is chosen on the test set."
+    )
+
+
+def md_verdicts(tables: Sequence[Table]) -> list[str]:
+    """The report's opening section: one line per comparison, per table and family."""
+    judged = [t for t in tables if t.verdicts]
+    metric = tables[0].metric if tables else "test_acc"
+    margin = next((t.verdicts[0].result.margin for t in judged), MARGIN)
+    parts = ["## Verdicts", "", verdict_rules(metric, margin)]
+    if not judged:
+        return [*parts, "", "(no comparisons: no setting holds a baseline and a treatment)"]
+    for t in judged:
+        shown = {r.config for r in t.rows if r.present}
+        parts += ["", f"### {t.title}"]
+        fam = None
+        for j in t.verdicts:
+            if j.family != fam:
+                fam = j.family
+                c = j.result
+                parts += ["", f"Family: against the baseline of {j.setting}, "
+                          f"{c.family_size} comparison(s), each interval at "
+                          f"{100 * c.confidence:.3g} % ({LEVEL:.0%} jointly).", ""]  # fmt: skip
+            mark = " *(shown in the table)*" if t.compared and j.config in shown else ""
+            parts.append(f"- {verdict_line(j)}{mark}")
+    return parts
+
+
 def fmt_cost(c: Cost | None) -> str:
     """GPU-hours of the runs (all seeds), or CPU-hours for runs without a GPU; "—" if
     unrecorded."""
@@ -124,6 +208,7 @@ def _header(table: Table) -> list[str]:
     cols += [LABELS.get(m, m) for m in table.metrics]
     if table.compared:
         cols += [f"Δ {LABELS.get(m, m)} (95% CI)" for m in table.metrics]
+    cols += [f"verdict ({LABELS.get(table.metric, table.metric)})"]
     cols += COST_COLUMNS
     if paper_of(table) is not None:
         cols += PAPER_COLUMNS
@@ -155,6 +240,7 @@ def _cells(table: Table, row: Row, i: int = 0) -> list[str]:
     if table.compared:
         out += [DASH if row.is_baseline else fmt_diff(row.diffs.get(m), row.no_baseline)
                 for m in table.metrics]  # fmt: skip
+    out += [fmt_verdict(row.verdict)]
     out += [fmt_cost(row.cost), fmt_speed(row.cost)] if row.present else [DASH, DASH]
     paper = paper_of(table)
     if paper is not None:
@@ -229,7 +315,7 @@ def total_cost_line(total: Cost, wasted: Cost) -> str:
 
 def markdown(tables: Sequence[Table], ex: Excluded, total: tuple[Cost, Cost] | None = None) -> str:
     """The whole report as Markdown; ``total``: (all runs, excluded runs) cost."""
-    parts = ["# gradsweep report", ""]
+    parts = ["# gradsweep report", "", *md_verdicts(tables), ""]
     parts.append(
         CELL_LEGEND + " cost: GPU-hours of the cell's runs (all seeds; wall time of their "
         "epochs x GPUs), CPU-hours for runs without a GPU; img/s: mean training throughput "
@@ -245,6 +331,8 @@ def markdown(tables: Sequence[Table], ex: Excluded, total: tuple[Cost, Cost] | N
         )
     for t in tables:
         parts += ["", f"## {t.title}", ""]
+        if t.note:
+            parts += [f"{t.note}.", ""]
         if t.rows:
             parts.append(_md_grid(*grid(t)))
         else:
@@ -270,7 +358,7 @@ def csv_table(table: Table) -> str:
     paper = paper_of(table)
     w.writerow([*table.key_columns, "metric", "mean", "std", "n", "diff", "ci_low", "ci_high",
                 "ci_method", "gpu_hours", "cpu_hours", "images_per_s", "peak_gpu_mem_mb",
-                *(["paper", "diff_vs_paper"] if paper is not None else [])])  # fmt: skip
+                *(["paper", "diff_vs_paper"] if paper is not None else []), "verdict"])  # fmt: skip
     for i, row in enumerate(table.rows):
         keys = [csv_key(row.keys[c]) for c in table.key_columns]
         for m in table.metrics:
@@ -284,7 +372,39 @@ def csv_table(table: Table) -> str:
             if paper is not None:
                 p = paper[i]
                 line += [_num(p.value(m) if p else None), _num(_vs_paper(row, p, m))]
-            w.writerow(line)
+            w.writerow([*line, row.verdict.result.verdict if row.verdict else ""])
+    return buf.getvalue()
+
+
+VERDICT_COLUMNS = ["table", "setting", "treatment", "baseline", "metric", "n_treatment",
+                   "n_baseline", "paired", "diff", "ci_low", "ci_high", "p_improve", "verdict",
+                   "seeds_needed", "selected_on", "p_improve_low", "p_improve_high",
+                   "family_size", "confidence", "margin"]  # fmt: skip
+
+
+def verdict_record(j: Judged) -> dict[str, object]:
+    """One comparison as a :data:`VERDICT_COLUMNS` record (numbers at full precision)."""
+    c = j.result
+    return {"table": j.table, "setting": j.setting, "treatment": j.treatment,
+            "baseline": j.baseline, "metric": c.metric, "n_treatment": c.n_treatment,
+            "n_baseline": c.n_baseline, "paired": c.paired, "diff": c.diff,
+            "ci_low": c.ci_low, "ci_high": c.ci_high, "p_improve": c.p_improve,
+            "verdict": c.verdict, "seeds_needed": c.seeds_needed, "selected_on": j.selected_on,
+            "p_improve_low": c.p_low, "p_improve_high": c.p_high,
+            "family_size": c.family_size, "confidence": c.confidence, "margin": c.margin}  # fmt: skip
+
+
+def csv_verdicts(tables: Sequence[Table]) -> str:
+    """``verdicts.csv``: one line per comparison of every table."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(VERDICT_COLUMNS)
+    for t in tables:
+        for j in t.verdicts:
+            rec = verdict_record(j)
+            w.writerow([str(rec[k]).lower() if isinstance(rec[k], bool) else _num(rec[k])
+                        if rec[k] is None or isinstance(rec[k], float) else rec[k]
+                        for k in VERDICT_COLUMNS])  # fmt: skip
     return buf.getvalue()
 
 
@@ -315,7 +435,7 @@ def tex_escape(s: str) -> str:
     )
 
 
-def _tex_grid(caption: str, header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+def tex_grid(caption: str, header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines = [
         "% requires \\usepackage{booktabs}",
         "\\begin{table}[t]",
@@ -333,9 +453,9 @@ def _tex_grid(caption: str, header: Sequence[str], rows: Sequence[Sequence[str]]
 
 def tex_table(table: Table) -> str:
     """A booktabs ``table`` environment."""
-    return _tex_grid(table.title, *grid(table))
+    return tex_grid(table.title, *grid(table))
 
 
 def tex_excluded(ex: Excluded) -> str:
     """The excluded runs as a booktabs table."""
-    return _tex_grid("Excluded runs (failed, diverged or pruned)", *excluded_grid(ex))
+    return tex_grid("Excluded runs (failed, diverged or pruned)", *excluded_grid(ex))

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from analysis import html, render
 from analysis.errors import AnalysisError
+from analysis.inference import MARGIN
 from analysis.paper import annotate
 from analysis.queries import RunFilter, load_runs, open_store
 from analysis.studies import (
@@ -27,6 +28,7 @@ from analysis.zeroed import zeroed_by_layer, zeroed_filters_table
 from sweeper.store import display_url
 
 FORMATS = ("md", "csv", "tex", "html")
+ZEROED_TITLE = "Zeroed filters per layer x method"
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,9 @@ class ReportRequest:
     flt: RunFilter
     alpha: str = "best"
     study_storage: str | None = None  # Optuna storage; None -> the store's database
+    metric: str = "test_acc"  # what the verdicts are on
+    margin: float = MARGIN  # ± this is "equivalent" (the metric's units: pp of top-1)
+    select_on: str = "test"  # the split the best α is chosen on ("val" once there is one)
 
 
 def prepare_out(out: Path) -> None:
@@ -94,17 +99,13 @@ def make_report(req: ReportRequest) -> list[Path]:
     if not runs:
         raise AnalysisError("no runs match the filters")
     prepare_out(req.out)
-    built, ex = build_tables(runs, req.alpha)
+    built, ex = build_tables(runs, req.alpha, req.metric, req.margin, req.select_on)
     tables = annotate(built)
     total = (cost_of(runs), cost_of(ex.runs))
     md = render.markdown(tables, ex, total)
     zeroed_header, zeroed = _zeroed(runs, last_stats)
     if zeroed:
-        md += (
-            "\n## Zeroed filters per layer x method\n\n"
-            + render.md_grid(zeroed_header, zeroed)
-            + "\n"
-        )
+        md += f"\n## {ZEROED_TITLE}\n\n" + render.md_grid(zeroed_header, zeroed) + "\n"
     studies = load_studies(req.study_storage or req.store_url, names)
     study_tables = _study_tables(studies)
     for title, header, rows in study_tables:
@@ -124,6 +125,7 @@ def make_report(req: ReportRequest) -> list[Path]:
     if "csv" in req.formats:
         files.update({f"{t.name}.csv": render.csv_table(t) for t in tables})
         files["excluded_runs.csv"] = render.csv_excluded(ex)
+        files["verdicts.csv"] = render.csv_verdicts(tables)
         if zeroed:
             files["zeroed_filters.csv"] = render.csv_grid(zeroed_header, zeroed)
         if studies:
@@ -135,8 +137,10 @@ def make_report(req: ReportRequest) -> list[Path]:
     if "tex" in req.formats:
         files.update({f"{t.name}.tex": render.tex_table(t) for t in tables})
         files["excluded_runs.tex"] = render.tex_excluded(ex)
+        if zeroed:
+            files["zeroed_filters.tex"] = render.tex_grid(ZEROED_TITLE, zeroed_header, zeroed)
     if "html" in req.formats:
-        extra = [("Zeroed filters per layer x method", zeroed_header, zeroed)] if zeroed else []
+        extra = [(ZEROED_TITLE, zeroed_header, zeroed)] if zeroed else []
         if studies:
             extra += [
                 *study_tables,

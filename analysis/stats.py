@@ -67,22 +67,33 @@ def _interval(diff: float, se: float, df: float, kind: str) -> Comparison:
     return Comparison(diff, diff - half, diff + half, kind)
 
 
+def paired_differences(
+    treat: Sequence[tuple[int, float]], base: Sequence[tuple[int, float]]
+) -> np.ndarray | None:
+    """Per-seed ``treat - base`` (in the treatment's seed order) when both sides hold exactly
+    the same seeds, each once; None otherwise (then the comparison is Welch's)."""
+    t_seeds = [s for s, _ in treat]
+    b_seeds = [s for s, _ in base]
+    same = (
+        bool(t_seeds)
+        and len(set(t_seeds)) == len(t_seeds)
+        and len(set(b_seeds)) == len(b_seeds)
+        and set(t_seeds) == set(b_seeds)
+    )
+    if not same:
+        return None
+    bmap = dict(base)
+    return np.asarray([v - bmap[s] for s, v in treat], dtype=float)
+
+
 def compare(
     treat: Sequence[tuple[int, float]], base: Sequence[tuple[int, float]]
 ) -> Comparison | None:
     """``treat`` minus ``base`` given (seed, value) pairs; None when a side is empty."""
     if not treat or not base:
         return None
-    t_seeds = [s for s, _ in treat]
-    b_seeds = [s for s, _ in base]
-    same = (
-        len(set(t_seeds)) == len(t_seeds)
-        and len(set(b_seeds)) == len(b_seeds)
-        and set(t_seeds) == set(b_seeds)
-    )
-    if same:
-        bmap = dict(base)
-        d = np.asarray([v - bmap[s] for s, v in treat], dtype=float)
+    d = paired_differences(treat, base)
+    if d is not None:
         diff = float(np.mean(d))
         n = len(d)
         if n < 2:

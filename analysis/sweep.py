@@ -1,7 +1,8 @@
 """One sweep's result: per configuration (its seeds together, by
 :func:`analysis.configs.config_key`) the mean, sample std and n of the final test and train
 top-1 over ``done`` runs; the best configuration; the counts of runs by status; for a search,
-its best trial; and the report's tables (:func:`analysis.render.markdown`) over the sweep's
+its best trial; the verdicts of its configurations against their settings' baselines
+(:func:`analysis.comparisons.sweep_verdicts`); and the report's tables (:func:`analysis.render.markdown`) over the sweep's
 runs. Read through the store's read API, like the rest of the analysis. The sweeper's MLflow
 thread shows it on the sweep's parent run (:mod:`sweeper.tracking.sweep` formats it).
 """
@@ -13,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from analysis.comparisons import SweepVerdicts, sweep_verdicts
 from analysis.configs import config_key, config_label, point_label
 from analysis.render import markdown
 from analysis.stats import Summary, summarize
@@ -53,6 +55,8 @@ class SweepSummary:
     best_trial: tuple[int, float, str] | None = None  # number, value, configuration label
     report: str = ""
     notes: list[str] = field(default_factory=list)
+    # final test top-1 of each configuration against its setting's baseline, by config key
+    verdicts: SweepVerdicts = field(default_factory=lambda: SweepVerdicts([], {}))
 
     @property
     def best(self) -> ConfigRow | None:
@@ -105,6 +109,7 @@ def summarize_sweep(store: Store, sweep_id: int, objective: Objective | None = N
     for run in runs.values():
         counts[run.status.value] = counts.get(run.status.value, 0) + 1
     out = SweepSummary(sweep_id, sweep.name, rows, counts, list(runs.values()), objective)
+    out.verdicts = sweep_verdicts(out.runs)  # cheap statistics: every summary has them
     if objective is not None:
         out.best_trial = _best_trial(store, rows, trials, objective)
     if with_report:

@@ -26,6 +26,7 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from analysis.comparisons import ABLATION, Judged, judge
 from analysis.configs import (
     Key,
     config_of,
@@ -35,6 +36,7 @@ from analysis.configs import (
     method_of,
     setting_of,
 )
+from analysis.inference import MARGIN
 from analysis.queries import RunRecord
 from analysis.stats import Comparison, Summary, compare, summarize
 
@@ -82,6 +84,8 @@ class Row:
     is_baseline: bool = False
     cost: Cost | None = None  # of the cell's runs (all seeds)
     no_baseline: bool = False  # a treatment whose setting has no baseline run: no Δ
+    config: Key | None = None  # the cell's configuration (None for a missing cell)
+    verdict: Judged | None = None  # vs its setting's baseline, on the report's metric
 
 
 @dataclass
@@ -94,6 +98,9 @@ class Table:
     metrics: list[str]
     compared: bool
     rows: list[Row]
+    verdicts: list[Judged] = field(default_factory=list)  # every comparison, all α
+    metric: str = "test_acc"  # what the verdicts are on
+    note: str = ""  # how α was chosen, and on which split
 
 
 @dataclass
@@ -146,17 +153,20 @@ def _group(runs: Sequence[RunRecord], key: Callable[[RunRecord], Hashable]) -> d
     return dict(groups)
 
 
-def _mean_test(runs: Sequence[RunRecord]) -> float:
-    s = summarize([v for _, v in metric_values(runs, "test_acc")])
+def _mean_of(runs: Sequence[RunRecord], metric: str) -> float:
+    s = summarize([v for _, v in metric_values(runs, metric)])
     return -math.inf if s.mean is None else s.mean
 
 
-def _pick_alphas(alphas: dict[float | None, list[RunRecord]], alpha: str) -> list:
-    """The alphas to show for one (setting, method): best, all, or one value."""
+def _pick_alphas(alphas: dict[float | None, list[RunRecord]], alpha: str,
+                 select_on: str = "test") -> list:  # fmt: skip
+    """The alphas to show for one (setting, method): best (by mean top-1 on the
+    ``select_on`` split), all, or one value."""
     if None in alphas or alpha == "all":
         return sorted(alphas, key=lambda a: (a is None, a))
     if alpha == "best":
-        return [max(sorted(alphas), key=lambda a: _mean_test(alphas[a]))]
+        metric = f"{select_on}_acc"
+        return [max(sorted(alphas), key=lambda a: _mean_of(alphas[a], metric))]
     want = float(alpha)
     return [a for a in alphas if math.isclose(a, want, rel_tol=1e-9, abs_tol=1e-12)] or [want]
 
@@ -169,7 +179,8 @@ def _row(
     is_baseline: bool,
 ) -> Row:
     row = Row(keys=keys, present=bool(runs), is_baseline=is_baseline, cost=cost_of(runs or []),
-              no_baseline=bool(runs) and not is_baseline and not base)  # fmt: skip
+              no_baseline=bool(runs) and not is_baseline and not base,
+              config=config_of(runs[0]) if runs else None)  # fmt: skip
     for m in metrics:
         vals = metric_values(runs or [], m)
         row.stats[m] = summarize([v for _, v in vals])
@@ -185,6 +196,7 @@ def _compared_table(
     setting_cols: list[str],
     methods: Callable[[list[str]], list[str]],
     alpha: str,
+    select_on: str = "test",
 ) -> Table:
     """Rows per setting × method configuration × alpha, each compared with the baseline of
     its own setting (the same configuration in every key but the method's and α)."""
@@ -222,7 +234,7 @@ def _compared_table(
                 if not alphas:
                     alphas = {None: []}
                 knobs = dict(zip(m_extra, _mvalues(configs[mkey], m_extra), strict=True))
-                for a in _pick_alphas(alphas, alpha):
+                for a in _pick_alphas(alphas, alpha, select_on):
                     k = {**keys, "method": method, "alpha": a, **knobs}
                     rows.append(_row(k, alphas.get(a), base, METRICS, method == "baseline"))
     cols = [*setting_cols, *s_extra, "method", "alpha", *m_extra]
@@ -236,7 +248,7 @@ def _mvalues(runs: Sequence[RunRecord] | None, extra: Sequence[str]) -> tuple[ob
     return tuple(extra_values(runs[0], extra).values())
 
 
-def table1(done: Sequence[RunRecord], alpha: str = "best") -> Table:
+def table1(done: Sequence[RunRecord], alpha: str = "best", select_on: str = "test") -> Table:
     """Baseline vs PGT per (data, model, epochs, batch_size, schedule)."""
     return _compared_table(
         done,
@@ -245,10 +257,11 @@ def table1(done: Sequence[RunRecord], alpha: str = "best") -> Table:
         ["data", "model", "epochs", "batch_size", "schedule"],
         lambda present: ["pgt"],
         alpha,
+        select_on,
     )
 
 
-def table2(done: Sequence[RunRecord], alpha: str = "best") -> Table:
+def table2(done: Sequence[RunRecord], alpha: str = "best", select_on: str = "test") -> Table:
     """Every method vs the same batch size's baseline, per model."""
     return _compared_table(
         done,
@@ -257,6 +270,7 @@ def table2(done: Sequence[RunRecord], alpha: str = "best") -> Table:
         ["data", "model", "epochs", "schedule", "batch_size"],
         lambda present: present,
         alpha,
+        select_on,
     )
 
 
@@ -288,7 +302,41 @@ def excluded(runs: Sequence[RunRecord]) -> Excluded:
     return Excluded(bad, waiting, extra_columns(bad, ["model", "method", "alpha"]))
 
 
-def build_tables(runs: Sequence[RunRecord], alpha: str = "best") -> tuple[list[Table], Excluded]:
-    """All three tables over the ``done`` runs, and the excluded runs."""
+SPLITS = {"test": "the test set", "val": "the validation split"}
+
+
+def _judge_table(t: Table, done: Sequence[RunRecord], metric: str, margin: float,
+                 select_on: str, alpha: str) -> None:  # fmt: skip
+    """Attach the verdicts of ``t``'s comparisons (:mod:`analysis.comparisons`) to the
+    table and to its rows, and the note on how α was chosen."""
+    if t.name == "table3_ablation":
+        judged = judge(done, t.name, lambda r: r.method in ABLATION, metric, margin, select_on)
+    else:
+        ls0 = [r for r in done if r.label_smoothing == 0]
+        pgt_only = t.name == "table1_baseline_vs_pgt"
+        judged = judge(ls0, t.name, lambda r: not pgt_only or r.method == "pgt", metric,
+                       margin, select_on)  # fmt: skip
+    t.verdicts, t.metric = judged, metric
+    by_config = {j.config: j for j in judged}
+    for row in t.rows:  # baseline rows are in no family: no verdict
+        row.verdict = by_config.get(row.config) if row.config is not None else None
+    n = len({j.family for j in judged})
+    sizes = " / ".join(map(str, sorted({j.result.family_size for j in judged})))
+    fams = f"{n} {'family' if n == 1 else 'families'} of {sizes}"
+    chosen = (f"α chosen on {SPLITS.get(select_on, select_on)} (best mean top-1 per method); "
+              if alpha == "best" and t.compared else "")  # fmt: skip
+    t.note = (f"{chosen}verdicts on {metric}: {fams} comparison(s) against one baseline each, "
+              "intervals simultaneous at 95 % per family (Bonferroni), every α counted"
+              if judged else "")  # fmt: skip
+
+
+def build_tables(runs: Sequence[RunRecord], alpha: str = "best", metric: str = "test_acc",
+                 margin: float = MARGIN, select_on: str = "test",
+                 ) -> tuple[list[Table], Excluded]:  # fmt: skip
+    """All three tables over the ``done`` runs, with the verdicts of their comparisons on
+    ``metric`` (α chosen on the ``select_on`` split), and the excluded runs."""
     done = [r for r in runs if r.status == "done"]
-    return [table1(done, alpha), table2(done, alpha), table3(done)], excluded(runs)
+    tables = [table1(done, alpha, select_on), table2(done, alpha, select_on), table3(done)]
+    for t in tables:
+        _judge_table(t, done, metric, margin, select_on, alpha)
+    return tables, excluded(runs)

@@ -23,16 +23,23 @@ from typing import Any
 
 import pytest
 from helpers import cli_env, compose, poll_sql, sql
+from report_stores import add_run, make_config
 
-from analysis.configs import point_label
+from analysis.comparisons import SweepVerdicts, sweep_verdicts
+from analysis.configs import config_key, point_label
 from analysis.sweep import summarize_sweep
 from sweeper.config.identity import grid_columns, identity_of, resolved_config
 from sweeper.store import RunRecord, RunStatus, Store
 from sweeper.tracking.catch_up import catch_up
-from sweeper.tracking.client import MlflowRun, init_tracking_store
+from sweeper.tracking.client import MlflowRun, init_tracking_store, open_parent
 from sweeper.tracking.describe import point_tags, reason
 from sweeper.tracking.record import METRICS, logged_of, sync_run
-from sweeper.tracking.sweep import SweepTracker, summary_metrics
+from sweeper.tracking.sweep import (
+    SweepTracker,
+    summary_metrics,
+    verdicts_markdown,
+    write_summary,
+)
 from trainers.records import EpochMetrics
 
 REPO = Path(__file__).resolve().parent.parent
@@ -374,6 +381,79 @@ def test_labels_carry_only_the_keys_that_matter(results: Path) -> None:
     s = summarize_sweep(store, sweep.id, with_report=False)
     assert sorted(r.label for r in s.rows) == ["method=baseline", "method=pgt alpha=0.05"]
     assert "test_acc.n/method:baseline" in summary_metrics(s)
+    store.dispose()
+
+
+# ------------------------------------------------------------------ verdicts
+def test_the_parent_opens_with_the_verdicts_and_tags_each_configuration(results: Path) -> None:
+    """A baseline and two treatments x 3 seeds (PGT clearly ahead, GC within noise): the
+    description starts with sweep_verdicts' lines, each treatment's verdict is a tag; a
+    configuration that loses its verdict loses its tag, and without a comparison the
+    description says so."""
+    from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH
+
+    url, uri = _urls(results)
+    store = Store(url)
+    sweep = store.create_sweep("v", "-m method=baseline,pgt,gc seed=0,1,2", "local", 9)
+    base = [80.0, 80.6, 81.1]
+    bump = {"baseline": [0.0] * 3, "pgt": [3.0, 3.2, 2.9], "gc": [0.5, -0.4, 0.3]}
+    ids: dict[str, list[int]] = {}
+    for method, extra in (("baseline", ""), ("pgt", " alpha=0.25"), ("gc", "")):
+        for seed in range(3):
+            cfg = make_config(method, 0.25, epochs=3, seed=seed)
+            rid = add_run(store, cfg, test=base[seed] + bump[method][seed])
+            store.link_run(sweep.id, rid, f"method={method}{extra} seed={seed}")
+            ids.setdefault(method, []).append(rid)
+    warned: list[str] = []
+    parent = open_parent(uri, "gradsweep", results / "mlartifacts", "v", {}, sweep.id,
+                         warned.append)  # fmt: skip
+    assert parent is not None and parent.run_id, warned
+
+    def shown() -> tuple[str, dict[str, str], SweepVerdicts]:
+        write_summary(parent, store, sweep.id, results)
+        assert parent.ok and not warned, warned
+        tags = _client(results).get_run(parent.run_id).data.tags
+        verdicts = {k: v for k, v in tags.items() if k.startswith("verdict/")}
+        # the analysis' own verdicts, computed here from the store's runs
+        return tags["mlflow.note.content"], verdicts, sweep_verdicts(store.runs())
+
+    key = {m: config_key(make_config(m, 0.25, epochs=3).identity("fp32")) for m in bump}
+    note, tags, sv = shown()
+    assert len(sv.lines) == 2 and set(sv.by_config) == {key["pgt"], key["gc"]}
+    opening = "## Verdicts\n\n" + "\n".join(f"- {line}" for line in sv.lines) + "\n"
+    assert note.startswith(opening), note[:1500]
+    pgt, gc = sv.by_config[key["pgt"]].result, sv.by_config[key["gc"]].result
+    assert (pgt.verdict, gc.verdict) == ("better", "unresolved") and gc.seeds_needed
+    assert tags == {
+        "verdict/method:pgt alpha:0.25": "better",
+        "verdict/method:gc": f"unresolved (needs {gc.seeds_needed} seeds per side)",
+    }
+    assert all(len(k) <= MAX_ENTITY_KEY_LENGTH for k in tags)
+    assert (
+        f"## Sweep {sweep.id}: v" in note
+        and "**Best configuration**: `method=pgt alpha=0.25`" in note
+    )
+    folder = results / "logs" / "jobs" / f"sweep{sweep.id}" / "summary"
+    assert (folder / "verdicts.md").read_text().startswith(opening)
+    # a description too short for every line counts the rest
+    short = verdicts_markdown(summarize_sweep(store, sweep.id, with_report=False), 600)
+    assert len(short) <= 600 and short.startswith(f"## Verdicts\n\n- {sv.lines[0]}\n- … and 1 ")
+
+    # GC's seeds train again: it has no verdict now, and no tag
+    for rid in ids["gc"]:
+        store.set_fields(rid, status=RunStatus.running)
+    note, tags, sv = shown()
+    assert list(sv.by_config) == [key["pgt"]]
+    assert note.startswith(f"## Verdicts\n\n- {sv.lines[0]}\n")
+    assert tags == {"verdict/method:pgt alpha:0.25": "better"}
+
+    # no baseline left: no comparison, said in one line
+    for rid in ids["baseline"]:
+        store.set_fields(rid, status=RunStatus.failed)
+    note, tags, sv = shown()
+    assert not sv.lines and not tags
+    assert note.startswith("## Verdicts\n\nNo comparison yet: no setting of this sweep holds")
+    parent.end("FINISHED")
     store.dispose()
 
 

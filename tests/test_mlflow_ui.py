@@ -28,10 +28,12 @@ import pytest
 import yaml
 from helpers import cli_env, compose, poll_sql, run_cli, write_cifar10
 
+from analysis.comparisons import sweep_verdicts
 from analysis.configs import config_key
 from sweeper.config.identity import grid_columns, identity_of, resolved_config
 from sweeper.store import RunStatus, Store
 from sweeper.tracking.describe import reason, run_params
+from sweeper.tracking.sweep import verdict_value
 from trainers.catalog import dataset_ref
 
 pytestmark = pytest.mark.slow  # real jobs, servers or browsers
@@ -160,6 +162,13 @@ def test_the_parent_run_tells_the_result(results: Path) -> None:
     assert "**Best configuration**: `method=" + best in note
     assert f"{statistics.mean([k.test_acc for k in kids if k.method == 'pgt']):.2f}" in note
     assert "Table 1: baseline vs PGT" in note  # the report's tables
+    # it opens with the verdicts, PGT's also a tag (2 seeds a side: judged, if loosely)
+    sv = sweep_verdicts(kids)
+    (judged,) = sv.by_config.values()
+    assert note.startswith(f"## Verdicts\n\n- {sv.lines[0]}\n") and "pgt" in sv.lines[0]
+    verdict = {k: v for k, v in tags.items() if k.startswith("verdict/")}
+    assert verdict == {"verdict/method:pgt": verdict_value(judged.result)}
+    assert verdict["verdict/method:pgt"].split(" (")[0] == judged.result.verdict
     arts = {a.path for a in c.list_artifacts(parent.info.run_id)}
     assert {"sweep_summary.csv", "report.md"} <= arts
 
@@ -169,6 +178,9 @@ def test_the_unfused_sweep_counts_its_diverged_run(results: Path) -> None:
     m, tags = parent.data.metrics, parent.data.tags
     assert (m["runs/done"], m["runs/diverged"], m["runs/total"]) == (1, 1, 2)
     assert tags["best_config"] == "lr=0.1"
+    # two learning rates of the baseline: nothing to compare, said in one line
+    assert tags["mlflow.note.content"].startswith("## Verdicts\n\nNo comparison yet: ")
+    assert not any(k.startswith("verdict/") for k in tags)
     assert "test_acc.mean/lr:1000000.0" not in m and m["test_acc.n/lr:1000000.0"] == 0
 
 

@@ -8,6 +8,7 @@ are computed here from the values written, independently of the report's groupin
 from __future__ import annotations
 
 import csv
+import io
 import json
 import sqlite3
 import statistics
@@ -41,21 +42,86 @@ def _report(results: Path, out: Path, *extra: str) -> Path:
 
 
 # ----------------------------------------------------------------- nothing else changes
+VERDICT_COL = "verdict (test top-1)"
+
+
+def _drop_csv_verdict(text: str) -> str:
+    """A table's CSV without its trailing ``verdict`` column (new in issue 24)."""
+    rows = list(csv.reader(io.StringIO(text)))
+    assert rows[0][-1] == "verdict", rows[0]
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows(r[:-1] for r in rows)
+    return buf.getvalue()
+
+
+def _drop_md_verdicts(md: str) -> str:
+    """report.md without its Verdicts section, the tables' notes and verdict columns."""
+    lines = md.splitlines()
+    start, end = (
+        lines.index("## Verdicts"),
+        next(i for i, ln in enumerate(lines) if ln.startswith("Cells:")),
+    )
+    lines = lines[:start] + lines[end:]
+    out: list[str] = []
+    i = 0
+    while i < len(lines):
+        ln = lines[i]
+        if ln.startswith(("α chosen on", "verdicts on")):
+            i += 2  # the note and its blank line
+            continue
+        if ln.startswith("| ") and VERDICT_COL in ln:
+            j = i
+            while j < len(lines) and lines[j].startswith("|"):
+                j += 1
+            head = lines[i].split(" | ")
+            k = head.index(VERDICT_COL)
+            out.append(" | ".join(c for n, c in enumerate(head) if n != k))
+            out.append("|" + "|".join("---" for _ in range(len(head) - 1)) + "|")
+            out += [" | ".join(c for n, c in enumerate(r.split(" | ")) if n != k)
+                    for r in lines[i + 2 : j]]  # fmt: skip
+            i = j
+            continue
+        out.append(ln)
+        i += 1
+    return "\n".join(out) + "\n"
+
+
+def _drop_tex_verdict(tex: str) -> str:
+    lines = tex.splitlines()
+    h = next(i for i, ln in enumerate(lines) if "verdict" in ln)
+    k = [c.strip() for c in lines[h].removesuffix(" \\\\").split(" & ")].index(VERDICT_COL)
+    out = []
+    for ln in lines:
+        if ln.endswith(" \\\\") and " & " in ln:
+            cells = ln.removesuffix(" \\\\").split(" & ")
+            ln = " & ".join(c for n, c in enumerate(cells) if n != k) + " \\\\"
+        elif ln.startswith("\\begin{tabular}{"):
+            ln = ln.replace("l}", "}", 1)
+        out.append(ln)
+    return "\n".join(out) + "\n"
+
+
 def test_a_store_of_seeds_only_reports_as_before(tmp_path: Path, capsys) -> None:
     """Every cell of this store holds one configuration: the tables, the excluded runs and
     their CSV / LaTeX are what the code before cells-by-configuration wrote, number for
-    number; only the legend and the Δ of a setting without baseline say more now."""
+    number; only the legend and the Δ of a setting without baseline say more now, and the
+    verdicts (issue 24: their section, the tables' notes and verdict columns) are new."""
     out = _report(seeds_only_store(tmp_path / "results"), tmp_path / "rep")
     capsys.readouterr()
     for name in ("table1_baseline_vs_pgt", "table2_batch_size", "table3_ablation",
                  "excluded_runs"):  # fmt: skip
-        assert (out / f"{name}.csv").read_text() == (GOLDEN / f"{name}.csv").read_text(), name
+        new_csv = (out / f"{name}.csv").read_text()
+        if name != "excluded_runs":
+            new_csv = _drop_csv_verdict(new_csv)
+        assert new_csv == (GOLDEN / f"{name}.csv").read_text(), name
         old = (GOLDEN / f"{name}.tex").read_text()
         new = (out / f"{name}.tex").read_text().replace(f"{NO_BASELINE} & {NO_BASELINE}",
                                                         "--- & ---")  # fmt: skip
+        if name != "excluded_runs":
+            new = _drop_tex_verdict(new)
         assert new == old, name
     old_md = (GOLDEN / "report.md").read_text().split("## Zeroed filters")[0]
-    new_md = (out / "report.md").read_text().split("## Zeroed filters")[0]
+    new_md = _drop_md_verdicts((out / "report.md").read_text()).split("## Zeroed filters")[0]
     assert f"| {NO_BASELINE} | {NO_BASELINE} |" in new_md  # resnet20 PGT: no baseline at all
     new_md = new_md.replace(f"| {NO_BASELINE} | {NO_BASELINE} |", "| — | — |")
     assert new_md.splitlines()[2].startswith(CELL_LEGEND)

@@ -146,7 +146,7 @@ def test_report_html_is_self_contained(report_dir: Path) -> None:
         assert col in page.headers
     assert "70.208" in html and "70.298" in html  # the paper's test top-1 of those rows
     csv = (report_dir / "table1_baseline_vs_pgt.csv").read_text()
-    assert csv.splitlines()[0].endswith(",paper,diff_vs_paper")
+    assert csv.splitlines()[0].endswith(",paper,diff_vs_paper,verdict")
     # figures: analysis.plots draws the alpha grid from PGT at 3 alphas x 3 seeds
     assert "figures unavailable" not in html
     assert len(page.imgs) >= 1
@@ -208,9 +208,9 @@ def test_paper_rows_match_tables_2_and_3() -> None:
     assert a3.paper[1] is None  # not ImageNet
     assert a2.paper[0] is not None and a2.paper[0].test_acc == 67.298
     lines = csv_table(a3).splitlines()
-    assert lines[0].endswith(",paper,diff_vs_paper")
+    assert lines[0].endswith(",paper,diff_vs_paper,verdict")
     test_line = next(x for x in lines if ",test_acc," in x and x.startswith("imagenet"))
-    assert test_line.split(",")[-2:] == ["76.968", repr(76.0 - 76.968)]
+    assert test_line.split(",")[-3:] == ["76.968", repr(76.0 - 76.968), ""]  # no verdict
     md = markdown([a3, a2], Excluded([], 0))
     assert "| paper train | paper test | Δ test vs paper |" in md and "| -0.97 |" in md
 

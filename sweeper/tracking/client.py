@@ -18,7 +18,7 @@ import fcntl
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -327,10 +327,26 @@ class MlflowRun:
         def go() -> None:
             from mlflow.entities import RunTag
 
-            # one batch, one transaction (set_tag per key was one round trip each)
-            self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+            # one batch, one transaction (set_tag per key was one round trip each); a
+            # tracking server refuses more than 100 tags in one (a sweep's verdict tags)
+            batch = [RunTag(k, v) for k, v in tags.items()]
+            for i in range(0, len(batch), 100):
+                self.client.log_batch(self.run_id, tags=batch[i : i + 100])
 
         self._guard("set_tag", go)
+
+    def drop_tags(self, prefix: str, keep: Collection[str]) -> None:
+        """Delete this run's tags under ``prefix`` that ``keep`` does not name: read from
+        what MLflow holds (an earlier process may have written them), not remembered."""
+        if self.run_id is None:
+            return
+
+        def go() -> None:
+            tags = self.client.get_run(self.run_id).data.tags
+            for k in sorted(k for k in tags if k.startswith(prefix) and k not in keep):
+                self.client.delete_tag(self.run_id, k)
+
+        self._guard("delete_tag", go)
 
     def end(self, status: str, end_time: int | None = None) -> bool:
         """Close the run (FINISHED / FAILED / KILLED) at ``end_time`` (ms since the epoch;

@@ -2,8 +2,10 @@
 its fused jobs, and the parent's summary of the sweep -- its per-configuration statistics
 (:mod:`analysis.sweep`) as MLflow metrics, tags, a Markdown description and artifacts.
 
-MLflow metric names allow letters, digits, ``_ - . / : space``; a configuration's label (the
-sweep's point without its seed, ``method=pgt alpha=0.25``) becomes ``method:pgt alpha:0.25``.
+MLflow metric names (and tag keys) allow letters, digits, ``_ - . / : space``; a
+configuration's label (the sweep's point without its seed, ``method=pgt alpha=0.25``) becomes
+``method:pgt alpha:0.25``, in ``test_acc.mean/<configuration>`` as in the tag
+``verdict/<configuration>``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from analysis.inference import LEVEL, MAX_SEEDS, UNRESOLVED, Comparison
 from analysis.render import fmt_summary
 from analysis.sweep import SweepSummary
 from sweeper.store import RunRecord, RunStatus, Store
@@ -246,8 +249,10 @@ def write_summary(parent: MlflowRun, store: Store, sweep_id: int, results_dir: P
                   objective: tuple[str, str] | None = None) -> None:  # fmt: skip
     """The sweep's result so far on its parent run (:mod:`analysis.sweep`): metrics logged
     with step = the number of ended runs, so their history is the sweep's progress; the
-    tags naming the best configuration; the description; ``sweep_summary.csv`` and
-    ``report.md``."""
+    tags naming the best configuration; each configuration's verdict as the tag
+    ``verdict/<configuration>`` (:func:`verdict_tags`; those of configurations without a
+    verdict now are deleted: judged no longer, or renamed); the description, which opens
+    with the verdicts; ``sweep_summary.csv``, ``verdicts.md`` and ``report.md``."""
     from analysis.sweep import Objective, summarize_sweep
 
     obj = Objective(*objective) if objective else None
@@ -255,11 +260,15 @@ def write_summary(parent: MlflowRun, store: Store, sweep_id: int, results_dir: P
     parent.log_metrics(summary_metrics(s), step=s.ended)
     folder = results_dir / "logs" / "jobs" / f"sweep{sweep_id}" / "summary"
     folder.mkdir(parents=True, exist_ok=True)
-    for name, text in (("sweep_summary.csv", summary_csv(s)), ("report.md", s.report)):
+    for name, text in (("sweep_summary.csv", summary_csv(s)), ("verdicts.md",
+                       verdicts_markdown(s)), ("report.md", s.report)):  # fmt: skip
         (folder / name).write_text(text)
         parent.log_artifact(folder / name)
-    parent.set_tags({**summary_tags(s), "mlflow.note.content": summary_markdown(s),
+    verdicts = verdict_tags(s)
+    parent.set_tags({**summary_tags(s), **verdicts, "mlflow.note.content": summary_markdown(s),
                      "runs_ended": f"{s.ended}/{len(s.runs)}"})  # fmt: skip
+    # set first, then the stale ones go: a reader never sees the verdicts vanish
+    parent.drop_tags(VERDICT, keep=verdicts)
 
 
 # ------------------------------------------------------------ the parent's summary
@@ -299,6 +308,64 @@ def summary_tags(s: SweepSummary) -> dict[str, str]:
     return tags
 
 
+VERDICT = "verdict/"  # the prefix of the parent's verdict tags
+NO_VERDICTS = ("No comparison yet: no setting of this sweep holds `done` runs of both a "
+               "baseline and another method.")  # fmt: skip
+
+
+def verdict_value(c: Comparison) -> str:
+    """A verdict as its tag says it: the word (better, worse, equivalent, too few seeds);
+    unresolved with the seeds per side that would resolve it with 80 % power
+    (``unresolved (needs 7 seeds per side)``), as the verdict's line estimates them."""
+    if c.verdict != UNRESOLVED:
+        return c.verdict
+    if c.seeds_needed is None:
+        return f"unresolved (needs over {MAX_SEEDS:,} seeds per side)"
+    return f"unresolved (needs {c.seeds_needed} seeds per side)"
+
+
+def verdict_tags(s: SweepSummary) -> dict[str, str]:
+    """``verdict/<configuration>`` -> :func:`verdict_value`, for each configuration judged
+    against its setting's baseline (a baseline itself, a setting without one, or a
+    configuration without a ``done`` seed has none). ``<configuration>`` is named as in the
+    metrics (:func:`metric_label`: at most 188 characters with the prefix, under MLflow's
+    250); where two would share a name, the second gets its config key."""
+    out: dict[str, str] = {}
+    for row in s.rows:
+        j = s.verdicts.by_config.get(row.key)
+        if j is None:
+            continue
+        name = VERDICT + metric_label(row.label)
+        if name in out:
+            name = VERDICT + metric_label(f"{row.label[:150]} [{row.key}]")
+        out[name] = verdict_value(j.result)
+    return out
+
+
+def verdicts_markdown(s: SweepSummary, limit: int | None = None) -> str:
+    """The description's opening: ``## Verdicts``, then one line per comparison as the
+    report's Verdicts section writes it (:func:`analysis.render.verdict_line`), or one line
+    saying there is none. Past ``limit`` characters the remaining lines are counted, not
+    shown (the artifact ``verdicts.md`` has them all)."""
+    head = ["## Verdicts", ""]
+    if not s.verdicts.lines:
+        return "\n".join([*head, NO_VERDICTS]) + "\n"
+    foot = ["", f"_Final test top-1, treatment − baseline of the same setting; a setting's "
+            f"configurations are one family, their intervals simultaneous at {LEVEL:.0%} (the "
+            f"rules: `report.md`). Each verdict is also the tag `{VERDICT}<configuration>`._"]  # fmt: skip
+    body = [f"- {line}" for line in s.verdicts.lines]
+    if limit is not None:
+        room = limit - sum(len(x) + 1 for x in [*head, *foot]) - 80  # the "more" line
+        shown = 0
+        while shown < len(body) and len(body[shown]) + 1 <= room:
+            room -= len(body[shown]) + 1
+            shown += 1
+        if shown < len(body):
+            body = [*body[:shown], f"- … and {len(body) - shown} more comparison(s): the "
+                    "artifact `verdicts.md`."]  # fmt: skip
+    return "\n".join([*head, *body, *foot]) + "\n"
+
+
 HEADER = ["configuration", "config_key", "runs", "seeds", "test top-1", "train top-1",
           "status"]  # fmt: skip
 
@@ -319,11 +386,12 @@ def _rows(s: SweepSummary) -> list[list[str]]:
 
 
 def summary_markdown(s: SweepSummary, limit: int = 7900) -> str:
-    """The parent run's description (MLflow renders it as Markdown on the run page):
-    progress, the best configuration, the per-configuration table, then the report's
-    tables while they fit in ``limit`` characters (MLflow's tag limit is 8,000)."""
+    """The parent run's description (MLflow renders it as Markdown on the run page): the
+    verdicts (:func:`verdicts_markdown`, in at most half of ``limit``), progress, the best
+    configuration, the per-configuration table, then the report's tables while they fit in
+    ``limit`` characters (MLflow's tag limit is 8,000)."""
     c = s.counts
-    lines = [f"## Sweep {s.sweep_id}: {s.name}", ""]
+    lines = [verdicts_markdown(s, limit // 2), f"## Sweep {s.sweep_id}: {s.name}", ""]
     lines.append(f"**{s.ended} of {len(s.runs)} runs ended**: " + " · ".join(
         f"{n} {k}" for k, n in c.items() if n) + ".")  # fmt: skip
     best = s.best
