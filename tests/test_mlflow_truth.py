@@ -677,3 +677,23 @@ def test_a_fused_sweep_interrupted_and_resumed_by_a_second_sweep(tmp_path: Path)
     }
     p = _client(tmp_path).get_run(p2).data
     assert p.tags["runs_ended"] == "3/3" and "test_acc.mean/method:baseline" in p.metrics
+
+
+def test_a_run_shorter_than_one_sampling_interval_still_shows_system_metrics(
+    tmp_path: Path,
+) -> None:
+    """MLflow's monitor drops the samples of its unfinished window when it stops; ours logs
+    them, so a short run asked for system metrics has some."""
+    from mlflow import MlflowClient
+
+    from sweeper.tracking.client import finish_monitor, system_metrics_monitor
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    c = MlflowClient(uri)
+    run = c.create_run(c.create_experiment("short"))
+    mon = system_metrics_monitor(uri, run.info.run_id)  # MLflow's default window: 10 s
+    time.sleep(0.5)
+    finish_monitor(mon)
+    got = c.get_run(run.info.run_id).data.metrics
+    assert "system/cpu_utilization_percentage" in got, sorted(got)
+    assert "system/system_memory_usage_megabytes" in got

@@ -404,6 +404,17 @@ def system_metrics_monitor(tracking_uri: str, run_id: str) -> Any:
     return mon
 
 
+def finish_monitor(mon: Any) -> None:
+    """Stop a system-metrics monitor and log what it sampled since its last logged step:
+    MLflow's ``finish`` drops the samples of an unfinished window, so a run shorter than
+    one sampling interval would show no system metrics at all."""
+    mon.finish()
+    rest = mon.aggregate_metrics()  # empty when the last window was logged already
+    if rest:
+        mon.publish_metrics(rest)
+        mon.mlflow_logger.flush()
+
+
 class GroupSystemMetrics:
     """System metrics for the members of a fused job whose MLflow runs the sweeper opens
     (:class:`sweeper.tracking.sweep.SweepTracker`): a thread of the job waits for each member's MLflow
@@ -441,6 +452,6 @@ class GroupSystemMetrics:
         self._thread.join(timeout=30)
         for mon in self.monitors.values():
             try:
-                mon.finish()
+                finish_monitor(mon)
             except Exception:  # its run may be gone already; nothing to keep
                 pass

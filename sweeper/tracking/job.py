@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from sweeper.store import RunRecord, Store
-from sweeper.tracking.client import MlflowRun, system_metrics_monitor
+from sweeper.tracking.client import MlflowRun, finish_monitor, system_metrics_monitor
 from sweeper.tracking.record import Logged, logged_of, sync_run
 from trainers.registry import first_line
 
@@ -98,7 +98,7 @@ class JobTracker:
         def last() -> None:
             if self.monitor is not None:  # its last samples before the run is closed
                 try:
-                    self.monitor.finish()
+                    finish_monitor(self.monitor)
                 except Exception:
                     pass
             self._sync()
