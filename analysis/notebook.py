@@ -32,7 +32,8 @@ if TYPE_CHECKING:
 RUN_COLUMNS = [
     "id", "config_key", "configuration", "model", "method", "alpha", "data", "batch_size",
     "epochs", "lr", "schedule", "label_smoothing", "optimizer", "seed", "status", "epoch",
-    "train_acc", "test_acc", "test_top5", "test_loss", "logit_norm", "error", "gpus",
+    "train_acc", "test_acc", "test_top5", "test_loss", "val_acc", "val_loss", "logit_norm",
+    "error", "gpus",
     "train_seconds", "gpu_hours", "cpu_hours", "images_per_s", "peak_gpu_mem_mb",
     "created_at", "started_at", "ended_at", "host", "device", "precision", "run_dir",
 ]  # fmt: skip
@@ -132,7 +133,7 @@ def verdicts(
     margin: float = MARGIN,
     alpha: str = "best",
     sweep: Sequence[int] | None = None,
-    select_on: str = "test",
+    select_on: str = "auto",
 ) -> pd.DataFrame:
     """One row per comparison the report makes (``verdicts.csv``'s columns), as
     ``python -m analysis --metric METRIC --margin MARGIN`` judges them."""

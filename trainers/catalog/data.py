@@ -23,6 +23,7 @@ import hashlib
 import importlib
 import importlib.util
 import json
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, make_dataclass
@@ -46,7 +47,10 @@ class DataConfig:
     channels: int = 3  # synthetic only
     num_train: int = 1024  # synthetic only
     num_test: int = 256  # synthetic only
-    data_seed: int = 0  # synthetic generation + digits split; NOT the run seed
+    data_seed: int = 0  # synthetic generation, digits split, validation split; NOT the run seed
+    # the fraction of the training set held out as a validation split (class-stratified,
+    # chosen by data_seed) and evaluated every epoch as val_acc / val_loss; 0 = off
+    val_split: float = 0.0
     num_workers: int = 2  # imagenet DataLoader workers
     # your own data: a callable returning (x_train, y_train, x_test, y_test), images uint8
     # N x C x H x W, labels int 0..C-1; kept on the device like digits and CIFAR
@@ -162,8 +166,12 @@ def _canon(d: dict[str, Any]) -> bytes:
 
 
 def _knobs(name: str, data: dict[str, Any]) -> dict[str, Any]:
-    """The data set's own knobs in a data identity (``root`` left out: where, not what)."""
-    return {k: data.get(k) for k in DATASETS.get(name).knobs if k in data and k != "root"}
+    """The data set's own knobs in a data identity (``root`` left out: where, not what;
+    ``data_seed`` of a data set whose images it chooses only through a validation split left
+    out when there is none, so their digests stay what they were before it had a say)."""
+    seeded = name in ("digits", "synthetic") or bool(data.get("val_split"))
+    return {k: data.get(k) for k in DATASETS.get(name).knobs
+            if k in data and k != "root" and (seeded or k != "data_seed")}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------ digits
@@ -336,20 +344,23 @@ def _imagenet_digest(data: dict[str, Any]) -> DatasetRef:
 DATASETS: Registry[DataSet] = Registry("data")
 for _entry in (
     DataSet("digits", "scikit-learn's bundled 8x8 digits (offline): 1437 train / 360 test, "
-            "1 channel, 10 classes; never augmented", ("data_seed",), _no_check,
+            "1 channel, 10 classes; never augmented", ("data_seed", "val_split"), _no_check,
             lambda d: dict(DIGITS_FACTS), _digits_digest, "trainers.data:build_digits"),
     DataSet("synthetic", "learnable random images of any size and class count (benchmarks, "
             "tests)", ("image_size", "channels", "num_classes", "num_train", "num_test",
-                       "data_seed", "augment"),
+                       "data_seed", "augment", "val_split"),
             _no_check, _synthetic_facts, _synthetic_digest, "trainers.data:build_synthetic"),
     DataSet("cifar10", "CIFAR-10 from a local folder in the python format; crop 32 with "
-            "4-px padding + flip", ("root", "download", "augment"), _check_cifar,
+            "4-px padding + flip", ("root", "download", "augment", "data_seed", "val_split"),
+            _check_cifar,
             _cifar_facts, _cifar_digest, "trainers.data:build_cifar"),
     DataSet("cifar100", "CIFAR-100 from a local folder in the python format; crop 32 with "
-            "4-px padding + flip", ("root", "download", "augment"), _check_cifar,
+            "4-px padding + flip", ("root", "download", "augment", "data_seed", "val_split"),
+            _check_cifar,
             _cifar_facts, _cifar_digest, "trainers.data:build_cifar"),
     DataSet("imagenet", "ImageNet as ImageFolder trees root/train and root/val; random-resized "
-            "crop + flip", ("root", "image_size", "num_workers", "augment"), _check_imagenet,
+            "crop + flip", ("root", "image_size", "num_workers", "augment", "data_seed",
+                              "val_split"), _check_imagenet,
             _imagenet_facts, _imagenet_digest, "trainers.data:build_imagenet"),
 ):  # fmt: skip
     DATASETS.register(_entry.name, _entry)
@@ -361,7 +372,10 @@ def known_datasets() -> list[str]:
 
 def check_data(cfg: DataConfig) -> None:
     """Cheap pre-flight: raises ConfigError naming the path when the data cannot be found
-    (for a ``_target_``: that it imports and accepts its arguments)."""
+    (for a ``_target_``: that it imports and accepts its arguments), or when the validation
+    split would leave a class without a training or a validation image where the classes are
+    known without loading images (digits, synthetic; the others: when the job builds them,
+    your own data set: when the pre-flight builds it)."""
     if cfg._target_:
         from trainers.custom import check_call, resolve_target
 
@@ -369,6 +383,20 @@ def check_data(cfg: DataConfig) -> None:
         check_call(fn, "data", cfg._target_, knobs=cfg.args, knobs_at="data.args")
         return
     DATASETS.get(cfg.name).check(cfg)
+    if cfg.val_split and cfg.name in ("digits", "synthetic"):
+        import numpy as np
+
+        from trainers.split import check_holdout  # numpy, not torch
+
+        if cfg.name == "digits":
+            from trainers.digits import digits_split
+
+            classes, counts = np.unique(digits_split(cfg.data_seed)[2], return_counts=True)
+            check_holdout(classes.tolist(), counts.tolist(), cfg.val_split, cfg.data_seed)
+        elif cfg.num_classes > 0 and cfg.num_train > 0:  # balanced labels: i % num_classes
+            k, n = cfg.num_classes, cfg.num_train
+            counts = [n // k + (i < n % k) for i in range(k)]
+            check_holdout(list(range(k)), counts, cfg.val_split, cfg.data_seed)
 
 
 def data_config(node: dict[str, Any]) -> DataConfig:
@@ -393,7 +421,8 @@ def data_identity(cfg: DataConfig) -> dict[str, Any]:
     :data:`IDENTITY_KEYS` (its location as an absolute path: two roots may hold different
     data, and relative spellings agree), then its own later knobs where not default."""
     if cfg._target_:
-        return {"_target_": cfg._target_, **(cfg.args or {})}
+        held = {"val_split": cfg.val_split, "data_seed": cfg.data_seed} if cfg.val_split else {}
+        return {"_target_": cfg._target_, **(cfg.args or {}), **held}
     out = {k: getattr(cfg, k) for k in IDENTITY_KEYS}
     if out.get("root"):
         out["root"] = os.path.abspath(os.path.expanduser(out["root"]))
@@ -409,7 +438,12 @@ def data_facts(data: dict[str, Any]) -> dict[str, Any]:
     (C x H x W), classes, train and test images. ``data``: the run's data identity."""
     if data.get("_target_") or data.get("name") not in DATASETS:
         return {}
-    return DATASETS.get(str(data["name"])).facts(data)
+    facts = DATASETS.get(str(data["name"])).facts(data)
+    n, frac = facts.get("num_train"), data.get("val_split")
+    if frac and isinstance(n, int):  # held out of the training set (rounded up, as sklearn)
+        facts["num_val"] = math.ceil(float(frac) * n)
+        facts["num_train"] = n - facts["num_val"]
+    return facts
 
 
 def data_knobs(name: str) -> tuple[str, ...]:
@@ -431,4 +465,9 @@ def dataset_ref(data: dict[str, Any]) -> DatasetRef:
         digest = _sha(_canon({"target": target, "args": args, "source": fp})).hexdigest()
         return DatasetRef(target.rsplit(".", 1)[-1], digest[:16], "code", target,
                           {"args": args})  # fmt: skip
-    return DATASETS.get(str(data.get("name"))).digest(data)
+    ref = DATASETS.get(str(data.get("name"))).digest(data)
+    if data.get("val_split"):  # another training set: another digest (none moves without)
+        held = {"val_split": data["val_split"], "data_seed": data.get("data_seed")}
+        digest = _sha(ref.digest.encode(), _canon(held)).hexdigest()[:16]
+        ref = DatasetRef(ref.name, digest, ref.source_type, ref.source, ref.profile)
+    return ref
