@@ -71,8 +71,11 @@ BAD = [
     (["optimizer=adamw", "optimizer.betas=[0.9,1.2]"], "optimizer.betas=[0.9, 1.2]", "[0, 1)"),
     (["optimizer=adamw", "optimizer.eps=0"], "optimizer.eps=0", "> 0"),
     # each data set has its own keys: a knob another data set reads is refused, by name
-    (["data.num_train=100"], "'data.num_train' for data=digits",
-     "name, data_seed, val_split, _target_, args"),  # fmt: skip
+    (
+        ["data.num_train=100"],
+        "'data.num_train' for data=digits",
+        "name, data_seed, val_split, _target_, args",
+    ),  # fmt: skip
     (["data.augment=false"], "'data.augment' for data=digits", "data_seed"),
     (
         ["data=imagenet", "data.root=/x", "data.download=true"],
