@@ -600,8 +600,9 @@ def _record(store: Store, m: Member, result: TrainResult) -> JobOutcome:
     if m.tracker is not None:
         m.tracker.finish()
     if final is not None:
+        val = "" if final.val_acc is None else f"val {final.val_acc:.2f}%  "
         log.info(f"run {run.id} {result.status}: train {final.train_acc:.2f}%  "
-                 f"test {final.test_acc:.2f}%  loss {final.test_loss:.4f}  "
+                 f"test {final.test_acc:.2f}%  loss {final.test_loss:.4f}  {val}"
                  f"|z| {final.logit_norm:.3f}")  # fmt: skip
     return JobOutcome(run.config_hash, result.status, run.id, final.test_acc if final else None)
 
