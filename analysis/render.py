@@ -148,8 +148,7 @@ def verdict_rules(metric: str, margin: float, splits: Sequence[str] = ("test",))
     chosen = ("α is chosen on the test set." if set(splits) <= {"test"} else
               "α is chosen on the validation split (`data.val_split`) where every run of a "
               "table has one, on the test set otherwise (each table's note says which)."
-              if "test" in splits else "α is chosen on the validation split (`data.val_split`); "
-              "the verdicts are on the test set.")  # fmt: skip
+              if "test" in splits else "α is chosen on the validation split (`data.val_split`).")  # fmt: skip
     u = unit(metric) or " (in the metric's units)"
     return (
         f"On {LABELS.get(metric, metric)} (`--metric`): treatment − baseline of the same "
