@@ -252,3 +252,25 @@ def test_val_metrics_are_a_search_metric_only_with_a_split(tmp_path: Path, capsy
     assert code == 2 and len(lines) == 1, lines
     assert "hydra.sweeper.metric=val_acc needs a validation split" in lines[0]
     assert not list(tmp_path.rglob("results.db"))
+
+
+def test_cifar_and_imagefolder_splits_are_checked_before_anything_is_written(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """Their labels are read without torch by the pre-flight: one line, exit 2, no store."""
+    data = tmp_path / "data"
+    data.mkdir()
+    write_cifar10(data)
+    write_imagefolder(data / "inet", {"train": {"ant": 1, "bee": 3}, "val": {"ant": 1}})
+    run = tmp_path / "run"
+    run.mkdir()
+    monkeypatch.chdir(run)
+    for args, says in (
+        (["data=cifar10", f"data.root={data}", "data.val_split=0.99"], "with no training image"),
+        (["data=imagenet", f"data.root={data / 'inet'}", "data.val_split=0.5"],
+         "leaves class ant (1 training image) with no"),
+    ):  # fmt: skip
+        code, lines = main_in_process([*args, "epochs=1", "batch_size=1", "mlflow.enabled=false"],
+                                      capsys, monkeypatch)  # fmt: skip
+        assert code == 2 and len(lines) == 1 and says in lines[0], lines
+        assert list(run.iterdir()) == []

@@ -23,7 +23,14 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from trainers.catalog.data import CIFAR, DATASETS, DataConfig, cifar_dir, class_dirs
+from trainers.catalog.data import (
+    CIFAR,
+    DATASETS,
+    CifarUnpickler,
+    DataConfig,
+    cifar_dir,
+    class_dirs,
+)
 from trainers.registry import ConfigError
 from trainers.split import validation_split
 
@@ -249,27 +256,10 @@ def build_synthetic(
 # files' MD5 sums, so the small files that tests write in the real format cannot load through it.
 
 
-class _CifarUnpickler(pickle.Unpickler):
-    """The CIFAR files are pickles; allow only what they need, so no code runs on load."""
-
-    _ALLOWED = {"_codecs.encode", "numpy.ndarray", "numpy.dtype"} | {
-        f"numpy.{core}.{name}"
-        for core in ("core", "_core")
-        for name in ("multiarray._reconstruct", "multiarray.scalar", "numeric._frombuffer")
-    }
-
-    def find_class(self, module: str, name: str) -> Any:
-        if f"{module}.{name}" not in self._ALLOWED:
-            raise pickle.UnpicklingError(f"global {module}.{name} is not allowed")
-        if module.startswith("numpy.core.") and hasattr(np, "_core"):  # numpy 2 renamed it
-            module = "numpy._core." + module[len("numpy.core.") :]
-        return super().find_class(module, name)
-
-
 def _load_cifar_file(path: Path, key: bytes) -> tuple[Tensor, Tensor]:
     try:
         with open(path, "rb") as f:
-            d = _CifarUnpickler(f, encoding="bytes").load()
+            d = CifarUnpickler(f, encoding="bytes").load()
         x = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)  # R, G, B planes
         y = np.asarray(d[key], dtype=np.int64)
     except (OSError, pickle.UnpicklingError, KeyError, ValueError, TypeError, EOFError) as e:

@@ -25,6 +25,7 @@ import importlib.util
 import json
 import math
 import os
+import pickle
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, make_dataclass
 from pathlib import Path
@@ -260,6 +261,82 @@ def _check_cifar(cfg: DataConfig) -> None:
         raise ConfigError(f"data.root is required for {cfg.name}: the directory to download into")
 
 
+class CifarUnpickler(pickle.Unpickler):
+    """The CIFAR files are pickles; allow only what they need, so no code runs on load."""
+
+    _ALLOWED = {"_codecs.encode", "numpy.ndarray", "numpy.dtype"} | {
+        f"numpy.{core}.{name}"
+        for core in ("core", "_core")
+        for name in ("multiarray._reconstruct", "multiarray.scalar", "numeric._frombuffer")
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        import numpy as np  # here: the catalog is imported by --help, which needs no numpy
+
+        if f"{module}.{name}" not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"global {module}.{name} is not allowed")
+        if module.startswith("numpy.core.") and hasattr(np, "_core"):  # numpy 2 renamed it
+            module = "numpy._core." + module[len("numpy.core.") :]
+        return super().find_class(module, name)
+
+
+@functools.lru_cache(maxsize=8)
+def _cifar_class_counts(folder: str, name: str, stamps: tuple[tuple[int, int], ...]
+                        ) -> tuple[tuple[int, ...], tuple[int, ...]] | None:  # fmt: skip
+    """(classes, images of each) of a CIFAR training set, read from its files (cached per
+    file size and mtime: a sweep reads them once); None when a file cannot be read (the
+    job's loader then names it)."""
+    import numpy as np
+
+    c = CIFAR[name]
+    labels = []
+    for f in c.train_files:
+        try:
+            with open(Path(folder) / f, "rb") as fh:
+                labels.append(np.asarray(CifarUnpickler(fh, encoding="bytes").load()[c.labels_key]))
+        except Exception:  # noqa: BLE001 -- any unreadable file: the job says which and why
+            return None
+    classes, counts = np.unique(np.concatenate(labels), return_counts=True)
+    return tuple(classes.tolist()), tuple(counts.tolist())
+
+
+def _imagenet_class_counts(root: Path) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """(class folders of ``train/``, image files in each), as ImageFolder finds them."""
+    classes = class_dirs(root / "train")
+    counts = [sum(1 for e in os.scandir(root / "train" / c)
+                  if e.name.lower().endswith(IMG_EXTENSIONS) and e.is_file()) for c in classes]  # fmt: skip
+    return tuple(classes), tuple(counts)
+
+
+def class_counts(cfg: DataConfig) -> tuple[tuple[Any, ...], tuple[int, ...]] | None:
+    """A built-in training set's classes and images per class, without torch (the
+    pre-flight of ``data.val_split``); None when not known before its job loads it (a CIFAR
+    download not made yet)."""
+    if cfg.name == "digits":
+        import numpy as np
+
+        from trainers.digits import digits_split
+
+        classes, counts = np.unique(digits_split(cfg.data_seed)[2], return_counts=True)
+        return tuple(classes.tolist()), tuple(counts.tolist())
+    if cfg.name == "synthetic":  # balanced labels: i % num_classes, then shuffled
+        k, n = cfg.num_classes, cfg.num_train
+        if k <= 0 or n <= 0:  # refused by the sizes' own check
+            return None
+        return tuple(range(k)), tuple(n // k + (i < n % k) for i in range(k))
+    if cfg.name in CIFAR:
+        try:
+            folder = cifar_dir(cfg)
+        except ConfigError:  # to be downloaded by the job
+            return None
+        paths = [folder / f for f in CIFAR[cfg.name].train_files]
+        stamps = tuple((st.st_size, st.st_mtime_ns) for st in (p.stat() for p in paths))
+        return _cifar_class_counts(str(folder), cfg.name, stamps)
+    if cfg.name == "imagenet":
+        return _imagenet_class_counts(Path(str(cfg.root)).expanduser())
+    return None
+
+
 def _cifar_facts(data: dict[str, Any]) -> dict[str, Any]:
     return {"images": "3x32x32", "num_classes": CIFAR[str(data.get("name"))].classes,
             "num_train": 50000, "num_test": 10000}  # fmt: skip
@@ -373,9 +450,8 @@ def known_datasets() -> list[str]:
 def check_data(cfg: DataConfig) -> None:
     """Cheap pre-flight: raises ConfigError naming the path when the data cannot be found
     (for a ``_target_``: that it imports and accepts its arguments), or when the validation
-    split would leave a class without a training or a validation image where the classes are
-    known without loading images (digits, synthetic; the others: when the job builds them,
-    your own data set: when the pre-flight builds it)."""
+    split would leave a class without a training or a validation image (the labels read
+    without torch: :func:`class_counts`; your own data set: when the pre-flight builds it)."""
     if cfg._target_:
         from trainers.custom import check_call, resolve_target
 
@@ -383,20 +459,10 @@ def check_data(cfg: DataConfig) -> None:
         check_call(fn, "data", cfg._target_, knobs=cfg.args, knobs_at="data.args")
         return
     DATASETS.get(cfg.name).check(cfg)
-    if cfg.val_split and cfg.name in ("digits", "synthetic"):
-        import numpy as np
-
+    if cfg.val_split and (known := class_counts(cfg)) is not None:
         from trainers.split import check_holdout  # numpy, not torch
 
-        if cfg.name == "digits":
-            from trainers.digits import digits_split
-
-            classes, counts = np.unique(digits_split(cfg.data_seed)[2], return_counts=True)
-            check_holdout(classes.tolist(), counts.tolist(), cfg.val_split, cfg.data_seed)
-        elif cfg.num_classes > 0 and cfg.num_train > 0:  # balanced labels: i % num_classes
-            k, n = cfg.num_classes, cfg.num_train
-            counts = [n // k + (i < n % k) for i in range(k)]
-            check_holdout(list(range(k)), counts, cfg.val_split, cfg.data_seed)
+        check_holdout(list(known[0]), list(known[1]), cfg.val_split, cfg.data_seed)
 
 
 def data_config(node: dict[str, Any]) -> DataConfig:
@@ -469,5 +535,9 @@ def dataset_ref(data: dict[str, Any]) -> DatasetRef:
     if data.get("val_split"):  # another training set: another digest (none moves without)
         held = {"val_split": data["val_split"], "data_seed": data.get("data_seed")}
         digest = _sha(ref.digest.encode(), _canon(held)).hexdigest()[:16]
-        ref = DatasetRef(ref.name, digest, ref.source_type, ref.source, ref.profile)
+        profile = dict(ref.profile)
+        if isinstance(n := profile.get("num_train"), int):  # as data_facts counts them
+            profile["num_val"] = math.ceil(float(data["val_split"]) * n)
+            profile["num_train"] = n - profile["num_val"]
+        ref = DatasetRef(ref.name, digest, ref.source_type, ref.source, profile)
     return ref
