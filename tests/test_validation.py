@@ -129,6 +129,14 @@ def test_identity_holds_the_split_only_when_set() -> None:
     assert "val_split" not in base.identity("fp32")["data"]
     assert held.identity("fp32")["data"]["val_split"] == 0.2
     assert config_hash(held.identity("fp32")) != config_hash(base.identity("fp32"))
+    # the MLflow dataset input: another digest with a split, the same one without
+    from trainers.catalog.data import data_identity, dataset_ref
+
+    plain = dataset_ref(data_identity(base.data))
+    split = dataset_ref(data_identity(held.data))
+    assert plain.digest == dataset_ref(data_identity(DataConfig(name="digits"))).digest
+    assert split.digest != plain.digest and "num_val" not in plain.profile
+    assert (split.profile["num_train"], split.profile["num_val"]) == (1149, 288)
     own = RunConfig(data=DataConfig(_target_="m.f", args={"n": 3}))
     assert own.identity("fp32")["data"] == {"_target_": "m.f", "n": 3}
     own.data.val_split, own.data.data_seed = 0.1, 4

@@ -192,7 +192,7 @@ def _bundle(
     xval = yval = None
     if cfg.val_split:
         kept, held = (torch.from_numpy(i) for i in validation_split(
-            ytr.numpy(), cfg.val_split, cfg.data_seed))  # fmt: skip
+            ytr.cpu().numpy(), cfg.val_split, cfg.data_seed))  # fmt: skip
         xtr, ytr, xval, yval = xtr[kept], ytr[kept], xtr[held], ytr[held]
     _check_batch_size(cfg.effective_name, batch_size, len(ytr))
     stats = stats or _channel_stats(xtr)
