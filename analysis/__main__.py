@@ -42,7 +42,7 @@ def parser() -> argparse.ArgumentParser:
                    "where every run of the table has one, else on the test set), all, or a value")  # fmt: skip
     p.add_argument("--metric", default="test_acc",
                    help="what the verdicts compare: test_acc (default), train_acc, test_top5, "
-                   "test_loss")  # fmt: skip
+                   "test_loss; val_acc, val_loss for runs with data.val_split")  # fmt: skip
     p.add_argument("--margin", default="0.2",
                    help="differences within ± this are 'equivalent' (percentage points of "
                    "top-1; the metric's units; default 0.2)")  # fmt: skip

@@ -300,12 +300,25 @@ def _cifar_class_counts(folder: str, name: str, stamps: tuple[tuple[int, int], .
     return tuple(classes.tolist()), tuple(counts.tolist())
 
 
-def _imagenet_class_counts(root: Path) -> tuple[tuple[str, ...], tuple[int, ...]]:
-    """(class folders of ``train/``, image files in each), as ImageFolder finds them."""
-    classes = class_dirs(root / "train")
-    counts = [sum(1 for e in os.scandir(root / "train" / c)
+@functools.lru_cache(maxsize=8)
+def _imagenet_class_counts(train: str, stamps: tuple[int, ...]
+                           ) -> tuple[tuple[str, ...], tuple[int, ...]]:  # fmt: skip
+    """(class folders of ``train/``, image files in each), as ImageFolder finds them (cached
+    per folder mtimes: a sweep's points scan the tree once)."""
+    classes = class_dirs(Path(train))
+    counts = [sum(1 for e in os.scandir(Path(train) / c)
                   if e.name.lower().endswith(IMG_EXTENSIONS) and e.is_file()) for c in classes]  # fmt: skip
     return tuple(classes), tuple(counts)
+
+
+@functools.lru_cache(maxsize=8)
+def _digits_class_counts(data_seed: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    import numpy as np
+
+    from trainers.digits import digits_split
+
+    classes, counts = np.unique(digits_split(data_seed)[2], return_counts=True)
+    return tuple(classes.tolist()), tuple(counts.tolist())
 
 
 def class_counts(cfg: DataConfig) -> tuple[tuple[Any, ...], tuple[int, ...]] | None:
@@ -313,12 +326,7 @@ def class_counts(cfg: DataConfig) -> tuple[tuple[Any, ...], tuple[int, ...]] | N
     pre-flight of ``data.val_split``); None when not known before its job loads it (a CIFAR
     download not made yet)."""
     if cfg.name == "digits":
-        import numpy as np
-
-        from trainers.digits import digits_split
-
-        classes, counts = np.unique(digits_split(cfg.data_seed)[2], return_counts=True)
-        return tuple(classes.tolist()), tuple(counts.tolist())
+        return _digits_class_counts(cfg.data_seed)
     if cfg.name == "synthetic":  # balanced labels: i % num_classes, then shuffled
         k, n = cfg.num_classes, cfg.num_train
         if k <= 0 or n <= 0:  # refused by the sizes' own check
@@ -333,7 +341,10 @@ def class_counts(cfg: DataConfig) -> tuple[tuple[Any, ...], tuple[int, ...]] | N
         stamps = tuple((st.st_size, st.st_mtime_ns) for st in (p.stat() for p in paths))
         return _cifar_class_counts(str(folder), cfg.name, stamps)
     if cfg.name == "imagenet":
-        return _imagenet_class_counts(Path(str(cfg.root)).expanduser())
+        train = Path(str(cfg.root)).expanduser() / "train"
+        stamps = (train.stat().st_mtime_ns,
+                  *(os.stat(train / c).st_mtime_ns for c in class_dirs(train)))  # fmt: skip
+        return _imagenet_class_counts(str(train), stamps)
     return None
 
 
