@@ -136,17 +136,22 @@ def verdicts(
     select_on: str = "auto",
 ) -> pd.DataFrame:
     """One row per comparison the report makes (``verdicts.csv``'s columns), as
-    ``python -m analysis --metric METRIC --margin MARGIN`` judges them."""
+    ``python -m analysis --metric METRIC --margin MARGIN`` judges them. ``select_on``: where
+    the best α is chosen, ``auto`` (the report's: ``val`` for a table whose runs all have a
+    validation split, else ``test``), ``val`` or ``test``."""
     import pandas as pd
 
     from analysis.comparisons import metric_choices
     from analysis.render import VERDICT_COLUMNS, verdict_record
-    from analysis.tables import build_tables
+    from analysis.tables import SELECT_ON, build_tables
 
     if metric not in metric_choices():
         raise AnalysisError(f"unknown metric {metric!r}; choose from {', '.join(metric_choices())}")
     if not margin >= 0:
         raise AnalysisError(f"margin must be a number >= 0, got {margin!r}")
+    if select_on not in SELECT_ON:
+        raise AnalysisError(f"select_on={select_on!r} is not allowed; expected "
+                            f"{', '.join(SELECT_ON)}")  # fmt: skip
     tables, _ = build_tables(_runs(source, sweep), alpha, metric, margin, select_on)
     rows = [verdict_record(j) for t in tables for j in t.verdicts]
     return pd.DataFrame(rows, columns=VERDICT_COLUMNS)

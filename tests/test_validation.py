@@ -282,3 +282,13 @@ def test_cifar_and_imagefolder_splits_are_checked_before_anything_is_written(
                                       capsys, monkeypatch)  # fmt: skip
         assert code == 2 and len(lines) == 1 and says in lines[0], lines
         assert list(run.iterdir()) == []
+
+
+def test_the_notebook_refuses_an_unknown_split(tmp_path: Path) -> None:
+    from analysis.errors import AnalysisError
+    from analysis.notebook import verdicts
+
+    (tmp_path / "r").mkdir()
+    Store(f"sqlite:///{tmp_path / 'r' / 'results.db'}").engine.dispose()
+    with pytest.raises(AnalysisError, match="select_on='train' is not allowed; expected auto"):
+        verdicts(tmp_path / "r", select_on="train")
