@@ -38,10 +38,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--method", action="append", help="only these methods")
     p.add_argument("--data", action="append", help="only these data sets")
     p.add_argument("--alpha", default="best",
-                   help="PGT alpha in Tables 1-2: best (by mean test top-1), all, or a value")  # fmt: skip
+                   help="PGT alpha in Tables 1-2: best (by mean top-1 on the validation split "
+                   "where every run of the table has one, else on the test set), all, or a value")  # fmt: skip
     p.add_argument("--metric", default="test_acc",
                    help="what the verdicts compare: test_acc (default), train_acc, test_top5, "
-                   "test_loss")  # fmt: skip
+                   "test_loss; val_acc, val_loss for runs with data.val_split")  # fmt: skip
     p.add_argument("--margin", default="0.2",
                    help="differences within ± this are 'equivalent' (percentage points of "
                    "top-1; the metric's units; default 0.2)")  # fmt: skip

@@ -32,7 +32,8 @@ if TYPE_CHECKING:
 RUN_COLUMNS = [
     "id", "config_key", "configuration", "model", "method", "alpha", "data", "batch_size",
     "epochs", "lr", "schedule", "label_smoothing", "optimizer", "seed", "status", "epoch",
-    "train_acc", "test_acc", "test_top5", "test_loss", "logit_norm", "error", "gpus",
+    "train_acc", "test_acc", "test_top5", "test_loss", "val_acc", "val_loss", "logit_norm",
+    "error", "gpus",
     "train_seconds", "gpu_hours", "cpu_hours", "images_per_s", "peak_gpu_mem_mb",
     "created_at", "started_at", "ended_at", "host", "device", "precision", "run_dir",
 ]  # fmt: skip
@@ -132,20 +133,25 @@ def verdicts(
     margin: float = MARGIN,
     alpha: str = "best",
     sweep: Sequence[int] | None = None,
-    select_on: str = "test",
+    select_on: str = "auto",
 ) -> pd.DataFrame:
     """One row per comparison the report makes (``verdicts.csv``'s columns), as
-    ``python -m analysis --metric METRIC --margin MARGIN`` judges them."""
+    ``python -m analysis --metric METRIC --margin MARGIN`` judges them. ``select_on``: where
+    the best α is chosen, ``auto`` (the report's: ``val`` for a table whose runs all have a
+    validation split, else ``test``), ``val`` or ``test``."""
     import pandas as pd
 
     from analysis.comparisons import metric_choices
     from analysis.render import VERDICT_COLUMNS, verdict_record
-    from analysis.tables import build_tables
+    from analysis.tables import SELECT_ON, build_tables
 
     if metric not in metric_choices():
         raise AnalysisError(f"unknown metric {metric!r}; choose from {', '.join(metric_choices())}")
     if not margin >= 0:
         raise AnalysisError(f"margin must be a number >= 0, got {margin!r}")
+    if select_on not in SELECT_ON:
+        raise AnalysisError(f"select_on={select_on!r} is not allowed; expected "
+                            f"{', '.join(SELECT_ON)}")  # fmt: skip
     tables, _ = build_tables(_runs(source, sweep), alpha, metric, margin, select_on)
     rows = [verdict_record(j) for t in tables for j in t.verdicts]
     return pd.DataFrame(rows, columns=VERDICT_COLUMNS)

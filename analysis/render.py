@@ -142,8 +142,13 @@ def verdict_line(j: Judged) -> str:
     return line
 
 
-def verdict_rules(metric: str, margin: float) -> str:
-    """The paragraph that says how the verdicts are made."""
+def verdict_rules(metric: str, margin: float, splits: Sequence[str] = ("test",)) -> str:
+    """The paragraph that says how the verdicts are made (``splits``: those the tables'
+    α were chosen on)."""
+    chosen = ("α is chosen on the test set." if set(splits) <= {"test"} else
+              "α is chosen on the validation split (`data.val_split`) where every run of a "
+              "table has one, on the test set otherwise (each table's note says which)."
+              if "test" in splits else "α is chosen on the validation split (`data.val_split`).")  # fmt: skip
     u = unit(metric) or " (in the metric's units)"
     return (
         f"On {LABELS.get(metric, metric)} (`--metric`): treatment − baseline of the same "
@@ -156,7 +161,7 @@ def verdict_rules(metric: str, margin: float) -> str:
         f"seeds per side that would resolve it with {POWER:.0%} power at the observed "
         "difference and spread; **too few seeds**: fewer than 2 on a side. P(better): the "
         "share of seed pairs where the treatment wins (ties half), with its Clopper-Pearson "
-        "interval at the family's level. α is chosen on the test set."
+        f"interval at the family's level. {chosen}"
     )
 
 
@@ -165,7 +170,8 @@ def md_verdicts(tables: Sequence[Table]) -> list[str]:
     judged = [t for t in tables if t.verdicts]
     metric = tables[0].metric if tables else "test_acc"
     margin = next((t.verdicts[0].result.margin for t in judged), MARGIN)
-    parts = ["## Verdicts", "", verdict_rules(metric, margin)]
+    splits = sorted({j.selected_on for t in judged for j in t.verdicts}) or ["test"]
+    parts = ["## Verdicts", "", verdict_rules(metric, margin, splits)]
     if not judged:
         return [*parts, "", "(no comparisons: no setting holds a baseline and a treatment)"]
     for t in judged:

@@ -43,7 +43,9 @@ class ReportRequest:
     study_storage: str | None = None  # Optuna storage; None -> the store's database
     metric: str = "test_acc"  # what the verdicts are on
     margin: float = MARGIN  # ± this is "equivalent" (the metric's units: pp of top-1)
-    select_on: str = "test"  # the split the best α is chosen on ("val" once there is one)
+    # the split the best α is chosen on: auto = val for a table whose runs all have a
+    # validation split (data.val_split), else test
+    select_on: str = "auto"
 
 
 def prepare_out(out: Path) -> None:

@@ -303,6 +303,19 @@ def excluded(runs: Sequence[RunRecord]) -> Excluded:
 
 
 SPLITS = {"test": "the test set", "val": "the validation split"}
+SELECT_ON = ("auto", "test", "val")
+
+
+def split_for(runs: Sequence[RunRecord], select_on: str = "auto") -> str:
+    """The split a table's α is chosen on: ``auto`` picks ``val`` when every one of its
+    runs has a validation result (``data.val_split``), else ``test`` (older stores, runs
+    without one: the selection is then on the data the verdict is on, which the family's
+    simultaneous intervals account for)."""
+    if select_on not in SELECT_ON:
+        raise ValueError(f"select_on={select_on!r}; expected one of {', '.join(SELECT_ON)}")
+    if select_on != "auto":
+        return select_on
+    return "val" if runs and all(r.val_acc is not None for r in runs) else "test"
 
 
 def _judge_table(t: Table, done: Sequence[RunRecord], metric: str, margin: float,
@@ -331,12 +344,16 @@ def _judge_table(t: Table, done: Sequence[RunRecord], metric: str, margin: float
 
 
 def build_tables(runs: Sequence[RunRecord], alpha: str = "best", metric: str = "test_acc",
-                 margin: float = MARGIN, select_on: str = "test",
+                 margin: float = MARGIN, select_on: str = "auto",
                  ) -> tuple[list[Table], Excluded]:  # fmt: skip
     """All three tables over the ``done`` runs, with the verdicts of their comparisons on
-    ``metric`` (α chosen on the ``select_on`` split), and the excluded runs."""
+    ``metric`` (α chosen on the ``select_on`` split; ``auto``: per table, :func:`split_for`
+    its runs), and the excluded runs."""
     done = [r for r in runs if r.status == "done"]
-    tables = [table1(done, alpha, select_on), table2(done, alpha, select_on), table3(done)]
-    for t in tables:
-        _judge_table(t, done, metric, margin, select_on, alpha)
+    ls0 = [r for r in done if r.label_smoothing == 0]
+    on = [split_for(ls0, select_on), split_for(ls0, select_on),
+          split_for([r for r in done if r.method in ABLATION_METHODS], select_on)]  # fmt: skip
+    tables = [table1(done, alpha, on[0]), table2(done, alpha, on[1]), table3(done)]
+    for t, split in zip(tables, on, strict=True):
+        _judge_table(t, done, metric, margin, split, alpha)
     return tables, excluded(runs)

@@ -71,7 +71,11 @@ BAD = [
     (["optimizer=adamw", "optimizer.betas=[0.9,1.2]"], "optimizer.betas=[0.9, 1.2]", "[0, 1)"),
     (["optimizer=adamw", "optimizer.eps=0"], "optimizer.eps=0", "> 0"),
     # each data set has its own keys: a knob another data set reads is refused, by name
-    (["data.num_train=100"], "'data.num_train' for data=digits", "name, data_seed, _target_, args"),
+    (
+        ["data.num_train=100"],
+        "'data.num_train' for data=digits",
+        "name, data_seed, val_split, _target_, args",
+    ),  # fmt: skip
     (["data.augment=false"], "'data.augment' for data=digits", "data_seed"),
     (
         ["data=imagenet", "data.root=/x", "data.download=true"],
@@ -137,7 +141,7 @@ def test_the_digits_config_shows_only_its_own_keys(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr
     data = res.stdout.split("\ndata:\n", 1)[1].split("\nschedule:", 1)[0]
     assert [ln.split(":")[0].strip() for ln in data.splitlines()] == [
-        "name", "data_seed", "_target_", "args"]  # fmt: skip
+        "name", "data_seed", "val_split", "_target_", "args"]  # fmt: skip
     res = run_cli("--cfg", "job", "data=synthetic", cwd=tmp_path)
     assert "num_train: 1024" in res.stdout and "root:" not in res.stdout
 

@@ -51,10 +51,12 @@ def _rel(a: float, b: float) -> float:
     return abs(a - b) / max(abs(a), 1e-12)
 
 
-def _digits_group() -> list[RunConfig]:
+def _digits_group(val_split: float = 0.0) -> list[RunConfig]:
     """The digits default with what a member may change: seed, alpha, method pieces,
-    lr, weight decay, momentum, label smoothing, GC / AGC / ZNorm."""
-    base = dict(epochs=3, filter_stats_every=10)
+    lr, weight decay, momentum, label smoothing, GC / AGC / ZNorm (``val_split``: the
+    members' shared validation split)."""
+    data = DataConfig(name="digits", val_split=val_split)
+    base = dict(epochs=3, filter_stats_every=10, data=data)
     return [
         RunConfig(seed=0, **base),  # the default
         RunConfig(seed=1, method=MethodConf.preset("pgt"), alpha=0.3, lr=0.05, **base),
@@ -70,13 +72,15 @@ def _digits_group() -> list[RunConfig]:
 
 @pytest.mark.slow
 def test_an_interleaved_group_is_exactly_its_separate_runs(tmp_path: Path) -> None:
-    cfgs = _digits_group()
+    cfgs = _digits_group(val_split=0.2)  # each member evaluates the split, as alone
     alone, fused = _alone(cfgs, tmp_path), _fused(cfgs, tmp_path, stacked=False)
+    row = (*ROW, "val_acc", "val_loss")
     for a, f in zip(alone, fused, strict=True):
         assert f.status == a.status == "done"
         assert len(f.history) == len(a.history) == 3
         for ea, ef in zip(a.history, f.history, strict=True):
-            assert {k: getattr(ef, k) for k in ROW} == {k: getattr(ea, k) for k in ROW}
+            assert ef.val_acc is not None and ef.val_loss is not None
+            assert {k: getattr(ef, k) for k in row} == {k: getattr(ea, k) for k in row}
         assert f.feature_norms == a.feature_norms
     # each member's own checkpoint and filter statistics, in its own folder
     for i in range(len(cfgs)):

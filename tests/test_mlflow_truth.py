@@ -75,8 +75,9 @@ def _record(store: Store, run_id: int, token: int, epochs: range) -> None:
 def _steps(d: Path, mlflow_id: str) -> dict[str, list[int]]:
     """Every per-epoch metric's steps, as MLflow holds them (a step twice shows twice)."""
     c = _client(d)
+    # None on the CPU (peak memory) or without data.val_split (val_*): never logged
     return {k: sorted(m.step for m in c.get_metric_history(mlflow_id, k)) for k in METRICS
-            if k != "peak_mem_mb"}  # fmt: skip  # None on the CPU: never logged
+            if k not in ("peak_mem_mb", "val_acc", "val_loss")}  # fmt: skip
 
 
 def _once_each(d: Path, mlflow_id: str, n: int) -> None:

@@ -204,6 +204,13 @@ class RunConfig:
             self.data.data_seed,
             "an integer in [0, 2**32)",
         )
+        v = self.data.val_split
+        _check(
+            _finite(v) and 0.0 <= v < 1.0,
+            "data.val_split",
+            v,
+            "a fraction in [0, 1) of the training set (0 = no validation split)",
+        )
         _check(_finite(self.lr) and self.lr > 0, "lr", self.lr, "a number > 0")
         _check(
             self.lr_scaling in ("linear", "none"), "lr_scaling", self.lr_scaling, "linear or none"

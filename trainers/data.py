@@ -3,7 +3,9 @@
 Every random choice of the training stream (order, crops, flips) is drawn from a CPU
 ``torch.Generator`` seeded from ``(seed, epoch)`` alone, never from the global RNG, so a run
 resumed at epoch k sees exactly the batches of an uninterrupted run, and the test set (fixed
-by ``data_seed``) is identical across run seeds.
+by ``data_seed``) is identical across run seeds. So is the validation split
+(``data.val_split``: :func:`trainers.split.validation_split`), held out of the training set
+before anything else looks at it (the channel statistics are the kept images').
 """
 
 from __future__ import annotations
@@ -21,8 +23,16 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from trainers.catalog.data import CIFAR, DATASETS, DataConfig, cifar_dir, class_dirs
+from trainers.catalog.data import (
+    CIFAR,
+    DATASETS,
+    CifarUnpickler,
+    DataConfig,
+    cifar_dir,
+    class_dirs,
+)
 from trainers.registry import ConfigError
+from trainers.split import validation_split
 
 __all__ = ["DataBundle", "DataConfig", "TensorLoader", "build_data"]
 
@@ -45,8 +55,11 @@ class DataBundle:
     num_classes: int
     in_channels: int
     image_size: int
-    num_train: int
+    num_train: int  # the images trained on (without the validation split)
     num_test: int
+    # the held-out part of the training set (data.val_split), evaluated like the test set
+    val: Loader | None = None
+    num_val: int = 0
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -166,19 +179,32 @@ def _channel_stats(x: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
 def _bundle(
     cfg: DataConfig,
     arrays: tuple[Tensor, Tensor, Tensor, Tensor],
-    stats: tuple[tuple[float, ...], tuple[float, ...]],
+    stats: tuple[tuple[float, ...], tuple[float, ...]] | None,
     num_classes: int,
     pad: int | None,
     batch_size: int,
     seed: int,
     device: torch.device,
 ) -> DataBundle:
-    _check_batch_size(cfg.effective_name, batch_size, len(arrays[1]))
-    xtr, ytr, xte, yte = (t.to(device) for t in arrays)  # whole set resident on the device
+    """The loaders of a data set held as tensors; ``stats`` None: the channel statistics of
+    the images trained on (after the validation split is held out)."""
+    xtr, ytr, xte, yte = arrays
+    xval = yval = None
+    if cfg.val_split:
+        kept, held = (torch.from_numpy(i) for i in validation_split(
+            ytr.cpu().numpy(), cfg.val_split, cfg.data_seed))  # fmt: skip
+        xtr, ytr, xval, yval = xtr[kept], ytr[kept], xtr[held], ytr[held]
+    _check_batch_size(cfg.effective_name, batch_size, len(ytr))
+    stats = stats or _channel_stats(xtr)
+    xtr, ytr, xte, yte = (t.to(device) for t in (xtr, ytr, xte, yte))  # resident on the device
     train = TensorLoader(xtr, ytr, *stats, batch_size, seed, True, pad)
     test = TensorLoader(xte, yte, *stats, batch_size, seed, False, None)
+    val = None
+    if xval is not None and yval is not None:
+        val = TensorLoader(xval.to(device), yval.to(device), *stats, batch_size, seed, False, None)
     n, c, h, _ = xtr.shape
-    return DataBundle(train, test, num_classes, c, h, n, len(yte))
+    n_val = 0 if yval is None else len(yval)
+    return DataBundle(train, test, num_classes, c, h, n, len(yte), val, n_val)
 
 
 def _check_batch_size(name: str, batch_size: int, num_train: int) -> None:
@@ -195,7 +221,7 @@ def build_digits(cfg: DataConfig, batch_size: int, seed: int, device: torch.devi
     # No augmentation whatever cfg.augment says: the paper has no digits recipe, and the digits
     # are centred 8x8 glyphs where crops destroy information (and flips change the digit).
     arrays = (xtr, ytr.long(), xte, yte.long())
-    return _bundle(cfg, arrays, _channel_stats(xtr), 10, None, batch_size, seed, device)
+    return _bundle(cfg, arrays, None, 10, None, batch_size, seed, device)
 
 
 def build_synthetic(
@@ -222,7 +248,7 @@ def build_synthetic(
     xtr, ytr = draw(cfg.num_train)
     xte, yte = draw(cfg.num_test)  # same distribution, later draws: different samples
     pad = 0 if cfg.augment else None  # flip only
-    return _bundle(cfg, (xtr, ytr, xte, yte), _channel_stats(xtr), k, pad, batch_size, seed, device)
+    return _bundle(cfg, (xtr, ytr, xte, yte), None, k, pad, batch_size, seed, device)
 
 
 # --- CIFAR (python pickle version) ----------------------------------------------------------
@@ -230,27 +256,10 @@ def build_synthetic(
 # files' MD5 sums, so the small files that tests write in the real format cannot load through it.
 
 
-class _CifarUnpickler(pickle.Unpickler):
-    """The CIFAR files are pickles; allow only what they need, so no code runs on load."""
-
-    _ALLOWED = {"_codecs.encode", "numpy.ndarray", "numpy.dtype"} | {
-        f"numpy.{core}.{name}"
-        for core in ("core", "_core")
-        for name in ("multiarray._reconstruct", "multiarray.scalar", "numeric._frombuffer")
-    }
-
-    def find_class(self, module: str, name: str) -> Any:
-        if f"{module}.{name}" not in self._ALLOWED:
-            raise pickle.UnpicklingError(f"global {module}.{name} is not allowed")
-        if module.startswith("numpy.core.") and hasattr(np, "_core"):  # numpy 2 renamed it
-            module = "numpy._core." + module[len("numpy.core.") :]
-        return super().find_class(module, name)
-
-
 def _load_cifar_file(path: Path, key: bytes) -> tuple[Tensor, Tensor]:
     try:
         with open(path, "rb") as f:
-            d = _CifarUnpickler(f, encoding="bytes").load()
+            d = CifarUnpickler(f, encoding="bytes").load()
         x = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)  # R, G, B planes
         y = np.asarray(d[key], dtype=np.int64)
     except (OSError, pickle.UnpicklingError, KeyError, ValueError, TypeError, EOFError) as e:
@@ -298,6 +307,13 @@ class _SeededImages(Dataset):
             f.samples = [(p, class_to_idx[f.classes[t]]) for p, t in f.samples]
             f.targets = [t for _, t in f.samples]
             f.classes, f.class_to_idx = list(class_to_idx), dict(class_to_idx)
+
+    def keep(self, indices: list[int]) -> None:
+        """Only these samples (a validation split's side), in this order."""
+        f = self.folder
+        f.samples = [f.samples[i] for i in indices]
+        f.targets = [t for _, t in f.samples]
+        f.imgs = f.samples
 
     def __len__(self) -> int:
         return len(self.folder)
@@ -368,11 +384,20 @@ def build_imagenet(cfg: DataConfig, batch_size: int, seed: int, device: torch.de
     classes = {c: i for i, c in enumerate(class_dirs(root / "train"))}
     train = _SeededImages(root / "train", classes, train_tf)
     test = _SeededImages(root / "val", classes, test_tf)
+    val = None
+    if cfg.val_split:  # held out of train/, transformed like the test set
+        kept, held = validation_split(np.asarray(train.folder.targets), cfg.val_split,
+                                      cfg.data_seed)  # fmt: skip
+        val = _SeededImages(root / "train", classes, test_tf)
+        train.keep(kept.tolist())
+        val.keep(held.tolist())
     _check_batch_size(cfg.name, batch_size, len(train))
+    vals = None if val is None else ImageFolderLoader(val, batch_size, seed, False,
+                                                      cfg.num_workers, device)  # fmt: skip
     return DataBundle(
         ImageFolderLoader(train, batch_size, seed, True, cfg.num_workers, device),
         ImageFolderLoader(test, batch_size, seed, False, cfg.num_workers, device),
-        len(classes), 3, size, len(train), len(test),
+        len(classes), 3, size, len(train), len(test), vals, 0 if val is None else len(val),
     )  # fmt: skip
 
 
@@ -401,8 +426,7 @@ def _build_custom(cfg: DataConfig, batch_size: int, seed: int, device: torch.dev
             raise ConfigError(f"{key}: {name} must be {len(x)} integer labels >= 0")
     ytr, yte = ytr.long(), yte.long()
     num_classes = int(max(ytr.max(), yte.max())) + 1
-    stats = _channel_stats(xtr)
-    return _bundle(cfg, (xtr, ytr, xte, yte), stats, num_classes, None, batch_size, seed, device)
+    return _bundle(cfg, (xtr, ytr, xte, yte), None, num_classes, None, batch_size, seed, device)
 
 
 def build_data(

@@ -34,6 +34,10 @@ class EpochMetrics:
     # peak GPU memory allocated by PyTorch during the epoch, MiB (this process's GPU; in DDP
     # rank 0's); None on CPU. Defaulted so checkpoints written before it still load.
     peak_mem_mb: float | None = None
+    # the validation split (data.val_split), like test_acc / test_loss; None without one.
+    # Defaulted, like peak_mem_mb.
+    val_acc: float | None = None
+    val_loss: float | None = None
 
 
 @dataclass

@@ -209,13 +209,15 @@ class Trainer:
         return loss.detach(), correct, before, before if after is None else after
 
     # ---------------------------------------------------------------- measuring
-    def _evaluate(self, want_features: bool) -> TestMetrics:
-        """Rank 0 evaluates the whole test set; the numbers are broadcast to every rank so
-        all ranks take the same decisions (e.g. stopping on a non-finite test loss)."""
+    def _evaluate(self, want_features: bool, split: str = "test") -> TestMetrics:
+        """Rank 0 evaluates the whole test set (``split="val"``: the validation split); the
+        numbers are broadcast to every rank so all ranks take the same decisions (e.g.
+        stopping on a non-finite test loss)."""
+        loader = self.data.val if split == "val" else self.data.test
         if self.dist.enabled and not self.dist.is_main:
             m = TestMetrics(0.0, 0.0, 0.0, 0.0)
         else:
-            m = evaluate(self.model, self.fc, self.data.test, self.device, self._autocast,
+            m = evaluate(self.model, self.fc, loader, self.device, self._autocast,
                          self.channels_last, want_features)  # fmt: skip
         if self.dist.enabled:
             t = torch.tensor([m.loss, m.top1, m.top5, m.logit_norm], dtype=torch.float64,
@@ -308,6 +310,7 @@ class Trainer:
         t0, p0 = time.perf_counter(), self.sink_paused()
         last = epoch == cfg.epochs - 1
         test = self._evaluate(want_features=last)
+        val = self._evaluate(False, "val") if self.data.val is not None else None
         cuda = self.device.type == "cuda"
         m = EpochMetrics(
             epoch=epoch,
@@ -325,6 +328,8 @@ class Trainer:
             grad_norm_before=totals.grad_norm_before,
             grad_norm_after=totals.grad_norm_after,
             peak_mem_mb=torch.cuda.max_memory_allocated(self.device) / 2**20 if cuda else None,
+            val_acc=None if val is None else val.top1,
+            val_loss=None if val is None else val.loss,
         )
         if not all(math.isfinite(v) for v in (test.loss, test.logit_norm)):  # on all ranks
             result.status, result.diverged_step = "diverged", step
@@ -350,7 +355,9 @@ class Trainer:
             self.log(
                 f"epoch {epoch + 1:>3}/{cfg.epochs}  train loss {m.train_loss:.4f} "
                 f"acc {m.train_acc:6.2f}%  test loss {m.test_loss:.4f} "
-                f"acc {m.test_acc:6.2f}% top5 {m.test_top5:6.2f}%  |z| {m.logit_norm:7.3f}  "
+                f"acc {m.test_acc:6.2f}% top5 {m.test_top5:6.2f}%  "
+                + (f"val loss {m.val_loss:.4f} acc {m.val_acc:6.2f}%  " if val is not None else "")
+                + f"|z| {m.logit_norm:7.3f}  "
                 f"lr {m.lr:.4g}  {m.epoch_time:5.1f}s {m.images_per_s:7.0f} img/s"
                 + (f"  {m.peak_mem_mb:,.0f} MiB" if m.peak_mem_mb is not None else "")
             )

@@ -26,7 +26,10 @@ METRIC_DIRECTIONS: dict[str, str | None] = {
     "grad_norm_after": None,
     "images_per_s": "maximize",
     "epoch_time": "minimize",
+    "val_acc": "maximize",  # on the validation split: only with data.val_split > 0
+    "val_loss": "minimize",
 }
+VAL_METRICS = ("val_acc", "val_loss")
 SAMPLERS = ("tpe", "random", "grid", "cmaes")
 PRUNERS = ("none", "median", "successive_halving", "hyperband")
 
@@ -79,6 +82,15 @@ class SearchParams:
     params: dict[str, str] | None = field(
         default=None
     )  # space from a preset: {key: "interval(0,1)"}
+
+    def check_data(self, val_splits: list[float]) -> None:
+        """A validation metric needs every trial to hold out a validation split
+        (``val_splits``: ``data.val_split`` of the space's corners)."""
+        if self.metric in VAL_METRICS and not all(val_splits):
+            raise ConfigError(
+                f"hydra.sweeper.metric={self.metric} needs a validation split, but "
+                "data.val_split=0; set data.val_split to a fraction in (0, 1), e.g. 0.1"
+            )
 
     def validate(self) -> None:
         if self.sampler not in SAMPLERS:

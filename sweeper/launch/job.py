@@ -578,7 +578,8 @@ def _record(store: Store, m: Member, result: TrainResult) -> JobOutcome:
     if final is not None:
         fields.update(train_acc=final.train_acc, test_acc=final.test_acc,
                       test_top5=final.test_top5, test_loss=final.test_loss,
-                      logit_norm=final.logit_norm)  # fmt: skip
+                      logit_norm=final.logit_norm, val_acc=final.val_acc,
+                      val_loss=final.val_loss)  # fmt: skip
     if result.feature_norms:
         fields.update(n_features=len(result.feature_norms), zero_features=result.zero_features)
         fpath = run_dir / "feature_norms.json"
@@ -599,8 +600,9 @@ def _record(store: Store, m: Member, result: TrainResult) -> JobOutcome:
     if m.tracker is not None:
         m.tracker.finish()
     if final is not None:
+        val = "" if final.val_acc is None else f"val {final.val_acc:.2f}%  "
         log.info(f"run {run.id} {result.status}: train {final.train_acc:.2f}%  "
-                 f"test {final.test_acc:.2f}%  loss {final.test_loss:.4f}  "
+                 f"test {final.test_acc:.2f}%  loss {final.test_loss:.4f}  {val}"
                  f"|z| {final.logit_norm:.3f}")  # fmt: skip
     return JobOutcome(run.config_hash, result.status, run.id, final.test_acc if final else None)
 

@@ -350,6 +350,7 @@ def run_search(
     source = StudySource(dims, fixed, compose, search, study_name, "", say)
     source.fuse_limit = launcher.fuse_limit() if launcher.tasks == 1 else 1
     cfg0 = source.check_space()
+    search.check_data([c.data.val_split for _, c in source.corners])
     check_before_writing(source.corners)  # custom builds, the store: nothing written
     source.storage_url = search.storage or cfg0.store_url()
     if launcher.dry_run:  # the space and its corners are checked; nothing is opened or written

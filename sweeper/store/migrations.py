@@ -11,6 +11,8 @@ only record the version. ``store_info.schema_version`` says where a store is.
 5. one owner per run: ``runs.owner`` (the fencing token), ``runs.claimed_by``, ``runs.pid``;
    the sweeper's liveness and how a sweep ended: ``sweeps.heartbeat_at``, ``host``, ``pid``,
    ``outcome`` (older sweeps keep NULL: ended ones have ``ended_at``)
+6. the validation split: ``epoch_metrics.val_acc``, ``val_loss`` and the last epoch's
+   ``runs.val_acc``, ``val_loss`` (NULL for runs without ``data.val_split``)
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from sqlalchemy import inspect, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 
 def _add_columns(engine: Engine, table: str, columns: dict[str, str]) -> None:
@@ -81,4 +83,12 @@ def _to_5(engine: Engine) -> None:
                                     "pid": "INTEGER", "outcome": "VARCHAR(16)"})  # fmt: skip
 
 
-MIGRATIONS: dict[int, Callable[[Engine], None]] = {2: _to_2, 3: _to_3, 4: _to_4, 5: _to_5}
+def _to_6(engine: Engine) -> None:
+    real = _real(engine)
+    _add_columns(engine, "epoch_metrics", {"val_acc": real, "val_loss": real})
+    _add_columns(engine, "runs", {"val_acc": real, "val_loss": real})
+
+
+MIGRATIONS: dict[int, Callable[[Engine], None]] = {
+    2: _to_2, 3: _to_3, 4: _to_4, 5: _to_5, 6: _to_6
+}  # fmt: skip

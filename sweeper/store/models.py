@@ -108,6 +108,10 @@ class Run(Base):
     claimed_by: Mapped[int | None] = mapped_column(Integer)
     # v5: the process id of the job training it (with ``host``): a dead one is seen at once
     pid: Mapped[int | None] = mapped_column(Integer)
+    # v6: the last epoch's accuracy (percent) and loss on the validation split
+    # (data.val_split); NULL for runs without one
+    val_acc: Mapped[float | None] = mapped_column(Float)
+    val_loss: Mapped[float | None] = mapped_column(Float)
 
 
 class EpochMetric(Base):
@@ -131,6 +135,8 @@ class EpochMetric(Base):
     grad_norm_before: Mapped[float] = mapped_column(Float)
     grad_norm_after: Mapped[float] = mapped_column(Float)
     peak_mem_mb: Mapped[float | None] = mapped_column(Float)  # v3; NULL on CPU
+    val_acc: Mapped[float | None] = mapped_column(Float)  # v6; NULL without data.val_split
+    val_loss: Mapped[float | None] = mapped_column(Float)  # v6
 
 
 class FilterStat(Base):

@@ -66,6 +66,8 @@ class RunRecord:
     owner: int = 0
     claimed_by: int | None = None
     pid: int | None = None
+    val_acc: float | None = None  # v6: the last epoch's, on the validation split
+    val_loss: float | None = None
 
     @property
     def optimizer(self) -> str:
@@ -92,6 +94,8 @@ class EpochRecord:
     grad_norm_before: float
     grad_norm_after: float
     peak_mem_mb: float | None = None
+    val_acc: float | None = None  # v6: on the validation split (data.val_split)
+    val_loss: float | None = None
 
 
 @dataclass(frozen=True)

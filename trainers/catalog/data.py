@@ -23,7 +23,9 @@ import hashlib
 import importlib
 import importlib.util
 import json
+import math
 import os
+import pickle
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, make_dataclass
 from pathlib import Path
@@ -46,7 +48,10 @@ class DataConfig:
     channels: int = 3  # synthetic only
     num_train: int = 1024  # synthetic only
     num_test: int = 256  # synthetic only
-    data_seed: int = 0  # synthetic generation + digits split; NOT the run seed
+    data_seed: int = 0  # synthetic generation, digits split, validation split; NOT the run seed
+    # the fraction of the training set held out as a validation split (class-stratified,
+    # chosen by data_seed) and evaluated every epoch as val_acc / val_loss; 0 = off
+    val_split: float = 0.0
     num_workers: int = 2  # imagenet DataLoader workers
     # your own data: a callable returning (x_train, y_train, x_test, y_test), images uint8
     # N x C x H x W, labels int 0..C-1; kept on the device like digits and CIFAR
@@ -162,8 +167,12 @@ def _canon(d: dict[str, Any]) -> bytes:
 
 
 def _knobs(name: str, data: dict[str, Any]) -> dict[str, Any]:
-    """The data set's own knobs in a data identity (``root`` left out: where, not what)."""
-    return {k: data.get(k) for k in DATASETS.get(name).knobs if k in data and k != "root"}
+    """The data set's own knobs in a data identity (``root`` left out: where, not what;
+    ``data_seed`` of a data set whose images it chooses only through a validation split left
+    out when there is none, so their digests stay what they were before it had a say)."""
+    seeded = name in ("digits", "synthetic") or bool(data.get("val_split"))
+    return {k: data.get(k) for k in DATASETS.get(name).knobs
+            if k in data and k != "root" and (seeded or k != "data_seed")}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------ digits
@@ -252,6 +261,93 @@ def _check_cifar(cfg: DataConfig) -> None:
         raise ConfigError(f"data.root is required for {cfg.name}: the directory to download into")
 
 
+class CifarUnpickler(pickle.Unpickler):
+    """The CIFAR files are pickles; allow only what they need, so no code runs on load."""
+
+    _ALLOWED = {"_codecs.encode", "numpy.ndarray", "numpy.dtype"} | {
+        f"numpy.{core}.{name}"
+        for core in ("core", "_core")
+        for name in ("multiarray._reconstruct", "multiarray.scalar", "numeric._frombuffer")
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        import numpy as np  # here: the catalog is imported by --help, which needs no numpy
+
+        if f"{module}.{name}" not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"global {module}.{name} is not allowed")
+        if module.startswith("numpy.core.") and hasattr(np, "_core"):  # numpy 2 renamed it
+            module = "numpy._core." + module[len("numpy.core.") :]
+        return super().find_class(module, name)
+
+
+@functools.lru_cache(maxsize=8)
+def _cifar_class_counts(folder: str, name: str, stamps: tuple[tuple[int, int], ...]
+                        ) -> tuple[tuple[int, ...], tuple[int, ...]] | None:  # fmt: skip
+    """(classes, images of each) of a CIFAR training set, read from its files (cached per
+    file size and mtime: a sweep reads them once); None when a file cannot be read (the
+    job's loader then names it)."""
+    import numpy as np
+
+    c = CIFAR[name]
+    labels = []
+    for f in c.train_files:
+        try:
+            with open(Path(folder) / f, "rb") as fh:
+                labels.append(np.asarray(CifarUnpickler(fh, encoding="bytes").load()[c.labels_key]))
+        except Exception:  # noqa: BLE001 -- any unreadable file: the job says which and why
+            return None
+    classes, counts = np.unique(np.concatenate(labels), return_counts=True)
+    return tuple(classes.tolist()), tuple(counts.tolist())
+
+
+@functools.lru_cache(maxsize=8)
+def _imagenet_class_counts(train: str, stamps: tuple[int, ...]
+                           ) -> tuple[tuple[str, ...], tuple[int, ...]]:  # fmt: skip
+    """(class folders of ``train/``, image files in each), as ImageFolder finds them (cached
+    per folder mtimes: a sweep's points scan the tree once)."""
+    classes = class_dirs(Path(train))
+    counts = [sum(1 for e in os.scandir(Path(train) / c)
+                  if e.name.lower().endswith(IMG_EXTENSIONS) and e.is_file()) for c in classes]  # fmt: skip
+    return tuple(classes), tuple(counts)
+
+
+@functools.lru_cache(maxsize=8)
+def _digits_class_counts(data_seed: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    import numpy as np
+
+    from trainers.digits import digits_split
+
+    classes, counts = np.unique(digits_split(data_seed)[2], return_counts=True)
+    return tuple(classes.tolist()), tuple(counts.tolist())
+
+
+def class_counts(cfg: DataConfig) -> tuple[tuple[Any, ...], tuple[int, ...]] | None:
+    """A built-in training set's classes and images per class, without torch (the
+    pre-flight of ``data.val_split``); None when not known before its job loads it (a CIFAR
+    download not made yet)."""
+    if cfg.name == "digits":
+        return _digits_class_counts(cfg.data_seed)
+    if cfg.name == "synthetic":  # balanced labels: i % num_classes, then shuffled
+        k, n = cfg.num_classes, cfg.num_train
+        if k <= 0 or n <= 0:  # refused by the sizes' own check
+            return None
+        return tuple(range(k)), tuple(n // k + (i < n % k) for i in range(k))
+    if cfg.name in CIFAR:
+        try:
+            folder = cifar_dir(cfg)
+        except ConfigError:  # to be downloaded by the job
+            return None
+        paths = [folder / f for f in CIFAR[cfg.name].train_files]
+        stamps = tuple((st.st_size, st.st_mtime_ns) for st in (p.stat() for p in paths))
+        return _cifar_class_counts(str(folder), cfg.name, stamps)
+    if cfg.name == "imagenet":
+        train = Path(str(cfg.root)).expanduser() / "train"
+        stamps = (train.stat().st_mtime_ns,
+                  *(os.stat(train / c).st_mtime_ns for c in class_dirs(train)))  # fmt: skip
+        return _imagenet_class_counts(str(train), stamps)
+    return None
+
+
 def _cifar_facts(data: dict[str, Any]) -> dict[str, Any]:
     return {"images": "3x32x32", "num_classes": CIFAR[str(data.get("name"))].classes,
             "num_train": 50000, "num_test": 10000}  # fmt: skip
@@ -336,20 +432,23 @@ def _imagenet_digest(data: dict[str, Any]) -> DatasetRef:
 DATASETS: Registry[DataSet] = Registry("data")
 for _entry in (
     DataSet("digits", "scikit-learn's bundled 8x8 digits (offline): 1437 train / 360 test, "
-            "1 channel, 10 classes; never augmented", ("data_seed",), _no_check,
+            "1 channel, 10 classes; never augmented", ("data_seed", "val_split"), _no_check,
             lambda d: dict(DIGITS_FACTS), _digits_digest, "trainers.data:build_digits"),
     DataSet("synthetic", "learnable random images of any size and class count (benchmarks, "
             "tests)", ("image_size", "channels", "num_classes", "num_train", "num_test",
-                       "data_seed", "augment"),
+                       "data_seed", "augment", "val_split"),
             _no_check, _synthetic_facts, _synthetic_digest, "trainers.data:build_synthetic"),
     DataSet("cifar10", "CIFAR-10 from a local folder in the python format; crop 32 with "
-            "4-px padding + flip", ("root", "download", "augment"), _check_cifar,
+            "4-px padding + flip", ("root", "download", "augment", "data_seed", "val_split"),
+            _check_cifar,
             _cifar_facts, _cifar_digest, "trainers.data:build_cifar"),
     DataSet("cifar100", "CIFAR-100 from a local folder in the python format; crop 32 with "
-            "4-px padding + flip", ("root", "download", "augment"), _check_cifar,
+            "4-px padding + flip", ("root", "download", "augment", "data_seed", "val_split"),
+            _check_cifar,
             _cifar_facts, _cifar_digest, "trainers.data:build_cifar"),
     DataSet("imagenet", "ImageNet as ImageFolder trees root/train and root/val; random-resized "
-            "crop + flip", ("root", "image_size", "num_workers", "augment"), _check_imagenet,
+            "crop + flip", ("root", "image_size", "num_workers", "augment", "data_seed",
+                              "val_split"), _check_imagenet,
             _imagenet_facts, _imagenet_digest, "trainers.data:build_imagenet"),
 ):  # fmt: skip
     DATASETS.register(_entry.name, _entry)
@@ -361,7 +460,9 @@ def known_datasets() -> list[str]:
 
 def check_data(cfg: DataConfig) -> None:
     """Cheap pre-flight: raises ConfigError naming the path when the data cannot be found
-    (for a ``_target_``: that it imports and accepts its arguments)."""
+    (for a ``_target_``: that it imports and accepts its arguments), or when the validation
+    split would leave a class without a training or a validation image (the labels read
+    without torch: :func:`class_counts`; your own data set: when the pre-flight builds it)."""
     if cfg._target_:
         from trainers.custom import check_call, resolve_target
 
@@ -369,6 +470,10 @@ def check_data(cfg: DataConfig) -> None:
         check_call(fn, "data", cfg._target_, knobs=cfg.args, knobs_at="data.args")
         return
     DATASETS.get(cfg.name).check(cfg)
+    if cfg.val_split and (known := class_counts(cfg)) is not None:
+        from trainers.split import check_holdout  # numpy, not torch
+
+        check_holdout(list(known[0]), list(known[1]), cfg.val_split, cfg.data_seed)
 
 
 def data_config(node: dict[str, Any]) -> DataConfig:
@@ -393,7 +498,8 @@ def data_identity(cfg: DataConfig) -> dict[str, Any]:
     :data:`IDENTITY_KEYS` (its location as an absolute path: two roots may hold different
     data, and relative spellings agree), then its own later knobs where not default."""
     if cfg._target_:
-        return {"_target_": cfg._target_, **(cfg.args or {})}
+        held = {"val_split": cfg.val_split, "data_seed": cfg.data_seed} if cfg.val_split else {}
+        return {"_target_": cfg._target_, **(cfg.args or {}), **held}
     out = {k: getattr(cfg, k) for k in IDENTITY_KEYS}
     if out.get("root"):
         out["root"] = os.path.abspath(os.path.expanduser(out["root"]))
@@ -409,7 +515,12 @@ def data_facts(data: dict[str, Any]) -> dict[str, Any]:
     (C x H x W), classes, train and test images. ``data``: the run's data identity."""
     if data.get("_target_") or data.get("name") not in DATASETS:
         return {}
-    return DATASETS.get(str(data["name"])).facts(data)
+    facts = DATASETS.get(str(data["name"])).facts(data)
+    n, frac = facts.get("num_train"), data.get("val_split")
+    if frac and isinstance(n, int):  # held out of the training set (rounded up, as sklearn)
+        facts["num_val"] = math.ceil(float(frac) * n)
+        facts["num_train"] = n - facts["num_val"]
+    return facts
 
 
 def data_knobs(name: str) -> tuple[str, ...]:
@@ -431,4 +542,13 @@ def dataset_ref(data: dict[str, Any]) -> DatasetRef:
         digest = _sha(_canon({"target": target, "args": args, "source": fp})).hexdigest()
         return DatasetRef(target.rsplit(".", 1)[-1], digest[:16], "code", target,
                           {"args": args})  # fmt: skip
-    return DATASETS.get(str(data.get("name"))).digest(data)
+    ref = DATASETS.get(str(data.get("name"))).digest(data)
+    if data.get("val_split"):  # another training set: another digest (none moves without)
+        held = {"val_split": data["val_split"], "data_seed": data.get("data_seed")}
+        digest = _sha(ref.digest.encode(), _canon(held)).hexdigest()[:16]
+        profile = dict(ref.profile)
+        if isinstance(n := profile.get("num_train"), int):  # as data_facts counts them
+            profile["num_val"] = math.ceil(float(data["val_split"]) * n)
+            profile["num_train"] = n - profile["num_val"]
+        ref = DatasetRef(ref.name, digest, ref.source_type, ref.source, profile)
+    return ref
