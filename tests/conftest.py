@@ -9,14 +9,15 @@ from pathlib import Path
 
 import pytest
 
-# pytest runs two test files at once (pyproject: -n 2): one torch thread in each worker (set
+# the README's command runs two test files at once (-n 2): one torch thread in each worker (set
 # before anything imports torch), so the two share the two cores instead of fighting over them
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # the files that start many real processes go first, so that the two workers finish together
-HEAVY_FIRST = ["test_sweep.py", "test_slurm.py", "test_search.py", "test_resume.py",
-               "test_faults.py", "test_fused.py", "test_mlflow_ui.py", "test_postgres.py",
-               "test_custom_methods.py"]  # fmt: skip
+HEAVY_FIRST = ["test_docs.py", "test_slurm.py", "test_search.py", "test_sweep.py",
+               "test_fused.py", "test_postgres.py", "test_mlflow_ui.py", "test_ownership.py",
+               "test_mlflow_truth.py", "test_verdicts.py", "test_refusals.py", "test_resume.py",
+               "test_custom_methods.py", "test_faults.py"]  # fmt: skip
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
