@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 import yaml
-from helpers import cli_env, compose, poll_sql, run_cli, write_cifar10
+from helpers import cli_env, compose, poll_sql, run_cli, sql, write_cifar10
 
 from analysis.comparisons import sweep_verdicts
 from analysis.configs import config_key
@@ -414,9 +414,9 @@ def test_a_single_run_is_described_too(tmp_path: Path) -> None:
 
 
 def test_an_interrupted_run_resumes_its_own_mlflow_run(tmp_path: Path) -> None:
-    """Ctrl-C after epoch 2 of 10: the run ends KILLED with its reason; the same command
-    resumes it into the same MLflow run (no second run), which ends FINISHED without the old
-    reason."""
+    """SIGTERM (handled as Ctrl-C) after epoch 2 of 10: exit 130 with one line, the run
+    ``interrupted`` and its MLflow run KILLED with its reason; the same command resumes it
+    into the same MLflow run (no second run), which ends FINISHED without the old reason."""
     run = ["epochs=10", "batch_size=16", f"results_dir={tmp_path}"]  # ~1 s an epoch here
     args = [sys.executable, "-m", "sweeper", *run]
     # a shell running this suite in the background hands its children SIGINT ignored; give
@@ -429,12 +429,14 @@ def test_an_interrupted_run_resumes_its_own_mlflow_run(tmp_path: Path) -> None:
         while not poll_sql(tmp_path / "results.db", "SELECT epoch FROM runs WHERE epoch >= 2"):
             assert time.monotonic() < deadline and proc.poll() is None, "no epoch recorded"
             time.sleep(0.1)
-        proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=120)
-        assert proc.returncode == 130, out[-2000:]  # stopped, not finished
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 130, out[-2000:] + err[-2000:]  # stopped, not finished
     finally:
         if proc.poll() is None:
             proc.kill()
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err[-2000:]
+    assert sql(tmp_path / "results.db", "SELECT status FROM runs") == [("interrupted",)]
     (first,) = _runs(tmp_path)
     assert first.info.status == "KILLED", first.data.tags
     assert first.data.tags["status"] == "interrupted"
