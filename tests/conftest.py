@@ -26,6 +26,31 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.fixture(scope="session")
+def mlflow_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An MLflow tracking DB set up once per test process: MLflow's schema migrations take
+    seconds of CPU in every fresh results dir, and a copy of this file is the same store."""
+    from sweeper.tracking.client import init_tracking_store
+
+    db = tmp_path_factory.mktemp("mlflow_template") / "mlflow.db"
+    init_tracking_store(f"sqlite:///{db}")
+    return db
+
+
+@pytest.fixture
+def seed_mlflow(mlflow_template: Path):  # -> Callable[[Path], Path]
+    """``seed_mlflow(results_dir)``: give a results dir a set-up ``mlflow.db`` (a copy of
+    :func:`mlflow_template`) where it has none yet, and return the dir."""
+
+    def seed(results_dir: Path) -> Path:
+        results_dir.mkdir(parents=True, exist_ok=True)
+        if not (results_dir / "mlflow.db").exists():
+            shutil.copyfile(mlflow_template, results_dir / "mlflow.db")
+        return results_dir
+
+    return seed
+
+
+@pytest.fixture(scope="session")
 def shared_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One results dir shared by the in-process run tests (one MLflow DB initialisation)."""
     return tmp_path_factory.mktemp("shared_results")

@@ -11,7 +11,6 @@ real sweeps).
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -31,7 +30,7 @@ from analysis.sweep import summarize_sweep
 from sweeper.config.identity import grid_columns, identity_of, resolved_config
 from sweeper.store import RunRecord, RunStatus, Store
 from sweeper.tracking.catch_up import catch_up
-from sweeper.tracking.client import MlflowRun, init_tracking_store, open_parent
+from sweeper.tracking.client import MlflowRun, open_parent
 from sweeper.tracking.describe import point_tags, reason
 from sweeper.tracking.record import METRICS, logged_of, sync_run
 from sweeper.tracking.sweep import (
@@ -102,20 +101,10 @@ def _children(d: Path, parent_id: str) -> list[Any]:
     return c.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
 
 
-@pytest.fixture(scope="module")
-def migrated(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An MLflow tracking DB set up once for the module (MLflow's schema migrations take
-    seconds): each test gets a copy."""
-    db = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
-    init_tracking_store(f"sqlite:///{db}")
-    return db
-
-
 @pytest.fixture
-def results(tmp_path: Path, migrated: Path) -> Path:
+def results(tmp_path: Path, seed_mlflow) -> Path:  # noqa: ANN001
     """A results dir whose MLflow tracking DB (``mlflow.db``) is a fresh, set-up copy."""
-    shutil.copyfile(migrated, tmp_path / "mlflow.db")
-    return tmp_path
+    return seed_mlflow(tmp_path)
 
 
 # ------------------------------------------------------------------ no point twice
