@@ -60,7 +60,8 @@ class Judged:
     family: tuple[int, str]  # (index of the family in its table, setting label)
 
 
-def _values(runs: Sequence[RunRecord], metric: str) -> list[tuple[int, float]]:
+def values_of(runs: Sequence[RunRecord], metric: str) -> list[tuple[int, float]]:
+    """(seed, value of ``metric``) of each run that has one."""
     return [(r.seed, float(getattr(r, metric))) for r in runs if getattr(r, metric) is not None]
 
 
@@ -99,21 +100,33 @@ def treatment_label(r: RunRecord, knobs: Sequence[str] = ()) -> str:
     return " ".join(parts)
 
 
-def judge(
-    done: Sequence[RunRecord],
-    table: str,
-    treated: Callable[[RunRecord], bool],
-    metric: str = "test_acc",
-    margin: float = MARGIN,
-    selected_on: str = "test",
-) -> list[Judged]:
-    """Every treatment among ``done`` (those ``treated`` accepts) against the baseline of its
-    setting, one family per setting, in the settings' and treatments' readable order."""
-    direction(metric)
+@dataclass(frozen=True)
+class Cell:
+    """One treatment configuration of a family: its runs (one per seed) and names."""
+
+    config: Key  # config_of
+    key: str  # its config_key
+    label: str  # pgt α=0.25 (and the knobs that tell it apart)
+    runs: list[RunRecord]
+
+
+@dataclass(frozen=True)
+class Family:
+    """Every treatment of one setting that a table shows, against the setting's baseline."""
+
+    index: int  # in the table's order
+    setting: str  # the readable setting
+    baseline: list[RunRecord]  # the baseline configuration's runs
+    cells: list[Cell]  # in the readable order
+
+
+def families(done: Sequence[RunRecord], treated: Callable[[RunRecord], bool]) -> list[Family]:
+    """The families of ``done`` runs: one per setting that has baseline runs and treatments
+    (those ``treated`` accepts), in the settings' and treatments' readable order."""
     by_setting = _group(done, setting_of)
     # the setting keys the label's columns do not determine (lr follows the batch size)
     setting_extra = extra_columns(done, _SHOWN, lambda k: not is_method_key(k))
-    out: list[Judged] = []
+    out: list[Family] = []
     labelled = sorted(((setting_label(rs[0], setting_extra), s) for s, rs in by_setting.items()),
                       key=lambda x: x[0])  # fmt: skip
     for fam, (slabel, setting) in enumerate(labelled):
@@ -128,19 +141,34 @@ def judge(
         # the knobs that tell apart configurations of one method at one α
         knobs = extra_columns([r for rs in cells.values() for r in rs], ["method", "alpha"],
                               lambda k: k.startswith("method.") and k != "method.name")  # fmt: skip
-        m = len(cells)
-        bvals = _values(base, metric)
-        rows = []
+        made = []
         for cfg, rs in cells.items():
-            r = rs[0]
-            res = compare(_values(rs, metric), bvals, metric, margin, m)
-            label = treatment_label(r, knobs)
-            ident = (r.config or {}).get("identity", {})
-            rows.append(Judged(table, slabel, label, "baseline", cfg, config_key(ident), res,
-                               selected_on, (fam, slabel)))  # fmt: skip
-        rows.sort(key=lambda j: (j.treatment.split(" ")[0], _alpha_of(cells[j.config][0]),
-                                 j.treatment))  # fmt: skip
-        out += rows
+            ident = (rs[0].config or {}).get("identity", {})
+            made.append(Cell(cfg, config_key(ident), treatment_label(rs[0], knobs), rs))
+        made.sort(key=lambda c: (c.label.split(" ")[0], _alpha_of(c.runs[0]), c.label))
+        out.append(Family(fam, slabel, base, made))
+    return out
+
+
+def judge(
+    done: Sequence[RunRecord],
+    table: str,
+    treated: Callable[[RunRecord], bool],
+    metric: str = "test_acc",
+    margin: float = MARGIN,
+    selected_on: str = "test",
+) -> list[Judged]:
+    """Every treatment among ``done`` (those ``treated`` accepts) against the baseline of its
+    setting, one family per setting, in the settings' and treatments' readable order."""
+    direction(metric)
+    out: list[Judged] = []
+    for fam in families(done, treated):
+        m = len(fam.cells)
+        bvals = values_of(fam.baseline, metric)
+        for c in fam.cells:
+            res = compare(values_of(c.runs, metric), bvals, metric, margin, m)
+            out.append(Judged(table, fam.setting, c.label, "baseline", c.config, c.key, res,
+                              selected_on, (fam.index, fam.setting)))  # fmt: skip
     return out
 
 

@@ -27,6 +27,7 @@ rates of these very rules (``tests/test_verdicts.py``).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -97,9 +98,20 @@ def direction(metric: str) -> int:
 
 
 def _tcrit(df: np.ndarray | float, confidence: float) -> np.ndarray:
+    if np.ndim(df) == 0:  # one comparison: its quantile is one of few (cached)
+        return np.asarray(_tcrit_scalar(float(df), float(confidence)))
     from scipy.stats import t
 
     return np.asarray(t.ppf(0.5 + confidence / 2, df), dtype=float)
+
+
+@functools.lru_cache(maxsize=4096)
+def _tcrit_scalar(df: float, confidence: float) -> float:
+    # SciPy's ppf costs about 0.1 ms a call; a report or a simulation of thousands of
+    # comparisons asks the same few (df, level) again and again
+    from scipy.stats import t
+
+    return float(t.ppf(0.5 + confidence / 2, df))
 
 
 # ----------------------------------------------------------------- vectorised core
@@ -201,6 +213,7 @@ def stein_n(pilot_sd: float, pilot_n: int, half_width: float,
 
 
 # ----------------------------------------------------------- P(improvement)
+@functools.lru_cache(maxsize=4096)
 def _clopper_pearson(
     k_low: float, k_high: float, n: float, confidence: float
 ) -> tuple[float, float]:
@@ -244,9 +257,12 @@ def compare(
     margin: float = MARGIN,
     family_size: int = 1,
     level: float = LEVEL,
+    plan: bool = True,
 ) -> Comparison:
     """The verdict on ``treat`` vs ``base`` given (seed, value) pairs, its interval
-    simultaneous over a family of ``family_size`` comparisons."""
+    simultaneous over a family of ``family_size`` comparisons at ``level``. ``plan``: give
+    an unresolved one its ``seeds_needed`` (False leaves it None: the verdict is the same,
+    and a simulation of thousands of comparisons skips the power search)."""
     from analysis.stats import paired_differences
 
     sign = direction(metric)
@@ -278,7 +294,7 @@ def compare(
     lo, hi = float(lo), float(hi)
     verdict = str(classify(lo, hi, margin, sign)[()])
     need = None
-    if verdict == UNRESOLVED:
+    if verdict == UNRESOLVED and plan:
         need = seeds_needed(diff, sd, margin, conf, df_factor=df_factor,
                             at_least=max(n1, n2) + 1)  # fmt: skip
     p, plo, phi, wins, pairs = p_improvement(pt, pb, paired, conf, sign)

@@ -27,7 +27,7 @@ from sweeper.config.schema import register_configs
 from sweeper.errors import ConfigError, Failed, boundary
 
 # Hydra's own flags that print and exit: no pre-flight, no run
-SUBCOMMANDS = ("status", "mirror")
+SUBCOMMANDS = ("status", "mirror", "resolve")
 HYDRA_INFO_FLAGS = ("--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c",
                     "--shell-completion", "-sc")  # fmt: skip
 
@@ -93,6 +93,7 @@ usage:
   python -m sweeper --cfg job [KEY=VALUE ...]   print the composed config, run nothing
   python -m sweeper status [--help]             sweeps and runs in the results store
   python -m sweeper mirror [--help]             copy finished runs that missed MLflow into it
+  python -m sweeper resolve sweep=ID [--help]   add the seeds unresolved comparisons need
   python -m analysis [--help]                   the report: tables and figures
 
 Reference: docs/cli.md (every key), docs/sweeps.md, docs/methods.md, docs/store.md.
@@ -132,6 +133,10 @@ def _dispatch(argv: list[str]) -> int | None:
         from sweeper.tracking.catch_up import catch_up
 
         return catch_up(argv[1:])
+    if argv and argv[0] == "resolve":  # the seeds unresolved comparisons need, then verdicts
+        from sweeper.launch.resolve import resolve
+
+        return resolve(argv[1:])
     _run_hydra(argv)
     return 0
 

@@ -101,7 +101,7 @@ def status(argv: list[str], console: Console | None = None) -> None:
             secs = int(((sw.ended_at or now) - sw.created_at).total_seconds())
             t.add_row(
                 str(sw.id),
-                sw.name,
+                sw.name + (f" (resolves sweep {sw.parent_id})" if sw.parent_id else ""),
                 sw.created_at.strftime("%Y-%m-%d %H:%M"),
                 sw.launcher,
                 str(sw.n_points),

@@ -16,7 +16,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # the files that start many real processes go first, so that the two workers finish together
 HEAVY_FIRST = ["test_docs.py", "test_slurm.py", "test_search.py", "test_sweep.py",
                "test_fused.py", "test_postgres.py", "test_mlflow_ui.py", "test_ownership.py",
-               "test_mlflow_truth.py", "test_verdicts.py", "test_refusals.py", "test_resume.py",
+               "test_mlflow_truth.py", "test_resolve.py", "test_verdicts.py", "test_refusals.py", "test_resume.py",
                "test_custom_methods.py", "test_faults.py"]  # fmt: skip
 
 

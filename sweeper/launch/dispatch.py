@@ -155,7 +155,8 @@ def _new_row(p: Point, memo: dict) -> tuple[dict[str, Any], dict]:
 
 @contextlib.contextmanager
 def open_sweep(cfg0: Config, params: LauncherParams, name: str, command: str, label: str,
-               n_points: int, out: Callable[[str], None]) -> Iterator[Dispatcher]:  # fmt: skip
+               n_points: int, out: Callable[[str], None],
+               parent_id: int | None = None) -> Iterator[Dispatcher]:  # fmt: skip
     """A sweep's record and its dispatcher, for a grid and a search alike: the results store
     is open for the sweep's life, and the sweep's end is recorded however it ends (an error
     that escapes closes it as failed)."""
@@ -163,7 +164,7 @@ def open_sweep(cfg0: Config, params: LauncherParams, name: str, command: str, la
     store = cfg0.open_store(warn=out)
     d: Dispatcher | None = None
     try:
-        d = Dispatcher(store, params, cfg0, name, command, label, n_points, out)
+        d = Dispatcher(store, params, cfg0, name, command, label, n_points, out, parent_id)
         yield d
     finally:
         if d is not None and not d.closed:
@@ -200,6 +201,7 @@ class Dispatcher:
         launcher_label: str,
         n_points: int,
         out: Callable[[str], None],
+        parent_id: int | None = None,
     ) -> None:
         self.store, self.params, self.cfg0 = store, params, cfg0
         self.name, self.command, self.out = sweep_name, command, out
@@ -210,7 +212,7 @@ class Dispatcher:
         lost = store.expire_leases(alive=job_alive_elsewhere(store))
         if lost:  # killed jobs of earlier sweeps: resumed when asked
             out(f"{lost} run(s) whose job was killed marked interrupted; resuming them")
-        self.sweep = store.create_sweep(sweep_name, command, launcher_label, n_points)
+        self.sweep = store.create_sweep(sweep_name, command, launcher_label, n_points, parent_id)
         self._beat = SweepBeat(store, self.sweep.id)
         self.tracker: Any = None  # the sweep's MLflow side (sweeper.tracking.sweep.SweepTracker)
         self.base_tags: dict[str, str] = {"sweep_id": str(self.sweep.id), "sweep_name": sweep_name}

@@ -8,20 +8,23 @@ Progress is printed as jobs end (``[ 3/8] done  method=pgt alpha=0.3  test 94.17
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import os
 import shlex
 import time
 from collections import Counter
 from collections.abc import Callable
+from typing import Any
 
 from sweeper.config.checks import check_before_writing
-from sweeper.config.identity import identity_of, preflight
+from sweeper.config.identity import grid_columns, identity_of, preflight
 from sweeper.config.launcher import LauncherParams
 from sweeper.config.schema import Config
 from sweeper.errors import Failed
 from sweeper.launch.backends import check_launcher
 from sweeper.launch.dispatch import Decision, Dispatcher, Point, open_sweep
 from sweeper.launch.fuse import describe, plan_groups
+from sweeper.store import CostKey
 from trainers.registry import ConfigError
 
 
@@ -137,9 +140,11 @@ def run_grid(
     command: str,
     sweep_name: str | None = None,
     out: Callable[[str], None] | None = None,
+    parent_id: int | None = None,
 ) -> list[Point]:
     """Record the sweep, claim every point, dispatch what is left, report. Raises
-    :class:`~sweeper.errors.Failed` naming the points that failed or were killed."""
+    :class:`~sweeper.errors.Failed` naming the points that failed or were killed.
+    ``parent_id``: the sweep this one adds seeds to (``python -m sweeper resolve``)."""
     check_launcher(params)
     say = out or (lambda s: print(s, flush=True))
     name = sweep_name or "sweep-" + dt.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -147,7 +152,8 @@ def run_grid(
     if params.dry_run:
         dry_run(points, params, name, say)
         return points
-    with open_sweep(cfg0, params, name, command, params.kind, len(points), say) as d:
+    with open_sweep(cfg0, params, name, command, params.kind, len(points), say,
+                    parent_id=parent_id) as d:  # fmt: skip
         grid = GridSource(points, say, params)
         grid.claim_all(d, params.retry_failed)
         c = grid.counts
@@ -160,6 +166,7 @@ def run_grid(
             + (f", {following} trained by another live job" if following else "")
             + (f", {shared} duplicates" if shared else "")
         )
+        _say_prediction(d.store, [_kind(p.run) for p in grid.todo if p.run is not None], say)
         if not grid.todo and not d.following:
             d.close(failed=bool(c["failed"]))
             say("nothing to start: every point has ended"
@@ -195,36 +202,53 @@ def dry_run(points: list[Point], params: LauncherParams, name: str,
     from sweeper.store import Store, StoreError
 
     try:
-        store = Store(points[0].cfg.store_url(), create=False)
+        store: Store | None = Store(points[0].cfg.store_url(), create=False)
     except StoreError:
-        known: dict = {}
-    else:
-        try:
-            known = store.runs_by_hash([p.config_hash for p in points])
-        finally:
+        store = None
+    try:
+        known = store.runs_by_hash([p.config_hash for p in points]) if store else {}
+        todo, seen, finished, shared = [], set(), 0, 0
+        for p in points:
+            run = known.get(p.config_hash)
+            if p.config_hash in seen:
+                shared += 1
+                continue
+            seen.add(p.config_hash)
+            ended = run is not None and (run.status == "done" or (
+                run.status in ("failed", "diverged") and not params.retry_failed))  # fmt: skip
+            if ended:
+                finished += 1
+            else:
+                todo.append(p)
+        say(f"dry run of '{name}': {len(points)} points, {len(todo)} to run, {finished} already "
+            f"finished" + (f", {shared} duplicates" if shared else "")
+            + "; nothing is started or written")  # fmt: skip
+        if store is not None:  # what similar done runs cost
+            _say_prediction(store, [_kind(grid_columns(p.cfg)) for p in todo], say)
+    finally:
+        if store is not None:
             store.dispose()
-    todo, seen, finished, shared = [], set(), 0, 0
-    for p in points:
-        run = known.get(p.config_hash)
-        if p.config_hash in seen:
-            shared += 1
-            continue
-        seen.add(p.config_hash)
-        ended = run is not None and (run.status == "done" or (
-            run.status in ("failed", "diverged") and not params.retry_failed))  # fmt: skip
-        if ended:
-            finished += 1
-        else:
-            todo.append(p)
-    say(f"dry run of '{name}': {len(points)} points, {len(todo)} to run, {finished} already "
-        f"finished" + (f", {shared} duplicates" if shared else "")
-        + "; nothing is started or written")  # fmt: skip
     slots = float(len(local_slots(params, gpu_count()))) if params.kind == "local" else float("inf")
     jobs = plan_groups(todo, params.fuse_limit(), slots, params.tasks > 1)
     if jobs:
         say(describe(len(todo), jobs))
     for i, job in enumerate(jobs, 1):
         say(f"  job {i}: " + " | ".join(p.label or "(defaults)" for p in job))
+
+
+def _kind(r: Any) -> CostKey:
+    """(model, data, batch size, epochs) of a run record or of a grid-columns dict."""
+    get = r.get if isinstance(r, dict) else functools.partial(getattr, r)
+    return (str(get("model")), str(get("data")), int(get("batch_size")), int(get("epochs")))
+
+
+def _say_prediction(store: Any, kinds: list[CostKey], say: Callable[[str], None]) -> None:
+    """The header's predicted cost of the runs to train, where the store has done runs of
+    their kind; nothing where it has none."""
+    from sweeper.launch.cost import predict_kinds
+
+    if kinds and (pred := predict_kinds(store, kinds)) is not None:
+        say(pred.header_line())
 
 
 def _named(p: Point) -> str:

@@ -23,7 +23,7 @@ from sweeper.store.lease import HEARTBEAT_S, KILLED_TWICE, LEASE_S, Leases, Lost
 from sweeper.store.lifecycle import Lifecycle
 from sweeper.store.migrations import SCHEMA_VERSION
 from sweeper.store.models import RunStatus
-from sweeper.store.read import Reads, RunQuery
+from sweeper.store.read import CostBasis, CostKey, Reads, RunQuery
 from sweeper.store.records import (
     EpochRecord,
     FilterStatRecord,
@@ -53,6 +53,8 @@ __all__ = [
     "StoreFull",
     "StoreUnavailable",
     "SCHEMA_VERSION",
+    "CostBasis",
+    "CostKey",
     "EpochRecord",
     "FilterStatRecord",
     "RunQuery",

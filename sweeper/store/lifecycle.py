@@ -188,7 +188,10 @@ class Lifecycle(Database):
                 .execution_options(synchronize_session=False)
             )  # fmt: skip
             if res.rowcount != 1:
-                raise LostRun(run_id, " to start")
+                now_at = s.execute(select(Run.owner, Run.status).where(Run.id == run_id)).first()
+                held = (f" (it is {RunStatus(now_at[1]).value} under token {now_at[0]}, this "
+                        f"job holds {owner})" if now_at else " (it no longer exists)")  # fmt: skip
+                raise LostRun(run_id, " to start" + held)
             run = s.get_one(Run, run_id)
             run.started_at = run.started_at or now
             s.execute(delete(EpochMetric).where(EpochMetric.run_id == run_id,
@@ -246,11 +249,14 @@ class Lifecycle(Database):
             return True
 
     # ------------------------------------------------------------------- sweeps
-    def create_sweep(self, name: str, command: str, launcher: str, n_points: int) -> SweepRecord:
-        """A sweep's record, alive (its sweeper beats: :meth:`Leases.sweep_heartbeat`)."""
+    def create_sweep(self, name: str, command: str, launcher: str, n_points: int,
+                     parent_id: int | None = None) -> SweepRecord:  # fmt: skip
+        """A sweep's record, alive (its sweeper beats: :meth:`Leases.sweep_heartbeat`);
+        ``parent_id``: the sweep a resolve sweep adds seeds to."""
         with self.session() as s:
             sweep = Sweep(name=name, command=command, launcher=launcher, n_points=n_points,
-                          heartbeat_at=utcnow(), host=HOST, pid=os.getpid())  # fmt: skip
+                          heartbeat_at=utcnow(), host=HOST, pid=os.getpid(),
+                          parent_id=parent_id)  # fmt: skip
             s.add(sweep)
             s.flush()
             return sweep_record(sweep)

@@ -13,6 +13,8 @@ only record the version. ``store_info.schema_version`` says where a store is.
    ``outcome`` (older sweeps keep NULL: ended ones have ``ended_at``)
 6. the validation split: ``epoch_metrics.val_acc``, ``val_loss`` and the last epoch's
    ``runs.val_acc``, ``val_loss`` (NULL for runs without ``data.val_split``)
+7. ``sweeps.parent_id``: the sweep a ``python -m sweeper resolve`` sweep adds seeds to
+   (NULL for every other sweep)
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from sqlalchemy import inspect, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 
 def _add_columns(engine: Engine, table: str, columns: dict[str, str]) -> None:
@@ -89,6 +91,10 @@ def _to_6(engine: Engine) -> None:
     _add_columns(engine, "runs", {"val_acc": real, "val_loss": real})
 
 
+def _to_7(engine: Engine) -> None:
+    _add_columns(engine, "sweeps", {"parent_id": "INTEGER"})
+
+
 MIGRATIONS: dict[int, Callable[[Engine], None]] = {
-    2: _to_2, 3: _to_3, 4: _to_4, 5: _to_5, 6: _to_6
+    2: _to_2, 3: _to_3, 4: _to_4, 5: _to_5, 6: _to_6, 7: _to_7
 }  # fmt: skip

@@ -175,6 +175,10 @@ class Sweep(Base):
     host: Mapped[str | None] = mapped_column(String(255))
     pid: Mapped[int | None] = mapped_column(Integer)
     outcome: Mapped[str | None] = mapped_column(String(16))  # finished|failed|interrupted|abandoned
+    # v7: the sweep whose unresolved comparisons this one adds seeds to (python -m sweeper
+    # resolve); NULL for a grid or a search. No foreign key: ALTER TABLE cannot add one in
+    # SQLite, and a parent is never deleted before its children
+    parent_id: Mapped[int | None] = mapped_column(Integer)
 
 
 class SweepRun(Base):

@@ -52,6 +52,19 @@ class LeaseState(NamedTuple):
     created_at: dt.datetime | None
 
 
+class CostBasis(NamedTuple):
+    """What done runs of one kind (model, data set, batch size, epochs) cost, for a
+    prediction: how many, how many held GPUs, and their GPU-hours and CPU-hours (the
+    training wall time of runs that held no GPU)."""
+
+    runs: int
+    gpu_runs: int
+    gpu_hours: float
+    cpu_hours: float
+
+
+CostKey = tuple[str, str, int, int]  # model, data, batch_size, epochs
+
 LEASE_COLUMNS = (Run.id, Run.status, Run.owner, Run.host, Run.pid, Run.heartbeat_at,
                  Run.started_at, Run.created_at)  # fmt: skip
 
@@ -230,6 +243,32 @@ class Reads(Database):
         with self.session() as s:
             for sid, status, n in s.execute(q):
                 out.setdefault(sid, {})[RunStatus(status)] = int(n)
+        return out
+
+    def cost_basis(self, keys: Sequence[CostKey]) -> dict[CostKey, CostBasis]:
+        """For each (model, data, batch size, epochs) of ``keys``, what the store's done
+        runs of that kind cost (:class:`CostBasis`); kinds without a done run are left out.
+        One GROUP BY over the done runs of the keys' models: the header of a 10,000-point
+        grid asks once."""
+        want = set(keys)
+        if not want:
+            return {}
+        on_gpu = func.coalesce(Run.gpus, 0) > 0
+        q = (
+            select(Run.model, Run.data, Run.batch_size, Run.epochs, func.count(),
+                   func.sum(case((on_gpu, 1), else_=0)),
+                   func.sum(case((on_gpu, func.coalesce(Run.gpu_hours, 0.0)), else_=0.0)),
+                   func.sum(case((on_gpu, 0.0), else_=func.coalesce(Run.train_seconds, 0.0))))
+            .where(Run.status == RunStatus.done, Run.model.in_(sorted({k[0] for k in want})))
+            .group_by(Run.model, Run.data, Run.batch_size, Run.epochs)
+        )  # fmt: skip
+        out: dict[CostKey, CostBasis] = {}
+        with self.session() as s:
+            for model, data, batch, epochs, n, g, gh, cs in s.execute(q):
+                key = (model, data, int(batch), int(epochs))
+                if key in want:
+                    out[key] = CostBasis(int(n), int(g or 0), float(gh or 0.0),
+                                         float(cs or 0.0) / 3600)  # fmt: skip
         return out
 
     def sweep_jobs(self) -> dict[int, tuple[int, int]]:

@@ -126,6 +126,7 @@ class SweepRecord:
     host: str | None = None
     pid: int | None = None
     outcome: str | None = None
+    parent_id: int | None = None  # the sweep a resolve sweep adds seeds to
 
 
 @dataclass(frozen=True)
