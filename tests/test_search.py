@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import csv
 import re
+import shutil
 import sqlite3
-import subprocess
 from pathlib import Path
 
 import optuna
@@ -202,10 +202,22 @@ def test_analysis_upgrades_an_old_store_before_reading(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------- a real search, end to end
+# N trials, two at a time, prove every claim below. Each trial's accuracies are seeded
+# (seed 3, one torch thread): epoch-0 test_acc of trials 0-3 is 57.22, 56.94, 57.22, 56.94.
+# Trial 3 starts only when two trials have ended, and none can end pruned before two have
+# COMPLETED (n_startup_trials=2), so when trial 3 reports epoch 0 the median pruner sees at
+# least two of trials 0-2 complete: a median >= 57.08 > 56.94, and trial 3 is PRUNED, in
+# whatever order the parallel trials end. Trial 2 (57.22) is never pruned. So 4 trials give
+# COMPLETE and PRUNED trials, parallel ones, and a best trial, as the 8 of before did.
+N = 4
+
+
 @pytest.fixture(scope="module")
-def search(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list]:
+def search(tmp_path_factory: pytest.TempPathFactory, mlflow_template: Path) -> tuple[Path, list]:
     d = tmp_path_factory.mktemp("search")
-    first = run_cli(*SEARCH, "hydra.sweeper.n_trials=8", cwd=d, timeout=600)
+    (d / "results").mkdir()  # the default MLflow store, set up once per test process
+    shutil.copyfile(mlflow_template, d / "results" / "mlflow.db")
+    first = run_cli(*SEARCH, f"hydra.sweeper.n_trials={N}", cwd=d, timeout=600)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     return d, [first]
 
@@ -220,12 +232,12 @@ def _trials(db: Path) -> list[tuple]:
 
 
 @pytest.mark.slow
-def test_eight_trials_end_complete_or_pruned_with_a_run_each(search: tuple[Path, list]) -> None:
+def test_the_trials_end_complete_or_pruned_with_a_run_each(search: tuple[Path, list]) -> None:
     d, (res, *_) = search
     db = d / "results" / "results.db"
     trials = _trials(db)
-    assert [t[0] for t in trials][:8] == list(range(8))
-    assert all(state in ("COMPLETE", "PRUNED") for _, state, _ in trials[:8])
+    assert [t[0] for t in trials][:N] == list(range(N))
+    assert all(state in ("COMPLETE", "PRUNED") for _, state, _ in trials[:N])
     # every trial is an ordinary run, linked to the search's sweep with its trial number
     links = sql(
         db,
@@ -233,7 +245,7 @@ def test_eight_trials_end_complete_or_pruned_with_a_run_each(search: tuple[Path,
         "JOIN runs r ON r.id = sr.run_id JOIN sweeps s ON s.id = sr.sweep_id "
         "WHERE s.id = 1 ORDER BY sr.trial",
     )
-    assert [x[0] for x in links] == list(range(8))
+    assert [x[0] for x in links] == list(range(N))
     for (number, state, alpha), (_, run_alpha, status, epochs) in zip(trials, links, strict=False):
         assert run_alpha == pytest.approx(alpha, rel=1e-12)
         assert status == {"COMPLETE": "done", "PRUNED": "pruned"}[state], number
@@ -254,16 +266,17 @@ def test_jobs_report_every_epoch_and_the_pruner_stops_some(search: tuple[Path, l
         db,
         "SELECT t.number, t.state, v.step, v.intermediate_value FROM trials t "
         "JOIN trial_intermediate_values v ON v.trial_id = t.trial_id "
-        "WHERE t.number < 8 ORDER BY t.number, v.step",
+        "WHERE t.number < ? ORDER BY t.number, v.step",
+        N,
     )
     steps: dict[int, list[int]] = {}
     for number, _state, step, _ in rows:
         steps.setdefault(number, []).append(step)
     states = dict((n, s) for n, s, _ in _trials(db))
-    assert set(steps) == set(range(8))  # every trial's job reported
-    pruned = [n for n in range(8) if states[n] == "PRUNED"]
+    assert set(steps) == set(range(N))  # every trial's job reported
+    pruned = [n for n in range(N) if states[n] == "PRUNED"]
     assert pruned, "the median pruner stopped no trial"
-    for n in range(8):
+    for n in range(N):
         assert steps[n] == list(range(2 if states[n] == "COMPLETE" else len(steps[n])))
         if states[n] == "PRUNED":
             assert len(steps[n]) < 2
@@ -281,10 +294,10 @@ def test_jobs_report_every_epoch_and_the_pruner_stops_some(search: tuple[Path, l
 
 def test_seeded_search_suggests_what_a_fresh_seeded_study_does(search: tuple[Path, list]) -> None:
     d, _ = search
-    alphas = [a for _, _, a in _trials(d / "results" / "results.db")][:8]
+    alphas = [a for _, _, a in _trials(d / "results" / "results.db")][:N]
     dims, _ = _space("alpha=interval(0.01,1)")
     fresh = optuna.create_study(sampler=build_sampler(SearchParams(seed=SEED), dims))
-    expected = [fresh.ask({"alpha": dims[0].distribution}).params["alpha"] for _ in range(8)]
+    expected = [fresh.ask({"alpha": dims[0].distribution}).params["alpha"] for _ in range(N)]
     # TPE's first 10 suggestions come from its seeded start-up sampler, whatever the order
     # in which the parallel trials end
     assert alphas == pytest.approx(expected, rel=1e-12)
@@ -299,7 +312,7 @@ def test_trials_are_runs_in_mlflow_tagged_with_their_number(search: tuple[Path, 
     exp = client.get_experiment_by_name("gradsweep")
     runs = client.search_runs([exp.experiment_id], "tags.optuna_study = 'alpha-search'")
     tagged = sorted(int(r.data.tags["optuna_trial"]) for r in runs)
-    assert tagged[:8] == list(range(8))
+    assert tagged[:N] == list(range(N))
     for r in runs:
         assert r.data.tags["status"] in ("done", "pruned")
         assert "mlflow.parentRunId" in r.data.tags
@@ -316,37 +329,45 @@ def test_trials_are_runs_in_mlflow_tagged_with_their_number(search: tuple[Path, 
 
 
 @pytest.mark.slow
-def test_rerun_with_more_trials_adds_exactly_the_difference(search: tuple[Path, list]) -> None:
+def test_rerun_with_more_trials_adds_exactly_the_difference(
+    search: tuple[Path, list], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     d, results = search
-    again = run_cli(*SEARCH, "hydra.sweeper.n_trials=10", cwd=d, timeout=600)
+    more = N + 2
+    again = run_cli(*SEARCH, f"hydra.sweeper.n_trials={more}", cwd=d, timeout=600)
     results.append(again)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert "8 finished trials, 0 to resume, 2 to start (n_trials=10)" in again.stdout
+    assert f"{N} finished trials, 0 to resume, 2 to start (n_trials={more})" in again.stdout
     db = d / "results" / "results.db"
     trials = _trials(db)
-    assert [t[0] for t in trials] == list(range(10))
-    assert sql(db, "SELECT COUNT(*) FROM runs") == [(10,)]
+    assert [t[0] for t in trials] == list(range(more))
+    assert sql(db, "SELECT COUNT(*) FROM runs") == [(more,)]
     alphas = [a for _, _, a in trials]
-    assert len(set(alphas)) == 10  # a continued study does not repeat finished trials
-    # and once the study holds n_trials, the same command starts nothing
-    same = run_cli(*SEARCH, "hydra.sweeper.n_trials=10", cwd=d, timeout=300)
-    assert same.returncode == 0, same.stderr[-2000:]
-    assert "nothing to start" in same.stdout
-    assert sql(db, "SELECT COUNT(*) FROM trials") == [(10,)]
+    assert len(set(alphas)) == more  # a continued study does not repeat finished trials
+    # and once the study holds n_trials, the same command starts nothing (the CLI's own
+    # entry in this process: what it starts is the point, not its process)
+    monkeypatch.chdir(d)
+    out: list[str] = []
+    code, err = main_in_process([*SEARCH, f"hydra.sweeper.n_trials={more}"], capsys,
+                                monkeypatch, out)  # fmt: skip
+    assert code == 0, err[-20:]
+    assert any("nothing to start" in ln for ln in out), out[-20:]
+    assert sql(db, "SELECT COUNT(*) FROM trials") == [(more,)]
 
 
 @pytest.mark.slow
-def test_report_has_history_importances_and_best_trial(search: tuple[Path, list]) -> None:
+def test_report_has_history_importances_and_best_trial(
+    search: tuple[Path, list], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from analysis.__main__ import main  # python -m analysis, in this process
+
     d, _ = search
-    res = subprocess.run(
-        [*_python(), "-m", "analysis", "--results-dir", "results", "--out", "rep"],
-        cwd=d,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert "## Optuna studies: best trials" in res.stdout
+    monkeypatch.chdir(d)
+    capsys.readouterr()
+    code = main(["--results-dir", "results", "--out", "rep"])
+    got = capsys.readouterr()
+    assert code == 0, got.err[-2000:]
+    assert "## Optuna studies: best trials" in got.out
     rows = list(csv.DictReader((d / "rep" / "optuna_studies.csv").open()))
     assert len(rows) == 1 and rows[0]["study"] == "alpha-search"
     states = [t[1] for t in _trials(d / "results" / "results.db")]
@@ -361,12 +382,6 @@ def test_report_has_history_importances_and_best_trial(search: tuple[Path, list]
     assert (d / "rep" / "figures" / "optuna_history_alpha-search.png").stat().st_size > 1000
     html = (d / "rep" / "report.html").read_text()
     assert "Optuna study alpha-search: optimisation history" in html
-
-
-def _python() -> list[str]:
-    import sys
-
-    return [sys.executable]
 
 
 # ------------------------------------------------------------- refused up front
@@ -422,7 +437,7 @@ def test_pruned_run_stops_after_its_checkpoint_and_a_grid_can_finish_it(tmp_path
         model=ModelConf("digits_cnn"),
         method=MethodConf.preset("pgt"),
         data=DataConfig(name="digits"),
-        epochs=3,
+        epochs=2,  # pruned after epoch 0, resumed for epoch 1 from the checkpoint
         filter_stats_every=0,
     )
     sink = _PruneAfterFirstEpoch()
