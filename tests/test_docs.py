@@ -5,9 +5,10 @@ Each line of a ```bash block is one command. How it is checked depends on what i
 * runnable here (digits, synthetic, a researcher's module written as the docs show it):
   a single run trains, made tiny (``epochs=1``, in process); a sweep or a search runs
   through the real CLI with ``hydra.launcher.dry_run=true`` (every point composed and
-  checked, the jobs planned, nothing started); ``status``, ``mirror``, ``--help``,
-  ``--cfg job``, ``python -m analysis`` and the SQL of docs/store.md run on a store a real
-  sweep made. The sweeps, searches, ``status``, ``mirror``, ``--help``, ``--cfg`` and
+  checked, the jobs planned, nothing started); ``status``, ``mirror``, ``resolve``,
+  ``--help``, ``--cfg job``, ``python -m analysis`` and the SQL of docs/store.md run on a
+  store a real sweep made. The sweeps, searches, ``status``, ``mirror``, ``resolve``,
+  ``--help``, ``--cfg`` and
   ``python -m analysis`` run through the CLIs' own entries (``sweeper.cli.main``,
   ``analysis.__main__.main``) in this process: their exit status and stderr, without a
   Python start-up each;
@@ -253,9 +254,12 @@ def check(cmd: str, place: Path, store: Path, capsys, monkeypatch) -> None:  # n
         args = [str(store) if a == "results" else a for a in args]
         _ok_in_process(*_analysis(args, capsys))
         return
-    if args[:1] in (["status"], ["mirror"]) or "--help" in args or "--cfg" in args:
+    # resolve on that store: its comparisons have one seed a side, so the plan adds no seed
+    # (the command's own runs are tests/test_resolve.py's)
+    readers = (["status"], ["mirror"], ["resolve"])
+    if args[:1] in readers or "--help" in args or "--cfg" in args:
         args = [f"results_dir={store}" if a == "results_dir=results" else a for a in args]
-        if args[:1] in (["status"], ["mirror"]) and not any(a.startswith(("results_dir=",
+        if args[:1] in readers and not any(a.startswith(("results_dir=",
                 "store.url=", "-")) for a in args):  # fmt: skip
             args.append(f"results_dir={store}")
         _ok_in_process(*main_in_process(args, capsys, monkeypatch))
