@@ -544,10 +544,13 @@ def test_mirror_completes_a_record_that_lacks_steps_and_rebuilds_one_with_duplic
 RACE = """
 import sys, time
 from sweeper.tracking.client import init_tracking_store
-uri, at = sys.argv[1], float(sys.argv[2])
+from mlflow import MlflowClient  # noqa: F401  (imported before the start)
+import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+print("ready", flush=True)
+at = float(sys.stdin.readline())
 while time.time() < at:
     time.sleep(0.001)
-init_tracking_store(uri)
+init_tracking_store(sys.argv[1])
 print("ok")
 """
 
@@ -560,11 +563,26 @@ def test_processes_setting_up_one_tracking_store_at_once(tmp_path: Path) -> None
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     script = tmp_path / "race.py"
     script.write_text(RACE)
-    at = time.time() + 15  # after the three have imported MLflow
-    procs = [subprocess.Popen([sys.executable, str(script), uri, str(at)], env=cli_env(),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    procs = [subprocess.Popen([sys.executable, str(script), uri], env=cli_env(),
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
              for _ in range(3)]  # fmt: skip
-    outs = [p.communicate(timeout=120) for p in procs]
+    try:
+        # each says "ready" once it has imported MLflow; then all get one start time
+        for p in procs:
+            assert p.stdout is not None and p.stderr is not None
+            line = p.stdout.readline().strip()
+            assert line == "ready", (line, p.stderr.read()[-1500:])
+        at = time.time() + 0.3
+        for p in procs:
+            assert p.stdin is not None
+            p.stdin.write(f"{at}\n")
+            p.stdin.flush()
+        outs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
     assert [p.returncode for p in procs] == [0, 0, 0], [e[-1500:] for _, e in outs]
     assert all(o.strip() == "ok" for o, _ in outs)
     from mlflow import MlflowClient
@@ -593,7 +611,9 @@ def corrupt(n: int = 128):
 @pytest.mark.slow
 def test_a_sweep_whose_jobs_fail_before_mlflow_shows_them_under_its_parent(
     tmp_path: Path,
+    seed_mlflow,  # noqa: ANN001
 ) -> None:
+    seed_mlflow(tmp_path / "r")  # the default tracking store, set up (migrations done once)
     (tmp_path / "badlab").mkdir()
     (tmp_path / "badlab" / "__init__.py").write_text("")
     (tmp_path / "badlab" / "data.py").write_text(textwrap.dedent(BAD_DATA))
@@ -626,12 +646,19 @@ def _members_past(db: Path, n: int, epoch: int) -> bool:
 
 
 @pytest.mark.slow
-def test_a_fused_sweep_interrupted_and_resumed_by_a_second_sweep(tmp_path: Path) -> None:
+def test_a_fused_sweep_interrupted_and_resumed_by_a_second_sweep(
+    tmp_path: Path,
+    seed_mlflow,  # noqa: ANN001
+) -> None:
     """The issue's case through the real CLI: a fused grid stopped with Ctrl-C after its
     members recorded epoch 2, the same command run again: each member's MLflow run has one
     point per epoch per key and sits under the second sweep's parent, which lists them."""
+    seed_mlflow(tmp_path)  # the default tracking store, set up (its migrations done once)
+    # 6 epochs: stopped after epoch 2, each member still has 3 or more epochs to go (the
+    # members of a fused group on a CPU step in turn, so they pass each epoch together),
+    # and the second sweep resumes every member mid-way; batch 32 halves an epoch's steps
     args = [sys.executable, "-m", "sweeper", "-m", "method=baseline,pgt", "alpha=0.25,0.5",
-            "epochs=10", "batch_size=16", f"results_dir={tmp_path}"]  # fmt: skip
+            "epochs=6", "batch_size=32", f"results_dir={tmp_path}"]  # fmt: skip
     proc = subprocess.Popen(args, cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
@@ -658,7 +685,7 @@ def test_a_fused_sweep_interrupted_and_resumed_by_a_second_sweep(tmp_path: Path)
     assert sorted(k.info.run_id for k in kids) == sorted(r[0] for r in rows)
     assert _children(tmp_path, p1) == []
     for k in kids:
-        _once_each(tmp_path, k.info.run_id, 10)
+        _once_each(tmp_path, k.info.run_id, 6)
         assert k.data.tags["sweep_id"] == "2" and k.info.status == "FINISHED"
     assert {k.data.tags["config_label"] for k in kids} == {
         "method=baseline",
@@ -670,7 +697,7 @@ def test_a_fused_sweep_interrupted_and_resumed_by_a_second_sweep(tmp_path: Path)
 
 
 def test_a_run_shorter_than_one_sampling_interval_still_shows_system_metrics(
-    tmp_path: Path,
+    results: Path,
 ) -> None:
     """MLflow's monitor drops the samples of its unfinished window when it stops; ours logs
     them, so a short run asked for system metrics has some."""
@@ -678,7 +705,7 @@ def test_a_run_shorter_than_one_sampling_interval_still_shows_system_metrics(
 
     from sweeper.tracking.client import finish_monitor, system_metrics_monitor
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = f"sqlite:///{results / 'mlflow.db'}"
     c = MlflowClient(uri)
     run = c.create_run(c.create_experiment("short"))
     mon = system_metrics_monitor(uri, run.info.run_id)  # MLflow's default window: 10 s
