@@ -103,7 +103,11 @@ def _allowed(key: str, negative: bool) -> str:
 # -------------------------------------------------------------------------------- store
 def check_store(cfg: Config) -> None:
     """The results store would open, and nothing is created to find out: a SQLite file is
-    read for its header only, another database is connected to and left as it is."""
+    read for its header only, another database is connected to and left as it is.
+
+    Call it only in a process that holds no connection to that SQLite file: closing the
+    descriptor that read the header drops every POSIX lock the process holds on the file,
+    SQLite's included (sqlite.org/howtocorrupt.html, 2.2)."""
     url = cfg.store_url()
     db = sqlite_path(url)
     if db is not None:

@@ -474,10 +474,7 @@ def resolve(argv: list[str], out: Callable[[str], None] | None = None) -> int:
         return 0
     args = parse_args(argv)
     url = args.url()
-    try:
-        store = Store(url, create=False, missing_hint="pass results_dir= or store.url=")
-    except StoreError as e:
-        raise ConfigError(str(e)) from None
+    store = _open(url)
     try:
         plan = make_plan(args, store, say)
         pred = print_plan(plan, args, say)
@@ -492,20 +489,35 @@ def resolve(argv: list[str], out: Callable[[str], None] | None = None) -> int:
         if args.dry_run:
             say("dry run: nothing is started or written")
             return 0
-        failed: Failed | None = None
-        if plan.todo:
-            points = validate_points([(p.label, p.cfg) for p in plan.points])
-            name = f"resolve-{'-'.join(map(str, args.sweeps))}-" + dt.datetime.now().strftime(
-                "%Y%m%d-%H%M%S"
-            )
-            try:
-                run_grid(points, plan.launcher, format_command(["resolve", *argv]), name,
-                         out=say, parent_id=args.sweeps[0])  # fmt: skip
-            except Failed as e:  # the verdicts of what did finish, then the failure
-                failed = e
+    finally:
+        # no connection of this process may be open while the points' pre-flight reads the
+        # store file's header: closing any descriptor of a file drops every POSIX lock the
+        # process holds on it, SQLite's included, and another process could then checkpoint
+        # the WAL under our feet (sqlite.org/howtocorrupt.html, 2.2)
+        store.dispose()
+    failed: Failed | None = None
+    if plan.todo:
+        points = validate_points([(p.label, p.cfg) for p in plan.points])
+        name = f"resolve-{'-'.join(map(str, args.sweeps))}-" + dt.datetime.now().strftime(
+            "%Y%m%d-%H%M%S"
+        )
+        try:
+            run_grid(points, plan.launcher, format_command(["resolve", *argv]), name, out=say,
+                     parent_id=args.sweeps[0])  # fmt: skip
+        except Failed as e:  # the verdicts of what did finish, then the failure
+            failed = e
+    store = _open(url)
+    try:
         final_verdicts(plan, args, store, say)
-        if failed is not None:
-            raise failed
-        return 0
     finally:
         store.dispose()
+    if failed is not None:
+        raise failed
+    return 0
+
+
+def _open(url: str) -> Store:
+    try:
+        return Store(url, create=False, missing_hint="pass results_dir= or store.url=")
+    except StoreError as e:
+        raise ConfigError(str(e)) from None
