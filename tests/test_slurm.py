@@ -302,10 +302,11 @@ def test_a_suspended_fused_job_is_not_dead(
     run's MLflow record has one point per epoch."""
     from mlflow.tracking import MlflowClient
 
-    # 4 epochs: suspended once all three runs are past epoch 1, so it is suspended mid-run
-    # and trains on after the resume (scontrol suspend acts at once: no kill wait)
-    epochs = 4
-    grid = ["-m", "method=pgt", "alpha=0.05,0.25,0.3", f"epochs={epochs}", "batch_size=32",
+    # batch 64: half the steps an epoch of batch 32 takes, so that an epoch stays well under
+    # the 3 s bound below on a loaded machine too; 6 epochs: suspended once all three runs
+    # are past epoch 1, it is suspended mid-run and trains on after the resume
+    epochs = 6
+    grid = ["-m", "method=pgt", "alpha=0.05,0.25,0.3", f"epochs={epochs}", "batch_size=64",
             "hydra.launcher.fuse=3", *slurm_args(slurm_cluster, tmp_path)]  # fmt: skip
     lease_s = 3.0  # GRADSWEEP_HEARTBEAT_S=1: a lease of 3 heartbeats
     env = cli_env(GRADSWEEP_HEARTBEAT_S="1")
