@@ -1,6 +1,7 @@
 """A real, throw-away PostgreSQL server for the tests (not a mock).
 
-``initdb`` into a temporary data directory, ``pg_ctl start`` listening on 127.0.0.1 only
+``initdb`` into a temporary data directory (once per test process: a later server starts
+on a copy of that fresh cluster, the same files ``initdb`` would write again), ``pg_ctl start`` listening on 127.0.0.1 only
 at a free port, trust authentication for the test user, fsync off (the data is thrown
 away); ``stop()`` shuts it down. Debian's ``postgresql`` is installed with apt-get when
 missing and this runs as root under CI (``.ci/run`` does the same up front); elsewhere the
@@ -10,12 +11,14 @@ root the server runs as the ``postgres`` user the Debian package creates.
 
 from __future__ import annotations
 
+import atexit
 import glob
 import os
 import pwd
 import shutil
 import socket
 import subprocess
+import tempfile
 from pathlib import Path
 
 USER = "gradsweep"
@@ -35,6 +38,9 @@ def ensure_installed() -> str | None:
                        env=env, capture_output=True)  # fmt: skip
     initdb = _bin("initdb")
     return str(Path(initdb).parent) if initdb else None
+
+
+_TEMPLATE: list[Path] = []  # the data directory initdb wrote once for this test process
 
 
 def _free_port() -> int:
@@ -68,9 +74,25 @@ class PgServer:
                 f"{' '.join(args[:2])} failed: {res.stdout[-1500:]}{res.stderr[-1500:]}"
             )
 
-    def start(self) -> PgServer:
-        self._run(str(self.bindir / "initdb"), "-D", str(self.data), "-U", USER,
+    def _initdb(self, data: Path) -> None:
+        self._run(str(self.bindir / "initdb"), "-D", str(data), "-U", USER,
                   "--auth=trust", "-E", "UTF8", "--no-sync")  # fmt: skip
+
+    def _template(self) -> Path:
+        """A fresh cluster written by initdb once per test process (never started)."""
+        if not _TEMPLATE:
+            base = Path(tempfile.mkdtemp(prefix="gradsweep-pg-template-"))
+            atexit.register(shutil.rmtree, base, ignore_errors=True)
+            if self._as:
+                pw = pwd.getpwnam("postgres")
+                os.chown(base, pw.pw_uid, pw.pw_gid)
+            self._initdb(base / "data")
+            _TEMPLATE.append(base / "data")
+        return _TEMPLATE[0]
+
+    def start(self) -> PgServer:
+        """A new cluster (a copy of the initdb template, owner and modes kept), started."""
+        self._run("cp", "-a", str(self._template()), str(self.data))
         self.resume()
         return self
 

@@ -7,8 +7,10 @@ python. Nothing is mocked.
 
 from __future__ import annotations
 
+import datetime as dt
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -35,9 +37,12 @@ def slurm_args(cluster: SlurmCluster, results: Path, cpus: int = 1) -> list[str]
     ]
 
 
-def test_small_sweep_through_slurm(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+def test_small_sweep_through_slurm(
+    slurm_cluster: SlurmCluster, tmp_path: Path, seed_mlflow
+) -> None:
     """Five points, fuse=2: two fused jobs of two members and one alone; the cluster's
     MaxArraySize is 2, so they go out as an array of two tasks and a job."""
+    seed_mlflow(tmp_path)  # the default MLflow store, set up once per test process
     res = run_cli(
         "-m",
         "method=baseline,pgt,ls,gc,znorm",
@@ -98,6 +103,9 @@ def test_optuna_search_through_slurm(slurm_cluster: SlurmCluster, tmp_path: Path
         "hydra.sweeper.n_jobs=2",
         "hydra.sweeper.sampler=random",
         "hydra.sweeper.seed=0",
+        # MLflow is not what this test is about (test_search.py checks trials in MLflow):
+        # off, the sweeper and each trial's job skip importing and setting it up
+        "mlflow.enabled=false",
         *slurm_args(slurm_cluster, tmp_path),
         cwd=tmp_path,
         timeout=300,
@@ -118,11 +126,17 @@ def test_optuna_search_through_slurm(slurm_cluster: SlurmCluster, tmp_path: Path
     assert "best trial" in out
 
 
-def test_requeued_job_resumes_from_checkpoint(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+def test_requeued_job_resumes_from_checkpoint(
+    slurm_cluster: SlurmCluster, tmp_path: Path, seed_mlflow
+) -> None:
     """``scontrol requeue`` mid-run: Slurm kills the job and runs it again; it resumes from
     its checkpoint and ends with exactly the metrics of an uninterrupted run."""
+    # 12 epochs: after the requeue (at epoch >= 2) the job lives KillWait (2 s) more with
+    # SIGTERM bypassed, and must still be mid-run when SIGKILL comes, on a fast machine too
     job = ["epochs=12", "batch_size=16"]
     res_dir, ref_dir = tmp_path / "slurm", tmp_path / "ref"
+    seed_mlflow(res_dir)  # the default MLflow store, set up once per test process
+    ref = None
     proc = subprocess.Popen(
         [sys.executable, "-m", "sweeper", "-m", *job, *slurm_args(slurm_cluster, res_dir, 1)],
         cwd=tmp_path,
@@ -144,11 +158,22 @@ def test_requeued_job_resumes_from_checkpoint(slurm_cluster: SlurmCluster, tmp_p
             time.sleep(0.1)
         assert job_id is not None, f"job never reached epoch 2 (sweep exit {proc.poll()})"
         slurm_cluster.run("scontrol", "requeue", job_id)
+        # the uninterrupted reference: the same job, as its own process (bit-equality needs
+        # the same process set-up), trained while the requeued job waits out its credential
+        # expiry (cred_expire) in the queue and starts again, instead of after the sweep
+        ref = subprocess.Popen(
+            [sys.executable, "-m", "sweeper", *job, "mlflow.enabled=false",
+             f"results_dir={ref_dir}"],
+            cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
         out, err = proc.communicate(timeout=240)
+        _, ref_err = ref.communicate(timeout=300)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        for p in (proc, ref):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.communicate()
     assert proc.returncode == 0, out[-3000:] + err[-3000:] + slurm_cluster.logs()
     assert sql(db, "SELECT status, epoch FROM runs") == [("done", 12)]
     assert "requeued" in out  # the launcher saw the job go back to the queue
@@ -159,10 +184,7 @@ def test_requeued_job_resumes_from_checkpoint(slurm_cluster: SlurmCluster, tmp_p
     k = int(resumed[0].split("resuming after epoch ")[1].split("/")[0])
     assert max(1, epoch - 1) <= k < 12, (epoch, resumed)  # DB row precedes the checkpoint
     print(f"requeued at epoch {epoch}; resumed after epoch {k}; Restarts=1")
-    # the uninterrupted reference: the same job, as its own process (bit-equality needs the
-    # same process set-up; after the sweep: two trainings sharing 2 cores would be slow)
-    ref = run_cli(*job, "mlflow.enabled=false", f"results_dir={ref_dir}", cwd=tmp_path, timeout=300)
-    assert ref.returncode == 0, ref.stderr[-3000:]
+    assert ref.returncode == 0, ref_err[-3000:]
     query = f"SELECT {METRIC_COLUMNS} FROM epoch_metrics ORDER BY epoch"
     got, want = sql(db, query), sql(ref_dir / "results.db", query)
     assert len(want) == 12 and got == want  # exact float equality, every epoch
@@ -208,8 +230,8 @@ def test_job_dying_without_an_outcome_is_interrupted_with_its_stderr(
             "-m",
             "sweeper",
             "-m",
-            "epochs=50",
-            "batch_size=8",
+            "epochs=50",  # scancel comes at epoch 1: it never ends by itself
+            "batch_size=64",  # epoch 1 in 22 steps (the kill needs a running job, no more)
             "mlflow.enabled=false",
             *slurm_args(slurm_cluster, tmp_path),
         ],
@@ -245,7 +267,34 @@ def test_job_dying_without_an_outcome_is_interrupted_with_its_stderr(
     assert "interrupted 1" in out and "error: interrupted points" in err
 
 
-def test_a_suspended_fused_job_is_not_dead(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+class _Lines:
+    """A child's stdout or stderr read as it comes (a thread drains the pipe), so that a test
+    can wait for a line while the process still runs."""
+
+    def __init__(self, stream) -> None:  # noqa: ANN001 (a text pipe)
+        self.lines: list[str] = []
+        self._thread = threading.Thread(target=self._drain, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _drain(self, stream) -> None:  # noqa: ANN001
+        for line in stream:
+            self.lines.append(line)
+
+    def text(self) -> str:
+        return "".join(self.lines)
+
+    def join(self) -> str:
+        self._thread.join(timeout=60)
+        return self.text()
+
+
+def _utc(stamp: str) -> dt.datetime:
+    return dt.datetime.fromisoformat(stamp)  # the store's naive UTC times
+
+
+def test_a_suspended_fused_job_is_not_dead(
+    slurm_cluster: SlurmCluster, tmp_path: Path, seed_mlflow
+) -> None:
     """``scontrol suspend`` of a fused job for longer than its lease: squeue says SUSPENDED,
     so ``status`` and the same command started meanwhile leave its runs alone (the second
     command follows them, it starts no job); after ``scontrol resume`` the job finishes them
@@ -253,10 +302,16 @@ def test_a_suspended_fused_job_is_not_dead(slurm_cluster: SlurmCluster, tmp_path
     run's MLflow record has one point per epoch."""
     from mlflow.tracking import MlflowClient
 
-    grid = ["-m", "method=pgt", "alpha=0.05,0.25,0.3", "epochs=6", "batch_size=32",
+    # batch 64: half the steps an epoch of batch 32 takes, so that an epoch stays well under
+    # the 3 s bound below on a loaded machine too; 6 epochs: suspended once all three runs
+    # are past epoch 1, it is suspended mid-run and trains on after the resume
+    epochs = 6
+    grid = ["-m", "method=pgt", "alpha=0.05,0.25,0.3", f"epochs={epochs}", "batch_size=64",
             "hydra.launcher.fuse=3", *slurm_args(slurm_cluster, tmp_path)]  # fmt: skip
-    env = cli_env(GRADSWEEP_HEARTBEAT_S="1")  # lease 3 s: a 6 s suspension outlives it
+    lease_s = 3.0  # GRADSWEEP_HEARTBEAT_S=1: a lease of 3 heartbeats
+    env = cli_env(GRADSWEEP_HEARTBEAT_S="1")
     cmd = [sys.executable, "-m", "sweeper", *grid]
+    seed_mlflow(tmp_path)  # the default MLflow store, set up once per test process
     first = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)  # fmt: skip
     second = None
@@ -274,27 +329,48 @@ def test_a_suspended_fused_job_is_not_dead(slurm_cluster: SlurmCluster, tmp_path
         slurm_cluster.run("scontrol", "suspend", job_id)
         state = slurm_cluster.run("squeue", "-h", "-j", job_id, "-o", "%T").stdout.strip()
         assert state == "SUSPENDED", state
-        time.sleep(6)
+        # suspended for longer than the lease: wait until the runs' last heartbeat is older
+        # than it (with a margin), instead of a fixed 6 s
+        deadline = time.monotonic() + 60
+        while True:
+            beats = sql(db, "SELECT MAX(heartbeat_at) FROM runs")[0][0]
+            age = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None) - _utc(beats)
+            if age.total_seconds() > lease_s + 1.0:
+                break
+            assert time.monotonic() < deadline, f"the suspended job still beats ({beats})"
+            time.sleep(0.2)
+        # the same command, started meanwhile; `status` runs while it plans
+        second = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)  # fmt: skip
+        out2_lines, err2_lines = _Lines(second.stdout), _Lines(second.stderr)
         status = run_cli(
             "status", f"results_dir={tmp_path}", cwd=tmp_path, GRADSWEEP_HEARTBEAT_S="1"
         )
         assert status.returncode == 0, status.stderr
-        second = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True)  # fmt: skip
-        time.sleep(8)  # the second command plans, claims and polls meanwhile
+        # the second command has planned (it follows all three runs) ...
+        deadline = time.monotonic() + 120
+        while out2_lines.text().count("following it to its outcome") < 3:
+            assert second.poll() is None, out2_lines.join()[-3000:] + err2_lines.join()[-3000:]
+            assert time.monotonic() < deadline, out2_lines.text()[-3000:]
+            time.sleep(0.1)
+        time.sleep(3)  # ... and polls them (poll_s=1) while the job is still suspended
         held = sql(db, "SELECT status, error, killed_at_epoch FROM runs ORDER BY id")
         assert held == [("running", None, None)] * 3, held
         assert sql(db, "SELECT DISTINCT job_id FROM sweep_runs WHERE job_id IS NOT NULL") == [
             (job_id,)
         ]
+        assert slurm_cluster.run("squeue", "-h", "-j", job_id, "-o", "%T").stdout.strip() == (
+            "SUSPENDED"
+        )  # all of the above happened during the suspension
         slurm_cluster.run("scontrol", "resume", job_id)
         out1, err1 = first.communicate(timeout=240)
-        out2, err2 = second.communicate(timeout=240)
+        second.wait(timeout=240)
+        out2, err2 = out2_lines.join(), err2_lines.join()
     finally:
         for p in (first, second):
             if p is not None and p.poll() is None:
                 p.kill()
-                p.communicate()
+                p.wait()
     assert first.returncode == 0, out1[-3000:] + err1[-3000:] + slurm_cluster.logs()
     assert second.returncode == 0, out2[-3000:] + err2[-3000:]
     assert "Traceback" not in err1 + err2
@@ -302,11 +378,11 @@ def test_a_suspended_fused_job_is_not_dead(slurm_cluster: SlurmCluster, tmp_path
     assert out2.count("following it to its outcome") == 3, out2[-3000:]
     assert "submitted" not in out2, out2[-3000:]
     runs = sql(db, "SELECT id, status, epoch, error, killed_at_epoch, mlflow_run_id FROM runs")
-    assert [r[1:5] for r in runs] == [("done", 6, None, None)] * 3, runs
+    assert [r[1:5] for r in runs] == [("done", epochs, None, None)] * 3, runs
     (slowest,) = sql(db, "SELECT MAX(epoch_time) FROM epoch_metrics")[0]
-    assert slowest < 3.0, slowest  # the 6 s suspension is not training time
+    assert slowest < 3.0, slowest  # the suspension (over the lease) is not training time
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     for run in runs:
         for key in ("test_acc", "train_loss"):
             steps = [m.step for m in client.get_metric_history(run[5], key)]
-            assert sorted(steps) == list(range(6)), (key, steps)  # one per epoch row
+            assert sorted(steps) == list(range(epochs)), (key, steps)  # one per epoch row
