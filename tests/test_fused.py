@@ -42,6 +42,24 @@ def _alone(cfgs: list[RunConfig], tmp: Path) -> list:
     return [Trainer(c, tmp / f"alone{i}", log=lambda s: None).fit() for i, c in enumerate(cfgs)]
 
 
+@pytest.fixture(scope="module")
+def alone_once(tmp_path_factory: pytest.TempPathFactory):  # -> Callable[[str, list], tuple]
+    """``alone_once(name, cfgs)``: the separate runs of ``cfgs`` (and the folder holding their
+    ``alone{i}`` run folders), trained once per module: the tests that compare several fused
+    modes with the same configurations trained alone share that reference."""
+    done: dict[str, tuple[list, list[RunConfig], Path]] = {}
+
+    def get(name: str, cfgs: list[RunConfig]) -> tuple[list, Path]:
+        if name not in done:
+            d = tmp_path_factory.mktemp(f"alone_{name}")
+            done[name] = (_alone(cfgs, d), cfgs, d)
+        results, trained, d = done[name]
+        assert trained == cfgs  # the reference is of exactly these configurations
+        return results, d
+
+    return get
+
+
 def _fused(cfgs: list[RunConfig], tmp: Path, stacked: bool, **kw: object) -> list:
     members = [Trainer(c, tmp / f"fused{i}", log=lambda s: None) for i, c in enumerate(cfgs)]
     return FusedTrainer(members, stacked=stacked, log=lambda s: None, **kw).fit()  # type: ignore[arg-type]
@@ -71,9 +89,10 @@ def _digits_group(val_split: float = 0.0) -> list[RunConfig]:
 
 
 @pytest.mark.slow
-def test_an_interleaved_group_is_exactly_its_separate_runs(tmp_path: Path) -> None:
+def test_an_interleaved_group_is_exactly_its_separate_runs(tmp_path: Path, alone_once) -> None:  # noqa: ANN001
     cfgs = _digits_group(val_split=0.2)  # each member evaluates the split, as alone
-    alone, fused = _alone(cfgs, tmp_path), _fused(cfgs, tmp_path, stacked=False)
+    alone, ref_dir = alone_once("digits", cfgs)
+    fused = _fused(cfgs, tmp_path, stacked=False)
     row = (*ROW, "val_acc", "val_loss")
     for a, f in zip(alone, fused, strict=True):
         assert f.status == a.status == "done"
@@ -85,18 +104,20 @@ def test_an_interleaved_group_is_exactly_its_separate_runs(tmp_path: Path) -> No
     # each member's own checkpoint and filter statistics, in its own folder
     for i in range(len(cfgs)):
         ck = torch.load(tmp_path / f"fused{i}" / "checkpoint.pt", weights_only=True)
-        ref = torch.load(tmp_path / f"alone{i}" / "checkpoint.pt", weights_only=True)
+        ref = torch.load(ref_dir / f"alone{i}" / "checkpoint.pt", weights_only=True)
         assert ck["epoch"] == 3
         for k, v in ref["model"].items():
             assert torch.equal(ck["model"][k], v), k
         assert sorted(p.name for p in (tmp_path / f"fused{i}" / "filter_norms").iterdir()) == \
-            sorted(p.name for p in (tmp_path / f"alone{i}" / "filter_norms").iterdir())  # fmt: skip
+            sorted(p.name for p in (ref_dir / f"alone{i}" / "filter_norms").iterdir())  # fmt: skip
 
 
 @pytest.mark.slow
-def test_a_stacked_group_matches_its_separate_runs(tmp_path: Path) -> None:
+def test_a_stacked_group_matches_its_separate_runs(tmp_path: Path, alone_once) -> None:  # noqa: ANN001
+    # no validation split: the tolerances below were measured on the default's data
     cfgs = _digits_group()
-    alone, fused = _alone(cfgs, tmp_path), _fused(cfgs, tmp_path, stacked=True)
+    alone, ref_dir = alone_once("digits_stacked", cfgs)
+    fused = _fused(cfgs, tmp_path, stacked=True)
     for i, (a, f) in enumerate(zip(alone, fused, strict=True)):
         assert [h.epoch for h in f.history] == [0, 1, 2]
         # ZNorm (member 3) rescales every gradient tensor to unit spread (gradient norm ~300
@@ -108,22 +129,23 @@ def test_a_stacked_group_matches_its_separate_runs(tmp_path: Path) -> None:
                 assert _rel(getattr(a.history[2], k), getattr(f.history[2], k)) < STACKED_EPOCH3
     # each member kept its own BatchNorm running statistics (and a file holding only its own)
     ck = [torch.load(tmp_path / f"fused{i}" / "checkpoint.pt", weights_only=True) for i in range(4)]
-    ref = torch.load(tmp_path / "alone0" / "checkpoint.pt", weights_only=True)
+    ref = torch.load(ref_dir / "alone0" / "checkpoint.pt", weights_only=True)
     bn = [k for k in ref["model"] if k.endswith("running_var")]
     assert bn and not torch.equal(ck[0]["model"][bn[0]], ck[1]["model"][bn[0]])
     assert torch.allclose(ck[0]["model"][bn[0]], ref["model"][bn[0]], rtol=5e-2)
     size = (tmp_path / "fused0" / "checkpoint.pt").stat().st_size
-    assert size < 1.2 * (tmp_path / "alone0" / "checkpoint.pt").stat().st_size
+    assert size < 1.2 * (ref_dir / "alone0" / "checkpoint.pt").stat().st_size
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stacked", [False, True], ids=["interleaved", "stacked"])
-def test_resnet20_on_cifar_shaped_data_fuses(tmp_path: Path, stacked: bool) -> None:
+def test_resnet20_on_cifar_shaped_data_fuses(tmp_path: Path, stacked: bool, alone_once) -> None:  # noqa: ANN001
     data = DataConfig(name="synthetic", num_train=64, num_test=32)
     cfgs = [RunConfig(model=ModelConf(name="resnet20"), data=data, batch_size=32, epochs=3,
                       seed=s, method=MethodConf.preset(m), filter_stats_every=0)
             for s, m in ((0, "baseline"), (1, "ls_pgt"))]  # fmt: skip
-    alone, fused = _alone(cfgs, tmp_path), _fused(cfgs, tmp_path, stacked=stacked)
+    alone, _ = alone_once("resnet20", cfgs)  # one reference for both modes
+    fused = _fused(cfgs, tmp_path, stacked=stacked)
     for a, f in zip(alone, fused, strict=True):
         for e, (ea, ef) in enumerate(zip(a.history, f.history, strict=True)):
             for k in ("train_loss", "test_loss"):
@@ -136,11 +158,16 @@ def test_resnet20_on_cifar_shaped_data_fuses(tmp_path: Path, stacked: bool) -> N
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stacked", [False, True], ids=["interleaved", "stacked"])
-def test_a_diverging_member_leaves_the_group_at_its_step(tmp_path: Path, stacked: bool) -> None:
+def test_a_diverging_member_leaves_the_group_at_its_step(
+    tmp_path: Path,
+    stacked: bool,
+    alone_once,  # noqa: ANN001
+) -> None:
     base = dict(epochs=1, filter_stats_every=0, check_every=5)
     cfgs = [RunConfig(seed=0, **base), RunConfig(seed=1, lr=1e7, **base),
             RunConfig(seed=2, **base)]  # fmt: skip
-    alone, fused = _alone(cfgs, tmp_path), _fused(cfgs, tmp_path, stacked=stacked)
+    alone, _ = alone_once("diverging", cfgs)  # one reference for both modes
+    fused = _fused(cfgs, tmp_path, stacked=stacked)
     assert alone[1].status == fused[1].status == "diverged"
     if not stacked:  # the exact step (stacked: rounding moves a chaotic run's step)
         assert fused[1].diverged_step == alone[1].diverged_step
@@ -248,8 +275,14 @@ def test_a_bad_fuse_value_is_refused(bad: str, tmp_path: Path, capsys, monkeypat
 
 # -------------------------------------------------------------- a sweep, end to end
 @pytest.mark.slow
-def test_a_fused_sweep_records_every_member_as_its_own_run(tmp_path: Path) -> None:
+def test_a_fused_sweep_records_every_member_as_its_own_run(
+    tmp_path: Path,
+    seed_mlflow,
+    capsys,
+    monkeypatch,  # noqa: ANN001
+) -> None:
     grid = ["-m", "method=pgt", "alpha=0.05,0.3", "seed=0,1", "epochs=2"]
+    seed_mlflow(tmp_path / "results")  # the default store, sqlite:///./results/mlflow.db
     res = run_cli(*grid, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "4 points → 1 fused job (4 members)" in res.stdout
@@ -275,14 +308,19 @@ def test_a_fused_sweep_records_every_member_as_its_own_run(tmp_path: Path) -> No
     for rid, _ in children:
         steps = sql(ml, "SELECT step FROM metrics WHERE run_uuid = ? AND key = 'test_acc'", rid)
         assert sorted(s for (s,) in steps) == [0, 1]
-    # status shows how the sweep's points were run
-    st = run_cli("status", cwd=tmp_path)
-    assert st.returncode == 0 and "fused" in st.stdout
-    # the same points unfused are the same runs: nothing is trained again
-    again = run_cli(*grid, "hydra.launcher.fuse=off", cwd=tmp_path)
-    assert again.returncode == 0, again.stderr[-2000:]
-    assert "4 points, 0 to run, 4 already finished" in again.stdout
+    # status shows how the sweep's points were run (in this process: it only reads the store)
+    monkeypatch.chdir(tmp_path)
+    out: list[str] = []
+    code, err = main_in_process(["status"], capsys, monkeypatch, out)
+    assert code == 0 and "fused" in "\n".join(out), err
+    # the same points unfused are the same runs: nothing is trained again (in this process:
+    # no job is started)
+    out.clear()
+    code, err = main_in_process([*grid, "hydra.launcher.fuse=off"], capsys, monkeypatch, out)
+    assert code == 0, err
+    assert "4 points, 0 to run, 4 already finished" in "\n".join(out)
     assert len(sql(db, "SELECT id FROM runs")) == 4
+    assert not (tmp_path / "results" / "logs" / "jobs" / "sweep2").exists()  # no job started
 
 
 @pytest.mark.slow
@@ -290,7 +328,9 @@ def test_a_killed_fused_job_resumes_its_members(tmp_path: Path) -> None:
     """SIGKILL the fused job's process mid-way: the sweeper records its members
     interrupted; the same command resumes each from its checkpoint, a member already done
     is not trained again."""
-    grid = ["-m", "seed=0,1", "epochs=6", "mlflow.enabled=false"]
+    # killed after two epochs, two are left to resume (four: as long as needed to be killed
+    # mid-way, the resumed job trains the rest)
+    grid = ["-m", "seed=0,1", "epochs=4", "mlflow.enabled=false"]
     p = subprocess.Popen([sys.executable, "-m", "sweeper", *grid], cwd=tmp_path, env=cli_env(),
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     db = tmp_path / "results" / "results.db"
@@ -314,15 +354,16 @@ def test_a_killed_fused_job_resumes_its_members(tmp_path: Path) -> None:
         f.read_text() for f in (tmp_path / "results" / "logs" / "jobs").rglob("*_log.out")
     )
     rows = sql(db, "SELECT status, epoch FROM runs")
-    assert rows == [("done", 6), ("done", 6)]
+    assert rows == [("done", 4), ("done", 4)]
 
 
 @pytest.mark.slow
 def test_a_search_with_fuse_n_trains_its_trials_together(tmp_path: Path) -> None:
     """``fuse=2``: the study asks two trials at once and one job trains both; each trial's
     metric reaches the study and each trial is its own run."""
+    # one epoch a trial: its metric reaches the study all the same
     res = run_cli("-m", "hydra/sweeper=optuna", "alpha=interval(0.01,1)", "method=pgt",
-                  "epochs=2", "mlflow.enabled=false", "hydra.sweeper.n_trials=4",
+                  "epochs=1", "mlflow.enabled=false", "hydra.sweeper.n_trials=4",
                   "hydra.sweeper.n_jobs=1", "hydra.launcher.fuse=2", cwd=tmp_path)  # fmt: skip
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     db = tmp_path / "results" / "results.db"

@@ -3,7 +3,9 @@ same command again resumes it and ends identically. Corrupt checkpoints fall bac
 
 from __future__ import annotations
 
+import datetime as dt
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -28,8 +30,14 @@ COMPARED = (
 @pytest.mark.slow
 def test_sigkill_then_resume_gives_identical_metrics(tmp_path: Path) -> None:
     ref_dir, cut_dir = tmp_path / "uninterrupted", tmp_path / "killed"
-    ref = run_cli(*ARGS, f"results_dir={ref_dir}", cwd=tmp_path)
-    assert ref.returncode == 0, ref.stderr[-3000:]
+    # the reference is the same command's run trained in this process (the same run_job, one
+    # torch thread as in the CLI's process): what is tested is the killed process's resume
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert train(*ARGS, f"results_dir={ref_dir}").status == "done"
+    finally:
+        torch.set_num_threads(threads)
 
     fast_beat = {**cli_env(), "GRADSWEEP_HEARTBEAT_S": "0.5"}  # lease 1.5 s
     proc = subprocess.Popen(
@@ -54,7 +62,7 @@ def test_sigkill_then_resume_gives_identical_metrics(tmp_path: Path) -> None:
         proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
     assert sql(db, "SELECT status FROM runs") == [("running",)]  # killed: nobody recorded it
-    time.sleep(2.0)  # > the lease: no heartbeat came
+    _wait_past_lease(db, 1.5)  # > the lease: no heartbeat came
     st = subprocess.run([sys.executable, "-m", "sweeper", "status", f"results_dir={cut_dir}"],
                         cwd=tmp_path, env=fast_beat, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert st.returncode == 0, st.stderr
@@ -78,6 +86,16 @@ def test_sigkill_then_resume_gives_identical_metrics(tmp_path: Path) -> None:
     assert sql(db, fq) == sql(ref_dir / "results.db", fq)
     final = "SELECT train_acc, test_acc, test_loss, logit_norm, zero_features FROM runs"
     assert sql(db, final) == sql(ref_dir / "results.db", final)
+
+
+def _wait_past_lease(db: Path, lease_s: float) -> None:
+    """Until the killed run's last heartbeat (UTC, written by its job) is older than the lease."""
+    ((beat,),) = sql(db, "SELECT coalesce(heartbeat_at, started_at) FROM runs")
+    last = dt.datetime.fromisoformat(beat)
+    while (dt.datetime.now(dt.timezone.utc).replace(tzinfo=None) - last).total_seconds() <= (
+        lease_s + 0.25
+    ):
+        time.sleep(0.05)
 
 
 def test_finished_run_is_not_trained_again(tmp_path: Path, caplog) -> None:
@@ -121,6 +139,16 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[float, flo
     return _history(Trainer(_digits_cfg(3), tmp_path_factory.mktemp("ref"), log=lambda _: None))
 
 
+@pytest.fixture(scope="module")
+def stopped_after_two(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The run folder of a 3-epoch run stopped after epoch 2's checkpoint (trained once; each
+    damage test damages a copy of it: the same files a fresh stopped run would leave)."""
+    run_dir = tmp_path_factory.mktemp("stopped") / "run"
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(_digits_cfg(3), run_dir, sink=_StopAfter(2), log=lambda _: None).fit()
+    return run_dir
+
+
 class _Payload:
     """What a hostile checkpoint would carry: unpickling it runs code (writes a file)."""
 
@@ -136,12 +164,11 @@ class _Payload:
 )
 @pytest.mark.slow
 def test_corrupt_checkpoint_falls_back_with_a_warning(
-    damage: str, reference: list[tuple[float, float]], tmp_path: Path
+    damage: str, reference: list[tuple[float, float]], stopped_after_two: Path, tmp_path: Path
 ) -> None:
     ref = reference
     run_dir = tmp_path / "run"
-    with pytest.raises(KeyboardInterrupt):
-        Trainer(_digits_cfg(3), run_dir, sink=_StopAfter(2), log=lambda _: None).fit()
+    shutil.copytree(stopped_after_two, run_dir)  # this test's own copy of the stopped run
     ckpt, prev = run_dir / "checkpoint.pt", run_dir / "checkpoint.prev.pt"
     assert torch.load(ckpt, weights_only=True)["epoch"] == 2
     assert torch.load(prev, weights_only=True)["epoch"] == 1
