@@ -1,11 +1,14 @@
 """Refused means untouched: what the pre-flight refuses, for a run, a sweep and a search.
 
-Each refusal goes through the real CLI in a process, in a folder of its own with the default
-``results_dir=./results``: exit 2, exactly one line on stderr naming the bad value, no
-traceback, and the folder exactly as it was (no ``results/``, no ``outputs/``, no
-``.hydra/``, no ``gradsweep.log``). Variants of one kind of refusal (other knobs, other
-groups' keys) go through the same entry in this process (:func:`helpers.main_in_process`),
-with the same checks of the folder.
+Each kind of refusal goes through the real CLI in a process once per mode (a run, a sweep, a
+search), in a folder of its own with the default ``results_dir=./results``: exit 2, exactly
+one line on stderr naming the bad value, no traceback, and the folder exactly as it was (no
+``results/``, no ``outputs/``, no ``.hydra/``, no ``gradsweep.log``). Its variants (other
+knobs, other groups' keys, the same check in another mode) go through the same entry in this
+process (:func:`helpers.main_in_process`: ``sweeper.cli.main``, the function ``python -m
+sweeper`` calls, with its error boundary; the refusal is raised by the same pre-flight
+before Hydra writes anything), with the same checks of the exit status, the line and the
+folder; a traceback there would be a second line.
 """
 
 from __future__ import annotations
@@ -56,22 +59,9 @@ CASES = {
     "search-store-folder-missing": ([*SEARCH, MISSING_STORE], ["does not exist"]),
     # numbers Python cannot read, named with what their key allows
     "run-huge-alpha": ([f"alpha={HUGE}"], [f"alpha={SHOWN} is not allowed", "(0, 1]"]),
-    "sweep-huge-lr": (["-m", f"lr=0.1,{HUGE}"], [f"lr={SHOWN} is not allowed", "> 0"]),
-    "run-epochs-beyond-64-bits": ([f"epochs={BEYOND_64_BITS}"], ["epochs=1000", "2**63"]),
     # what the job's loader would refuse, known before: it used to leave results/results.db
     "run-batch-beyond-the-data": (["batch_size=2000"], ["batch_size=2000", "1437 training"]),
-    # MLflow's own limit, before training (it used to warn and train without MLflow)
-    "run-mlflow-experiment-too-long": (
-        [f"mlflow.experiment={'x' * 501}"],
-        ["mlflow.experiment=xxxx", "(501 characters)", "1 to 500 characters"],
-    ),
     # keys: the nearest known one, and the keys of the node the key was put in
-    "run-typo": (["alpah=0.3"], ["unknown key 'alpah'; did you mean 'alpha'?"]),
-    "sweep-typo": (["-m", "alpah=0.3,0.4"], ["unknown key 'alpah'; did you mean 'alpha'?"]),
-    "sweep-launcher-key": (
-        ["-m", "seed=0,1", "hydra.launcher.foo=1"],
-        ["unknown key 'hydra.launcher.foo'", "known keys of hydra.launcher: kind, max_parallel"],
-    ),
     "search-sweeper-typo": (
         [*SEARCH, "hydra.sweeper.n_trails=2"],
         ["did you mean 'hydra.sweeper.n_trials'?", "sampler, seed, metric"],
@@ -94,8 +84,21 @@ def test_an_existing_file_that_is_not_a_store_is_refused_untouched(tmp_path: Pat
     assert (tmp_path / "notes.db").read_text() == "not a database\n"
 
 
-# the same kinds of refusal for other knobs and nodes, through the CLI's entry in process
+# the same kinds of refusal for other knobs, nodes and modes, through the CLI's entry in process
 IN_PROCESS = {
+    "sweep-huge-lr": (["-m", f"lr=0.1,{HUGE}"], [f"lr={SHOWN} is not allowed", "> 0"]),
+    "run-epochs-beyond-64-bits": ([f"epochs={BEYOND_64_BITS}"], ["epochs=1000", "2**63"]),
+    # MLflow's own limit, before training (it used to warn and train without MLflow)
+    "run-mlflow-experiment-too-long": (
+        [f"mlflow.experiment={'x' * 501}"],
+        ["mlflow.experiment=xxxx", "(501 characters)", "1 to 500 characters"],
+    ),
+    "run-typo": (["alpah=0.3"], ["unknown key 'alpah'; did you mean 'alpha'?"]),
+    "sweep-typo": (["-m", "alpah=0.3,0.4"], ["unknown key 'alpah'; did you mean 'alpha'?"]),
+    "sweep-launcher-key": (
+        ["-m", "seed=0,1", "hydra.launcher.foo=1"],
+        ["unknown key 'hydra.launcher.foo'", "known keys of hydra.launcher: kind, max_parallel"],
+    ),
     **{
         f"huge-{k}": ([f"{k}={HUGE}"], [f"{k}={SHOWN}", allowed])
         for k, allowed in (
