@@ -14,6 +14,7 @@ folder; a traceback there would be a second line.
 from __future__ import annotations
 
 import os
+import sys
 import textwrap
 from pathlib import Path
 
@@ -211,31 +212,54 @@ def lab(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     return tmp_path / "work", env
 
 
+def _refused_in_process(args: list[str], lab: tuple[Path, dict], capsys,  # noqa: ANN001
+                        monkeypatch) -> str:  # fmt: skip
+    """:func:`_refused` through the CLI's entry in this process, with the lab importable as
+    in the process (on ``sys.path``, no bytecode written): the same status, one line, the
+    folder unchanged; the line."""
+    cwd, env = lab
+    monkeypatch.syspath_prepend(env["PYTHONPATH"].split(os.pathsep)[-1])
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)
+    for name in [m for m in sys.modules if m == "mylab" or m.startswith("mylab.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.chdir(cwd)
+    before = _tree(cwd)
+    code, lines = main_in_process(args, capsys, monkeypatch)
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
+    assert _tree(cwd) == before, "refused input changed the folder it ran in"
+    return lines[0]
+
+
 @pytest.mark.slow
-def test_a_model_without_fc_is_refused_by_a_sweep_as_by_a_run(lab: tuple[Path, dict]) -> None:
+def test_a_model_without_fc_is_refused_by_a_sweep_as_by_a_run(lab: tuple[Path, dict], capsys,
+                                                               monkeypatch) -> None:  # fmt: skip
     """A sweep used to record itself, fail every point and exit 1; a run refused it after
     Hydra had made its run folder. Now a run, a sweep and a search refuse it first, with the
-    same line (prefixed with the point's label where other points differ)."""
+    same line (prefixed with the point's label where other points differ). The run and the
+    search through real processes, the sweeps through the same entry in this process."""
     cwd, env = lab
     model = "model._target_=mylab.nets.NoFc"
     run = _refused([model, *FAST], cwd, **env)
     assert "NoFc has no nn.Linear attribute 'fc'" in run
-    sweep = _refused(["-m", model, "seed=0,1", *FAST], cwd, **env)
-    assert sweep == run
-    mixed = _refused(["-m", f"{model},torchvision.models.resnet18", *FAST], cwd, **env)
-    assert mixed == f"error: point [{model}]: {run.removeprefix('error: ')}"
     choice = "model._target_=choice(mylab.nets.NoFc,torchvision.models.resnet18)"
     search = _refused(["-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=2", choice, *FAST],
                       cwd, **env)  # fmt: skip
+    sweep = _refused_in_process(["-m", model, "seed=0,1", *FAST], lab, capsys, monkeypatch)
+    assert sweep == run
+    mixed = _refused_in_process(["-m", f"{model},torchvision.models.resnet18", *FAST], lab,
+                                capsys, monkeypatch)  # fmt: skip
+    assert mixed == f"error: point [{model}]: {run.removeprefix('error: ')}"
     assert search == mixed  # each corner of the space (here: each choice)
 
 
 @pytest.mark.slow
 def test_custom_data_and_constructors_are_checked_once_before_the_sweep(
-    lab: tuple[Path, dict],
+    lab: tuple[Path, dict], capsys, monkeypatch
 ) -> None:
+    """The data through a real process, the constructor through the same entry in process."""
     cwd, env = lab
     line = _refused(["-m", "data._target_=mylab.nets.pairs", "seed=0,1", *FAST], cwd, **env)
     assert "data._target_=mylab.nets.pairs must return (x_train, y_train, x_test, y_test)" in line
-    line = _refused(["-m", "model._target_=mylab.nets.broken", "seed=0,1", *FAST], cwd, **env)
+    line = _refused_in_process(["-m", "model._target_=mylab.nets.broken", "seed=0,1", *FAST],
+                               lab, capsys, monkeypatch)  # fmt: skip
     assert "model._target_=mylab.nets.broken raised RuntimeError: a bug in the constructor" in line
