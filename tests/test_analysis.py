@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import sqlite3
 import subprocess
 import sys
@@ -100,14 +102,17 @@ def store_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def report(store_dir: Path) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """``python -m analysis --results-dir STORE --out OUT`` through its entry in this process
+    (:func:`analysis.__main__.main`, which the process's ``sys.exit`` calls, with its error
+    boundary): its exit status, stdout and stderr. The report's content is tested here; the
+    real process is in test_error_store_missing_cli and tests/test_docs.py."""
     out = store_dir / "rep"
-    proc = subprocess.run(
-        [sys.executable, "-m", "analysis", "--results-dir", str(store_dir), "--out", str(out)],
-        cwd=REPO,
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
+    argv = ["--results-dir", str(store_dir), "--out", str(out)]
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = main(argv)
+    proc = subprocess.CompletedProcess(
+        [sys.executable, "-m", "analysis", *argv], code, stdout.getvalue(), stderr.getvalue()
     )
     return proc, out
 

@@ -136,23 +136,32 @@ def test_unwritable_results_dir(tmp_path: Path, capsys, monkeypatch) -> None:
     assert not (blocker.parent / "results").exists()
 
 
-def test_the_digits_config_shows_only_its_own_keys(tmp_path: Path) -> None:
-    res = run_cli("--cfg", "job", cwd=tmp_path)
-    assert res.returncode == 0, res.stderr
-    data = res.stdout.split("\ndata:\n", 1)[1].split("\nschedule:", 1)[0]
+def test_the_digits_config_shows_only_its_own_keys(tmp_path: Path, capsys, monkeypatch) -> None:
+    """``--cfg job`` through the CLI's entry in this process (what it prints is the point;
+    ``--cfg`` in a real process: test_bad_input_through_a_real_process, test_store)."""
+    monkeypatch.chdir(tmp_path)
+    out: list[str] = []
+    code, err = main_in_process(["--cfg", "job"], capsys, monkeypatch, out)
+    assert code == 0 and err == [], err
+    data = "\n".join(["", *out]).split("\ndata:\n", 1)[1].split("\nschedule:", 1)[0]
     assert [ln.split(":")[0].strip() for ln in data.splitlines()] == [
         "name", "data_seed", "val_split", "_target_", "args"]  # fmt: skip
-    res = run_cli("--cfg", "job", "data=synthetic", cwd=tmp_path)
-    assert "num_train: 1024" in res.stdout and "root:" not in res.stdout
+    out.clear()
+    code, err = main_in_process(["--cfg", "job", "data=synthetic"], capsys, monkeypatch, out)
+    text = "\n".join(out)
+    assert code == 0 and err == [] and "num_train: 1024" in text and "root:" not in text
 
 
 @pytest.mark.parametrize("args", [["--help"], ["status", "--help"], ["mirror", "--help"]])
-def test_help_answers_and_a_closed_pipe_ends_quietly(args: list[str], tmp_path: Path) -> None:
+def test_help_answers_and_a_closed_pipe_ends_quietly(args: list[str], tmp_path: Path, capsys,
+                                                     monkeypatch) -> None:  # fmt: skip
     """``python -m sweeper [status|mirror] --help | head -1``: the usage, no traceback."""
     import subprocess
     import sys
 
     from helpers import cli_env
+
+    from sweeper import cli
 
     # `| true` closes the pipe before the command has started: its writes always meet a
     # closed pipe (what `| head` does to a longer output)
@@ -161,11 +170,17 @@ def test_help_answers_and_a_closed_pipe_ends_quietly(args: list[str], tmp_path: 
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert res.returncode == 0, res.stderr
     assert res.stderr == "", res.stderr
-    full = run_cli(*args, cwd=tmp_path)
-    assert full.returncode == 0 and full.stderr == ""
-    first = full.stdout.strip().splitlines()[0]
+    # the whole text through the same entry in this process (the process, its exit status
+    # and its stderr, are checked just above)
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(args)
+    full = capsys.readouterr()
+    assert int(exit_.value.code or 0) == 0 and full.err == ""
+    first = full.out.strip().splitlines()[0]
     assert first.startswith("gradsweep") if args == ["--help"] else first.startswith("usage:")
     if args == ["--help"]:
         for word in ("status", "mirror", "== Config groups", "method: agc", "alpha: 0.25"):
-            assert word in full.stdout, word
+            assert word in full.out, word
     assert not (tmp_path / "results").exists()  # help writes nothing

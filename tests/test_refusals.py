@@ -1,16 +1,20 @@
 """Refused means untouched: what the pre-flight refuses, for a run, a sweep and a search.
 
-Each refusal goes through the real CLI in a process, in a folder of its own with the default
-``results_dir=./results``: exit 2, exactly one line on stderr naming the bad value, no
-traceback, and the folder exactly as it was (no ``results/``, no ``outputs/``, no
-``.hydra/``, no ``gradsweep.log``). Variants of one kind of refusal (other knobs, other
-groups' keys) go through the same entry in this process (:func:`helpers.main_in_process`),
-with the same checks of the folder.
+Each kind of refusal goes through the real CLI in a process once per mode (a run, a sweep, a
+search), in a folder of its own with the default ``results_dir=./results``: exit 2, exactly
+one line on stderr naming the bad value, no traceback, and the folder exactly as it was (no
+``results/``, no ``outputs/``, no ``.hydra/``, no ``gradsweep.log``). Its variants (other
+knobs, other groups' keys, the same check in another mode) go through the same entry in this
+process (:func:`helpers.main_in_process`: ``sweeper.cli.main``, the function ``python -m
+sweeper`` calls, with its error boundary; the refusal is raised by the same pre-flight
+before Hydra writes anything), with the same checks of the exit status, the line and the
+folder; a traceback there would be a second line.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import textwrap
 from pathlib import Path
 
@@ -56,22 +60,9 @@ CASES = {
     "search-store-folder-missing": ([*SEARCH, MISSING_STORE], ["does not exist"]),
     # numbers Python cannot read, named with what their key allows
     "run-huge-alpha": ([f"alpha={HUGE}"], [f"alpha={SHOWN} is not allowed", "(0, 1]"]),
-    "sweep-huge-lr": (["-m", f"lr=0.1,{HUGE}"], [f"lr={SHOWN} is not allowed", "> 0"]),
-    "run-epochs-beyond-64-bits": ([f"epochs={BEYOND_64_BITS}"], ["epochs=1000", "2**63"]),
     # what the job's loader would refuse, known before: it used to leave results/results.db
     "run-batch-beyond-the-data": (["batch_size=2000"], ["batch_size=2000", "1437 training"]),
-    # MLflow's own limit, before training (it used to warn and train without MLflow)
-    "run-mlflow-experiment-too-long": (
-        [f"mlflow.experiment={'x' * 501}"],
-        ["mlflow.experiment=xxxx", "(501 characters)", "1 to 500 characters"],
-    ),
     # keys: the nearest known one, and the keys of the node the key was put in
-    "run-typo": (["alpah=0.3"], ["unknown key 'alpah'; did you mean 'alpha'?"]),
-    "sweep-typo": (["-m", "alpah=0.3,0.4"], ["unknown key 'alpah'; did you mean 'alpha'?"]),
-    "sweep-launcher-key": (
-        ["-m", "seed=0,1", "hydra.launcher.foo=1"],
-        ["unknown key 'hydra.launcher.foo'", "known keys of hydra.launcher: kind, max_parallel"],
-    ),
     "search-sweeper-typo": (
         [*SEARCH, "hydra.sweeper.n_trails=2"],
         ["did you mean 'hydra.sweeper.n_trials'?", "sampler, seed, metric"],
@@ -94,8 +85,21 @@ def test_an_existing_file_that_is_not_a_store_is_refused_untouched(tmp_path: Pat
     assert (tmp_path / "notes.db").read_text() == "not a database\n"
 
 
-# the same kinds of refusal for other knobs and nodes, through the CLI's entry in process
+# the same kinds of refusal for other knobs, nodes and modes, through the CLI's entry in process
 IN_PROCESS = {
+    "sweep-huge-lr": (["-m", f"lr=0.1,{HUGE}"], [f"lr={SHOWN} is not allowed", "> 0"]),
+    "run-epochs-beyond-64-bits": ([f"epochs={BEYOND_64_BITS}"], ["epochs=1000", "2**63"]),
+    # MLflow's own limit, before training (it used to warn and train without MLflow)
+    "run-mlflow-experiment-too-long": (
+        [f"mlflow.experiment={'x' * 501}"],
+        ["mlflow.experiment=xxxx", "(501 characters)", "1 to 500 characters"],
+    ),
+    "run-typo": (["alpah=0.3"], ["unknown key 'alpah'; did you mean 'alpha'?"]),
+    "sweep-typo": (["-m", "alpah=0.3,0.4"], ["unknown key 'alpah'; did you mean 'alpha'?"]),
+    "sweep-launcher-key": (
+        ["-m", "seed=0,1", "hydra.launcher.foo=1"],
+        ["unknown key 'hydra.launcher.foo'", "known keys of hydra.launcher: kind, max_parallel"],
+    ),
     **{
         f"huge-{k}": ([f"{k}={HUGE}"], [f"{k}={SHOWN}", allowed])
         for k, allowed in (
@@ -208,31 +212,54 @@ def lab(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     return tmp_path / "work", env
 
 
+def _refused_in_process(args: list[str], lab: tuple[Path, dict], capsys,  # noqa: ANN001
+                        monkeypatch) -> str:  # fmt: skip
+    """:func:`_refused` through the CLI's entry in this process, with the lab importable as
+    in the process (on ``sys.path``, no bytecode written): the same status, one line, the
+    folder unchanged; the line."""
+    cwd, env = lab
+    monkeypatch.syspath_prepend(env["PYTHONPATH"].split(os.pathsep)[-1])
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)
+    for name in [m for m in sys.modules if m == "mylab" or m.startswith("mylab.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.chdir(cwd)
+    before = _tree(cwd)
+    code, lines = main_in_process(args, capsys, monkeypatch)
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
+    assert _tree(cwd) == before, "refused input changed the folder it ran in"
+    return lines[0]
+
+
 @pytest.mark.slow
-def test_a_model_without_fc_is_refused_by_a_sweep_as_by_a_run(lab: tuple[Path, dict]) -> None:
+def test_a_model_without_fc_is_refused_by_a_sweep_as_by_a_run(lab: tuple[Path, dict], capsys,
+                                                               monkeypatch) -> None:  # fmt: skip
     """A sweep used to record itself, fail every point and exit 1; a run refused it after
     Hydra had made its run folder. Now a run, a sweep and a search refuse it first, with the
-    same line (prefixed with the point's label where other points differ)."""
+    same line (prefixed with the point's label where other points differ). The run and the
+    search through real processes, the sweeps through the same entry in this process."""
     cwd, env = lab
     model = "model._target_=mylab.nets.NoFc"
     run = _refused([model, *FAST], cwd, **env)
     assert "NoFc has no nn.Linear attribute 'fc'" in run
-    sweep = _refused(["-m", model, "seed=0,1", *FAST], cwd, **env)
-    assert sweep == run
-    mixed = _refused(["-m", f"{model},torchvision.models.resnet18", *FAST], cwd, **env)
-    assert mixed == f"error: point [{model}]: {run.removeprefix('error: ')}"
     choice = "model._target_=choice(mylab.nets.NoFc,torchvision.models.resnet18)"
     search = _refused(["-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=2", choice, *FAST],
                       cwd, **env)  # fmt: skip
+    sweep = _refused_in_process(["-m", model, "seed=0,1", *FAST], lab, capsys, monkeypatch)
+    assert sweep == run
+    mixed = _refused_in_process(["-m", f"{model},torchvision.models.resnet18", *FAST], lab,
+                                capsys, monkeypatch)  # fmt: skip
+    assert mixed == f"error: point [{model}]: {run.removeprefix('error: ')}"
     assert search == mixed  # each corner of the space (here: each choice)
 
 
 @pytest.mark.slow
 def test_custom_data_and_constructors_are_checked_once_before_the_sweep(
-    lab: tuple[Path, dict],
+    lab: tuple[Path, dict], capsys, monkeypatch
 ) -> None:
+    """The data through a real process, the constructor through the same entry in process."""
     cwd, env = lab
     line = _refused(["-m", "data._target_=mylab.nets.pairs", "seed=0,1", *FAST], cwd, **env)
     assert "data._target_=mylab.nets.pairs must return (x_train, y_train, x_test, y_test)" in line
-    line = _refused(["-m", "model._target_=mylab.nets.broken", "seed=0,1", *FAST], cwd, **env)
+    line = _refused_in_process(["-m", "model._target_=mylab.nets.broken", "seed=0,1", *FAST],
+                               lab, capsys, monkeypatch)  # fmt: skip
     assert "model._target_=mylab.nets.broken raised RuntimeError: a bug in the constructor" in line

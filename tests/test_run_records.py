@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -23,9 +24,11 @@ STEPS_PER_EPOCH = 1437 // 64  # digits train split, drop_last
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One real run (a job in this process, as the CLI composes it), MLflow included."""
+def finished(tmp_path_factory: pytest.TempPathFactory, mlflow_template: Path) -> Path:
+    """One real run (a job in this process, as the CLI composes it), MLflow included (in a
+    copy of the set-up MLflow DB: conftest's seed_mlflow, for a module-scoped results dir)."""
     res_dir = tmp_path_factory.mktemp("records")
+    shutil.copyfile(mlflow_template, res_dir / "mlflow.db")
     assert train(*ARGS, f"results_dir={res_dir}").status == "done"
     return res_dir
 

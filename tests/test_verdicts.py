@@ -251,14 +251,23 @@ def test_the_report_leads_with_verdicts_and_writes_verdicts_csv(tmp_path: Path, 
      (["--margin", "abc"], "--margin must be a number >= 0"),
      (["--metric", "nope"], "unknown --metric 'nope'; choose from test_acc")],
 )  # fmt: skip
-def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path: Path, args, says) -> None:
+def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path: Path, args, says,
+                                                     capsys) -> None:  # fmt: skip
+    """The first case through a real ``python -m analysis`` process; the others through the
+    same entry (:func:`analysis.__main__.main`, which the process's ``sys.exit`` calls, with
+    its error boundary) in this process: the same status, line and untouched output dir."""
     res = seeds_only_store(tmp_path / "results") if args[0] == "--metric" else tmp_path / "r"
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "analysis", "--results-dir", str(res),
-                           "--out", str(out), *args], cwd=REPO, env=cli_env(),
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
+    argv = ["--results-dir", str(res), "--out", str(out), *args]
+    if args == ["--margin", "-1"]:
+        proc = subprocess.run([sys.executable, "-m", "analysis", *argv], cwd=REPO, env=cli_env(),
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+        code, err = proc.returncode, proc.stderr
+    else:
+        capsys.readouterr()
+        code, err = main(argv), capsys.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {says}"), lines
     assert not out.exists()
 
@@ -323,8 +332,10 @@ def test_a_harmful_method_is_worse_and_an_identical_one_equivalent_on_digits(
     tmp_path: Path,
 ) -> None:
     """Through the real CLI: GC clipping the global norm at 1e-4 cripples training (worse);
-    at 1e9 it never clips, so it trains exactly as the baseline (equivalent, zero spread)."""
-    common = ["seed=0,1,2", "epochs=3", "mlflow.enabled=false"]
+    at 1e9 it never clips, so it trains exactly as the baseline (equivalent, zero spread).
+    Two epochs: the crippled runs stay near chance while the baseline passes 80 %, and the
+    identical ones are identical at any length."""
+    common = ["seed=0,1,2", "epochs=2", "mlflow.enabled=false"]
     for method in (["method=baseline"], ["method=gc", "method.gc_max_norm=1e-4"],
                    ["method=gc", "method.gc_max_norm=1e9"]):  # fmt: skip
         res = run_cli("-m", *method, *common, cwd=tmp_path, timeout=600)
@@ -341,7 +352,7 @@ def test_a_harmful_method_is_worse_and_an_identical_one_equivalent_on_digits(
 
     runs = load_runs(tmp_path / "results")
     epochs = load_epochs(tmp_path / "results", runs[runs.method == "gc"])
-    assert len(runs) == 9 and len(epochs) == 6 * 3 and set(epochs.epoch) == {0, 1, 2}
+    assert len(runs) == 9 and len(epochs) == 6 * 2 and set(epochs.epoch) == {0, 1}
 
 
 def test_identical_results_are_equivalent_through_the_cli(tmp_path: Path) -> None:
