@@ -153,7 +153,7 @@ def test_resolve_adds_only_the_seeds_unresolved_comparisons_need(pilot: Path) ->
     assert _verdicts(third.stdout) == verdicts
     assert sql(db, "SELECT count(*) FROM sweeps") == [(4,)]
 
-    st = run_cli("status", cwd=d)
+    st = run_cli("status", cwd=d, COLUMNS="250")  # a console wide enough for one line a sweep
     assert st.returncode == 0 and "(resolves sweep 1)" in st.stdout, st.stdout
 
 

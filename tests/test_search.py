@@ -259,6 +259,7 @@ def test_the_trials_end_complete_or_pruned_with_a_run_each(search: tuple[Path, l
     assert float(m.group(2)) == pytest.approx(best[1], rel=1e-5)
 
 
+@pytest.mark.slow  # the module's search: real jobs
 def test_jobs_report_every_epoch_and_the_pruner_stops_some(search: tuple[Path, list]) -> None:
     d, _ = search
     db = d / "results" / "results.db"
@@ -292,6 +293,7 @@ def test_jobs_report_every_epoch_and_the_pruner_stops_some(search: tuple[Path, l
         assert value == pytest.approx(acc)
 
 
+@pytest.mark.slow  # the module's search: real jobs
 def test_seeded_search_suggests_what_a_fresh_seeded_study_does(search: tuple[Path, list]) -> None:
     d, _ = search
     alphas = [a for _, _, a in _trials(d / "results" / "results.db")][:N]
