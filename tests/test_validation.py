@@ -25,7 +25,7 @@ from report_stores import add_run, make_config
 from sklearn.model_selection import train_test_split
 
 from sweeper.provenance import config_hash
-from sweeper.store import Store
+from sweeper.store import SCHEMA_VERSION, Store
 from trainers.catalog import DataConfig
 from trainers.config import RunConfig
 from trainers.data import build_data
@@ -204,7 +204,9 @@ def test_an_old_store_gains_the_columns_and_reports_on_test(tmp_path: Path) -> N
     for table in ("runs", "epoch_metrics"):
         cols = {r[1] for r in sql(db, f"PRAGMA table_info({table})")}
         assert {"val_acc", "val_loss"} <= cols
-    assert sql(db, "SELECT schema_version FROM store_info") == [(6,)]
+    assert sql(db, "SELECT schema_version FROM store_info") == [(SCHEMA_VERSION,)]
+    # schema 7: every older sweep is nobody's resolve sweep
+    assert sql(db, "SELECT count(*), count(parent_id) FROM sweeps")[0][1] == 0
     assert sql(db, "SELECT count(*) FROM runs WHERE val_acc IS NOT NULL") == [(0,)]
 
 
