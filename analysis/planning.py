@@ -17,7 +17,7 @@ one baseline, :mod:`analysis.comparisons`) twice, and only twice:
    lowest seeds no run of the family holds, the same for every side, so the difference is
    paired by seed): intervals simultaneous at :data:`LEVEL_FINAL`, the report's rules.
 
-Two looks at 5 % each would call about 9.5 % of A/A comparisons better or worse (two
+Two looks at 5 % each would call about 9 % of A/A comparisons better or worse (two
 chances); the family's 5 % is therefore split between the looks (Bonferroni over the looks,
 which holds whatever their dependence): 2.5 % at the pilot, 2.5 % at the end. So a verdict
 the report reaches narrowly at 95 % can still be unresolved at the pilot look and get seeds.
