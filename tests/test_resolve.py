@@ -194,3 +194,24 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(
     code, err = main_in_process(["resolve", *args], capsys, monkeypatch)
     assert code == 2 and len(err) == 1 and says in err[0], err
     assert _state(pilot) == state
+
+
+def test_two_pilot_sweeps_and_a_method_filter(pilot: Path, capsys, monkeypatch) -> None:  # noqa: ANN001
+    """``sweep=1,2`` reads both sweeps' runs (sweep 2's gc runs are sweep 1's: the same
+    families); ``method=pgt`` leaves gc out of the comparisons, and out of its family's size.
+    Read only: a dry run."""
+    monkeypatch.chdir(pilot)
+    state = _state(pilot)
+    out: list[str] = []
+    code, err = main_in_process(["resolve", "sweep=1,2", "max_seeds=6", "dry_run=true"], capsys,
+                                monkeypatch, out)  # fmt: skip
+    assert code == 0, err
+    assert out[0].startswith("resolve sweep 1, 2: 3 comparison(s) on test_acc"), out
+    assert sum(ln.startswith(("  gc ", "  pgt ")) for ln in out) == 3
+    out.clear()
+    code, err = main_in_process(["resolve", "sweep=1", "method=pgt", "max_seeds=6",
+                                 "dry_run=true"], capsys, monkeypatch, out)  # fmt: skip
+    assert code == 0, err
+    assert out[0].startswith("resolve sweep 1: 2 comparison(s)"), out
+    assert not any(ln.startswith("  gc ") for ln in out)
+    assert _state(pilot) == state
