@@ -86,7 +86,11 @@ def compose_dict(overrides: list[str]) -> DictConfig:
 
 def compose(overrides: list[str]) -> Config:
     """The typed config of ``python -m sweeper OVERRIDES``."""
-    dcfg = compose_dict(overrides)
+    return typed(compose_dict(overrides))
+
+
+def typed(dcfg: DictConfig) -> Config:
+    """:func:`to_config` with OmegaConf's type errors as one line (ConfigError)."""
     try:
         return to_config(dcfg)
     except ConfigError:

@@ -37,7 +37,7 @@ from sweeper.config.schema import Config
 from sweeper.errors import Failed
 from sweeper.launch.cost import Prediction
 from sweeper.launch.dispatch import Point
-from sweeper.store import RunRecord, RunStatus, Store, StoreError, SweepRecord
+from sweeper.store import RunRecord, RunStatus, Store, StoreError, SweepRecord, display_url
 from trainers.registry import ConfigError
 
 USAGE = (
@@ -214,15 +214,9 @@ class Composer:
             raise ConfigError(hydra_error_line(e)) from None
 
     def config(self, overrides: list[str]) -> Config:
-        from sweeper.config.compose import hydra_error_line, hydra_overrides_for_compose, to_config
+        from sweeper.config.compose import hydra_overrides_for_compose, typed
 
-        dcfg = self.dict(hydra_overrides_for_compose(overrides))
-        try:
-            return to_config(dcfg)
-        except ConfigError:
-            raise
-        except Exception as e:
-            raise ConfigError(hydra_error_line(e)) from None
+        return typed(self.dict(hydra_overrides_for_compose(overrides)))
 
     def launcher(self, overrides: list[str]) -> LauncherParams:
         """``hydra/launcher=`` and ``hydra.launcher.*`` as our launcher plugin reads them."""
@@ -248,8 +242,6 @@ class Composer:
                          for a in argv):  # fmt: skip
             raise ConfigError(f"sweep {sweep.id} is a search: resolve adds seeds to a grid sweep's "
                               "comparisons (run its best configurations as a grid, then resolve)")  # fmt: skip
-        if argv and argv[0] == "resolve":
-            raise ConfigError(f"sweep {sweep.id} is a resolve sweep: resolve its parent instead")
         kept = [a for a in argv if not a.startswith(_DROPPED)]
         parser = OverridesParser.create()
         try:
@@ -258,8 +250,8 @@ class Composer:
             raise ConfigError(f"sweep {sweep.id}'s command cannot be read again: {e}") from None
         fixed = [ov.input_line for ov in parsed if not ov.is_sweep_override() and ov.input_line]
         params = self.dict(fixed, hydra=True).hydra.sweeper.get("params")
-        grid = OmegaConf.to_container(params) if OmegaConf.is_config(params) else {}
-        preset = [f"{k}={v}" for k, v in (grid or {}).items()]  # type: ignore[union-attr]
+        grid = OmegaConf.to_container(params) if OmegaConf.is_config(params) else None
+        preset = [f"{k}={v}" for k, v in grid.items()] if isinstance(grid, dict) else []
         batches = BasicSweeper.split_arguments(parser.parse_overrides(preset + kept), None)
         return [list(p) for p in batches[0]] if batches else []
 
@@ -271,7 +263,6 @@ class Plan:
     points: list[Point]
     todo: list[Point]  # the points whose run is not done yet
     launcher: LauncherParams
-    store_url: str
     side_of: dict[str, Side]  # a point's config hash -> the configuration it adds a seed to
 
 
@@ -291,8 +282,6 @@ def _pilot_templates(store: Store, composer: Composer, sweeps: list[SweepRecord]
             ov = [o for o in ov if not (own and _key(o) in ("results_dir", "store.url"))] + own
             cfg = composer.config(ov)
             if cfg.store_url() != url:
-                from sweeper.store import display_url
-
                 raise ConfigError(f"sweep {sw.id}'s points write to {display_url(cfg.store_url())}, "
                                   f"not to {display_url(url)}: pass the store they were written to "
                                   "(results_dir= or store.url=)")  # fmt: skip
@@ -303,7 +292,7 @@ def _pilot_templates(store: Store, composer: Composer, sweeps: list[SweepRecord]
     return out
 
 
-def make_plan(args: ResolveArgs, store: Store, say: Callable[[str], None]) -> Plan:
+def make_plan(args: ResolveArgs, store: Store) -> Plan:
     """Read the pilot, plan, compose the points. Writes nothing."""
     from analysis.comparisons import families, values_of
     from sweeper.config.identity import identity_of, preflight
@@ -363,7 +352,7 @@ def make_plan(args: ResolveArgs, store: Store, say: Callable[[str], None]) -> Pl
     existing = store.runs_by_hash([p.config_hash for p in points])
     todo = [p for p in points if (r := existing.get(p.config_hash)) is None
             or r.status != RunStatus.done]  # fmt: skip
-    return Plan(pilot, comparisons, points, todo, launcher, url, side_of)
+    return Plan(pilot, comparisons, points, todo, launcher, side_of)
 
 
 def _side(runs: list[RunRecord], templates: dict[str, tuple[list[str], str]], named: str) -> Side:
@@ -476,7 +465,7 @@ def resolve(argv: list[str], out: Callable[[str], None] | None = None) -> int:
     url = args.url()
     store = _open(url)
     try:
-        plan = make_plan(args, store, say)
+        plan = make_plan(args, store)
         pred = print_plan(plan, args, say)
         if args.budget is not None and plan.todo:
             if pred is None:
