@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -127,3 +129,70 @@ def test_the_report_compares_each_optimizer_with_its_own_baseline() -> None:
     (s1, s2, s3), _ = build_tables([r for r in runs if r.optimizer == "sgd"])
     assert "optimizer" not in s2.key_columns and "optimizer" not in s3.key_columns
     assert dataclasses.replace(runs[0], config={}).optimizer == "sgd"
+
+
+def _steps(opt: torch.optim.Optimizer, model: nn.Module, n: int, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        opt.zero_grad()
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+        opt.step()
+
+
+@pytest.mark.parametrize("opt_name", ["sgd", "adamw"])
+def test_our_optimisers_are_torchs_bit_for_bit_and_share_its_state_dict(opt_name: str) -> None:
+    """What the trainer builds steps exactly as torch.optim's class given the same groups
+    (float32, every bit), and their state dicts load into each other: a checkpoint written
+    by either resumes in the other to the same parameters."""
+    cfg = compose(f"optimizer={opt_name}", "weight_decay=0.01")
+    model = _tiny().float()
+    ref = copy.deepcopy(model)
+    ours = build_optimizer(cfg, model, lr=0.05)
+    groups = [{"params": [p for p in ref.parameters() if p.ndim > 1], "weight_decay": 0.01},
+              {"params": [p for p in ref.parameters() if p.ndim <= 1], "weight_decay": 0.0}]  # fmt: skip
+    cls = torch.optim.AdamW if opt_name == "adamw" else torch.optim.SGD
+    kw = {"momentum": 0.9, "nesterov": True} if opt_name == "sgd" else {}
+    theirs = cls(groups, lr=0.05, **kw)
+    assert type(ours) is not cls and isinstance(ours, cls)
+    _steps(ours, model, 5, seed=3)
+    _steps(theirs, ref, 5, seed=3)
+    for p, r in zip(model.parameters(), ref.parameters(), strict=True):
+        assert torch.equal(p, r)
+    assert all(p.grad is not None for p in model.parameters())
+    ours.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+    # swap state dicts (and parameters) and go on: still equal
+    a, b = copy.deepcopy(ours.state_dict()), copy.deepcopy(theirs.state_dict())
+    assert a["param_groups"] == b["param_groups"]
+    ours.load_state_dict(b)
+    theirs.load_state_dict(a)
+    _steps(ours, model, 3, seed=4)
+    _steps(theirs, ref, 3, seed=4)
+    for p, r in zip(model.parameters(), ref.parameters(), strict=True):
+        assert torch.equal(p, r)
+
+
+def test_a_job_building_and_stepping_its_optimiser_does_not_import_dynamo() -> None:
+    """torch.optim's own entry points import torch._dynamo (about as much CPU as torch
+    itself) on first use; a job's optimiser must not, through any path a job takes."""
+    code = """
+import sys, torch
+from torch import nn
+from trainers.runtime import SGD, AdamW
+for cls, kw in ((SGD, {"momentum": 0.9, "nesterov": True}), (AdamW, {})):
+    m = nn.Linear(3, 2)
+    opt = cls([{"params": [m.weight], "weight_decay": 0.1}, {"params": [m.bias]}], lr=0.1, **kw)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 0.5)
+    for _ in range(2):
+        m(torch.randn(4, 3)).sum().backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+    opt.load_state_dict(opt.state_dict())
+print("torch._dynamo" in sys.modules)
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=Path(__file__).parents[1], timeout=120)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "False", res.stdout + res.stderr

@@ -1,9 +1,12 @@
-"""Where and how a run computes: device, precision, torch.compile mode, autocast, optimiser
-parameter groups. Pure resolution rules, shared by the trainer and the sweeper's pre-flight."""
+"""Where and how a run computes: device, precision, torch.compile mode, autocast, the
+optimiser and its parameter groups. Pure resolution rules, shared by the trainer and the
+sweeper's pre-flight."""
 
 from __future__ import annotations
 
 import contextlib
+import inspect
+from typing import Any
 
 import torch
 from torch import nn
@@ -79,7 +82,42 @@ def build_optimizer(cfg: RunConfig, model: nn.Module, lr: float) -> torch.optim.
     groups = param_groups(model, cfg.weight_decay)
     o = cfg.optimizer
     if o.name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=(o.betas[0], o.betas[1]), eps=o.eps)
+        return AdamW(groups, lr=lr, betas=(o.betas[0], o.betas[1]), eps=o.eps)
     if o.name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+        return SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
     raise ConfigError(f"unknown optimizer {o.name!r}; known: sgd, adamw")
+
+
+class _Eager:
+    """torch.optim's entry points (``step``, ``zero_grad``, ``add_param_group``, the state
+    dict's two) are wrapped so that torch.compile does not trace into them, and the wrappers
+    import ``torch._dynamo`` on their first call: about as much CPU as importing torch itself,
+    in every job process, although a job never compiles its optimiser (compile mode compiles
+    the model's forward only). These call the very functions the wrappers wrap, with what the
+    wrappers do in eager mode (``step`` runs with autograd off unless ``differentiable``), so the math, the state dict and
+    the checkpoints are torch's own, bit for bit (tests/test_optimizer.py)."""
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        inspect.unwrap(torch.optim.Optimizer.add_param_group)(self, param_group)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        inspect.unwrap(torch.optim.Optimizer.zero_grad)(self, set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return inspect.unwrap(torch.optim.Optimizer.state_dict)(self)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        inspect.unwrap(torch.optim.Optimizer.load_state_dict)(self, state_dict)
+
+    def step(self, closure: Any = None) -> Any:
+        torch_step = inspect.unwrap(super().step.__func__)  # type: ignore[misc]
+        with torch.set_grad_enabled(self.defaults["differentiable"]):  # type: ignore[attr-defined]
+            return torch_step(self, closure)
+
+
+class SGD(_Eager, torch.optim.SGD):
+    """:class:`torch.optim.SGD`, without importing ``torch._dynamo`` (see :class:`_Eager`)."""
+
+
+class AdamW(_Eager, torch.optim.AdamW):
+    """:class:`torch.optim.AdamW`, without importing ``torch._dynamo`` (see :class:`_Eager`)."""
