@@ -188,17 +188,28 @@ def _with_seed(label: str, seed: int) -> str:
 
 class Composer:
     """Configs composed as ``python -m sweeper OVERRIDES`` composes them, inside one Hydra
-    context (a context per point would re-read the config directory each time)."""
+    context (a context per point would re-read the config directory each time); a point's
+    typed config by the launcher's own :class:`~sweeper.config.compose.PointComposer`, which
+    merges each combination of config groups once instead of once a point."""
 
     def __init__(self) -> None:
         from hydra import initialize_config_dir
+        from hydra._internal.config_loader_impl import ConfigLoaderImpl
+        from hydra._internal.utils import create_config_search_path
+        from hydra.types import RunMode
 
-        from sweeper.config.compose import CONF_DIR
+        from sweeper.config.compose import CONF_DIR, PointComposer, hydra_error_line
         from sweeper.config.schema import register_configs
 
         register_configs()
         self._ctx = initialize_config_dir(str(CONF_DIR), version_base="1.3")
         self._ctx.__enter__()
+        loader = ConfigLoaderImpl(config_search_path=create_config_search_path(str(CONF_DIR)))
+        try:
+            master = loader.load_configuration("config", [], run_mode=RunMode.MULTIRUN)
+        except Exception as e:
+            raise ConfigError(hydra_error_line(e)) from None
+        self._points = PointComposer(loader, master)
 
     def close(self) -> None:
         self._ctx.__exit__(None, None, None)
@@ -214,9 +225,9 @@ class Composer:
             raise ConfigError(hydra_error_line(e)) from None
 
     def config(self, overrides: list[str]) -> Config:
-        from sweeper.config.compose import hydra_overrides_for_compose, typed
+        from sweeper.config.compose import hydra_overrides_for_compose
 
-        return typed(self.dict(hydra_overrides_for_compose(overrides)))
+        return self._points.compose(hydra_overrides_for_compose(overrides))
 
     def launcher(self, overrides: list[str]) -> LauncherParams:
         """``hydra/launcher=`` and ``hydra.launcher.*`` as our launcher plugin reads them."""
