@@ -14,8 +14,8 @@ without MLflow (whose run the job opens before its first epoch). A probe imports
 the first optimiser step, then runs the module; every run gets a fresh results dir, so pays
 its stores' first-time set-up. Rows without a goal:
 ``import torch`` alone; a plain PyTorch script's start -> first ``torch.optim.SGD`` step (the
-floor of any job's start-up: the first call into ``torch.optim`` imports ``torch._dynamo``,
-whether or not anything is compiled); the whole ``epochs=1`` run (not with ``--quick``). A
+first call into ``torch.optim`` imports ``torch._dynamo``, whether or not anything is
+compiled; a job's optimiser does not, ``trainers/runtime.py``); the whole ``epochs=1`` run (not with ``--quick``). A
 run whose Hydra plugin fails to import counts as failed. Figures: benchmarks/README.md.
 
 The baseline is a ``git worktree`` of REF (default 11732bc) with a
@@ -178,7 +178,7 @@ def figures(tmp: Path, quick: bool) -> list[Figure]:
     figs = [
         Figure("import torch (reference)", None, cmd("-c", "import torch", in_app=True)),
         Figure(
-            "plain torch: start -> 1st SGD step (floor)",
+            "plain torch: start -> 1st torch.optim.SGD step",
             None,
             lambda s: fresh_job(s, tmp, [], None, floor),
         ),  # fmt: skip

@@ -13,7 +13,10 @@ import pytest
 # before anything imports torch), so the two share the two cores instead of fighting over them
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-# the files that start many real processes go first, so that the two workers finish together
+# the files that start many real processes go first in a single-process run; the README's
+# command (-n 2) hands whole files to the workers in pytest-xdist's own order, by test count,
+# which measured as fast as any order tried (e.g. the longest first, with Slurm and PostgreSQL
+# spread out)
 HEAVY_FIRST = ["test_docs.py", "test_slurm.py", "test_search.py", "test_sweep.py",
                "test_fused.py", "test_postgres.py", "test_mlflow_ui.py", "test_ownership.py",
                "test_mlflow_truth.py", "test_resolve.py", "test_verdicts.py", "test_refusals.py", "test_resume.py",
