@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -88,36 +89,51 @@ def build_optimizer(cfg: RunConfig, model: nn.Module, lr: float) -> torch.optim.
     raise ConfigError(f"unknown optimizer {o.name!r}; known: sgd, adamw")
 
 
-class _Eager:
+# torch.optim's functions under the wrappers described in _Eager, looked up once (not at
+# every step of the training loop)
+_OPT = torch.optim.Optimizer
+_ADD_PARAM_GROUP = inspect.unwrap(_OPT.add_param_group)
+_ZERO_GRAD = inspect.unwrap(_OPT.zero_grad)
+_STATE_DICT = inspect.unwrap(_OPT.state_dict)
+_LOAD_STATE_DICT = inspect.unwrap(_OPT.load_state_dict)
+
+
+class _Eager(torch.optim.Optimizer):
     """torch.optim's entry points (``step``, ``zero_grad``, ``add_param_group``, the state
     dict's two) are wrapped so that torch.compile does not trace into them, and the wrappers
     import ``torch._dynamo`` on their first call: about as much CPU as importing torch itself,
     in every job process, although a job never compiles its optimiser (compile mode compiles
     the model's forward only). These call the very functions the wrappers wrap, with what the
-    wrappers do in eager mode (``step`` runs with autograd off unless ``differentiable``), so the math, the state dict and
-    the checkpoints are torch's own, bit for bit (tests/test_optimizer.py)."""
+    wrappers do in eager mode (``step`` runs with autograd off unless ``differentiable``), so
+    the math, the state dict and the checkpoints are torch's own, bit for bit
+    (tests/test_optimizer.py)."""
+
+    _torch_step: Callable[..., Any]  # the optimiser class's own step, unwrapped
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        inspect.unwrap(torch.optim.Optimizer.add_param_group)(self, param_group)
+        _ADD_PARAM_GROUP(self, param_group)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        inspect.unwrap(torch.optim.Optimizer.zero_grad)(self, set_to_none)
+        _ZERO_GRAD(self, set_to_none)
 
     def state_dict(self) -> dict[str, Any]:
-        return inspect.unwrap(torch.optim.Optimizer.state_dict)(self)
+        return _STATE_DICT(self)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        inspect.unwrap(torch.optim.Optimizer.load_state_dict)(self, state_dict)
+        _LOAD_STATE_DICT(self, state_dict)
 
     def step(self, closure: Any = None) -> Any:
-        torch_step = inspect.unwrap(super().step.__func__)  # type: ignore[misc]
-        with torch.set_grad_enabled(self.defaults["differentiable"]):  # type: ignore[attr-defined]
-            return torch_step(self, closure)
+        with torch.set_grad_enabled(self.defaults["differentiable"]):
+            return self._torch_step(self, closure)
 
 
 class SGD(_Eager, torch.optim.SGD):
     """:class:`torch.optim.SGD`, without importing ``torch._dynamo`` (see :class:`_Eager`)."""
 
+    _torch_step = staticmethod(inspect.unwrap(torch.optim.SGD.step))
+
 
 class AdamW(_Eager, torch.optim.AdamW):
     """:class:`torch.optim.AdamW`, without importing ``torch._dynamo`` (see :class:`_Eager`)."""
+
+    _torch_step = staticmethod(inspect.unwrap(torch.optim.AdamW.step))
