@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,15 @@ import pytest
 # the README's command runs two test files at once (-n 2): one torch thread in each worker (set
 # before anything imports torch), so the two share the two cores instead of fighting over them
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# Python caches what it compiles in __pycache__ (git-ignored) unless PYTHONDONTWRITEBYTECODE is
+# set, as some machines' environments do. The suite starts a few hundred Python processes (jobs,
+# sweepers, CLIs) that import the same modules, and pytest rewrites every test module's asserts
+# in each worker: without the cache each of them compiles that code again, for the same result.
+# Set before the workers start (they inherit this environment) and before any test module is
+# imported (pytest caches its rewritten modules only when this is False).
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+sys.dont_write_bytecode = False
 
 # the files that start many real processes go first in a single-process run; the README's
 # command (-n 2) hands whole files to the workers in pytest-xdist's own order, by test count,
