@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import pickle
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -50,7 +51,7 @@ def _write_cifar10(root: Path) -> None:
 
 def _cfg(root: Path | None, **kw: object) -> RunConfig:
     """ResNet-20 on the CIFAR-10 files under ``root``; ``kw`` replaces any field."""
-    fields: dict[str, object] = {
+    fields: dict[str, Any] = {
         "model": ModelConf(name="resnet20"),
         "data": DataConfig(name="cifar10", root=str(root)),
         "batch_size": BATCH,
@@ -64,7 +65,7 @@ def _cfg(root: Path | None, **kw: object) -> RunConfig:
         precision="fp32",
         filter_stats_every=0,
         check_every=3,
-        **fields,  # type: ignore[arg-type]
+        **fields,
     )
     cfg.validate()
     return cfg
