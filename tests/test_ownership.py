@@ -8,13 +8,16 @@ something takes (except the lease itself, which is what is tested)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -144,27 +147,52 @@ def test_two_sweepers_on_overlapping_grids_train_each_configuration_once(tmp_pat
 def test_a_rerun_follows_the_jobs_of_a_killed_sweeper(tmp_path: Path) -> None:
     """SIGKILL on the sweeper alone: its local jobs run on (their own sessions); the same
     command follows them to their end instead of saying "finished" or starting them twice,
-    and records the killed sweep's end."""
-    # long enough (about 0.3 s an epoch) to outlive the rerun's start
-    args = ("-m", "method=baseline,pgt", "alpha=0.3", "epochs=30", "batch_size=32",
+    and records the killed sweep's end.
+
+    The jobs are stopped (SIGSTOP) from before the kill until the rerun has said it follows
+    them, so they are certainly mid-run when it looks, however fast or slow this machine: a
+    stopped job is judged by its heartbeat, fresh here (the default 90 s lease)."""
+    args = ("-m", "method=baseline,pgt", "alpha=0.3", "epochs=5", "batch_size=32",
             "hydra.launcher.max_parallel=2", "hydra.launcher.fuse=off", "mlflow.enabled=false",
             f"results_dir={tmp_path}")  # fmt: skip
     db = tmp_path / "results.db"
-    sweeper = _start(*args, cwd=tmp_path, **BEAT)
+    sweeper = _start(*args, cwd=tmp_path)
+    jobs: list[int] = []
+    again: subprocess.Popen[str] | None = None
+    lines: list[str] = []
     try:
-        _wait_for(db, "SELECT epoch FROM runs", lambda r: len(r) == 2 and min(r)[0] >= 1,
-                  [sweeper])  # fmt: skip
+        rows = _wait_for(db, "SELECT epoch, pid FROM runs", lambda r: len(r) == 2
+                         and all((e or 0) >= 1 and pid for e, pid in r), [sweeper])  # fmt: skip
+        jobs = [pid for _, pid in rows]
+        _stop_between_writes(jobs, db)
+        assert sql(db, "SELECT status FROM runs WHERE epoch < 5") == [("running",)] * 2
         sweeper.kill()
         sweeper.wait(timeout=60)  # not its pipes: its jobs, still running, hold them open
-        again = run_cli(*args, cwd=tmp_path, timeout=600, **BEAT)
+        again = subprocess.Popen([sys.executable, "-m", "sweeper", *args], cwd=tmp_path,
+                                 env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 text=True)  # fmt: skip
+        lines, reader = _lines_of(again)
+        deadline = time.monotonic() + 300
+        while sum("following it to its outcome" in ln for ln in lines) < 2:
+            assert again.poll() is None and time.monotonic() < deadline, lines[-20:]
+            time.sleep(0.1)
+        for pid in jobs:
+            os.kill(pid, signal.SIGCONT)
+        again.wait(timeout=600)
+        reader.join(timeout=60)
     finally:
-        if sweeper.poll() is None:
-            sweeper.kill()
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert "lost their sweeper; recorded abandoned" in again.stdout
-    assert again.stdout.count("following it to its outcome") == 2, again.stdout[-3000:]
-    assert "2 points, 0 to run, 0 already finished, 2 trained by another live job" in again.stdout
-    assert sql(db, "SELECT status, epoch FROM runs ORDER BY id") == [("done", 30), ("done", 30)]
+        for pid in jobs:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        for p in (sweeper, again):
+            if p is not None and p.poll() is None:
+                p.kill()
+    out = "\n".join(lines)  # its stdout and stderr
+    assert again is not None and again.returncode == 0, out[-3000:]
+    assert "lost their sweeper; recorded abandoned" in out
+    assert out.count("following it to its outcome") == 2, out[-3000:]
+    assert "2 points, 0 to run, 0 already finished, 2 trained by another live job" in out
+    assert sql(db, "SELECT status, epoch FROM runs ORDER BY id") == [("done", 5), ("done", 5)]
     assert sql(db, "SELECT id, outcome FROM sweeps ORDER BY id") == [
         (1, "abandoned"),
         (2, "finished"),
@@ -172,6 +200,40 @@ def test_a_rerun_follows_the_jobs_of_a_killed_sweeper(tmp_path: Path) -> None:
     logs = "".join(f.read_text() for f in (tmp_path / "logs" / "jobs").rglob("*_log.out"))
     assert len(re.findall(r"run \d+ \([0-9a-f]{12}\): ", logs)) == 2  # no second job
     assert "resuming" not in logs
+
+
+def _stop_between_writes(pids: list[int], db: Path) -> None:
+    """SIGSTOP these jobs at a moment none of them holds the store's write lock (a job
+    stopped inside a write would block every other writer until it continues)."""
+    for _ in range(100):
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        con = sqlite3.connect(db, timeout=0)
+        try:
+            con.execute("BEGIN IMMEDIATE")
+            con.rollback()
+            return
+        except sqlite3.OperationalError:  # locked: let them finish that write, try again
+            for pid in pids:
+                os.kill(pid, signal.SIGCONT)
+            time.sleep(0.05)
+        finally:
+            con.close()
+    raise AssertionError("the jobs never left the store's write lock")
+
+
+def _lines_of(proc: subprocess.Popen[str]) -> tuple[list[str], threading.Thread]:
+    """Its output's lines as they come: a list the returned thread appends to."""
+    lines: list[str] = []
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for ln in proc.stdout:
+            lines.append(ln.rstrip("\n"))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    return lines, reader
 
 
 # --------------------------------------------------------------------- a full disk
