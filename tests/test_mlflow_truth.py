@@ -28,6 +28,7 @@ from analysis.comparisons import SweepVerdicts, sweep_verdicts
 from analysis.configs import config_key, point_label
 from analysis.sweep import summarize_sweep
 from sweeper.config.identity import grid_columns, identity_of, resolved_config
+from sweeper.launch.dispatch import tracks_itself
 from sweeper.store import RunRecord, RunStatus, Store
 from sweeper.tracking.catch_up import catch_up
 from sweeper.tracking.client import MlflowRun, open_parent
@@ -606,6 +607,20 @@ def corrupt(n: int = 128):
     y = torch.arange(n) % 2
     return x, y, x, y
 '''
+
+
+def test_who_keeps_a_sweep_jobs_mlflow_run() -> None:
+    """The sweeper's thread keeps the MLflow runs of fused jobs and of jobs whose system
+    metrics are surely off (such a job never imports MLflow); a job whose metrics may be on
+    keeps its own, so that their monitor watches it from the job's first second."""
+    auto, cpu = compose(), compose("device=cpu")
+    on, off = compose("mlflow.system_metrics=true"), compose("mlflow.system_metrics=false")
+    assert not tracks_itself(on, 2, local_cpu=True)  # fused: always the sweeper
+    assert not tracks_itself(auto, 1, local_cpu=True)  # auto on a machine without a GPU
+    assert not tracks_itself(cpu, 1, local_cpu=False)  # auto, device=cpu: anywhere
+    assert tracks_itself(auto, 1, local_cpu=False)  # auto, maybe a GPU (Slurm, a GPU box)
+    assert tracks_itself(on, 1, local_cpu=True)  # asked for: the job's own monitor
+    assert not tracks_itself(off, 1, local_cpu=False)
 
 
 @pytest.mark.slow

@@ -35,7 +35,7 @@ from sweeper.config.identity import grid_columns, resolved_config
 from sweeper.config.launcher import LauncherParams
 from sweeper.config.schema import Config
 from sweeper.errors import disk_full, disk_full_line
-from sweeper.launch.backends import Backend, Submission, make_backend
+from sweeper.launch.backends import Backend, LocalBackend, Submission, make_backend
 from sweeper.launch.job import TRACKED_BY_SWEEPER
 from sweeper.launch.slurm import job_alive_elsewhere
 from sweeper.store import (
@@ -173,6 +173,24 @@ def open_sweep(cfg0: Config, params: LauncherParams, name: str, command: str, la
             except (StoreUnavailable, StoreFull):  # the next command records it abandoned
                 pass
         store.dispose()
+
+
+def tracks_itself(cfg: Config, members: int, local_cpu: bool) -> bool:
+    """Whether a sweep's job of ``members`` runs keeps its own MLflow run
+    (:class:`~sweeper.tracking.job.JobTracker`) instead of the sweeper's thread keeping it, as
+    it does for every fused job; ``local_cpu``: a local job on a machine without a GPU.
+
+    A job that does not talk to MLflow skips MLflow's import and its tracking store's set-up
+    (seconds of CPU in each job, on its critical path). It keeps its own run only where
+    MLflow's system metrics may be on (``mlflow.system_metrics=true``, or ``auto`` and a GPU):
+    their monitor needs the run from the job's first second, and a short job can end before
+    the sweeper's thread has opened it."""
+    if members > 1:
+        return False
+    metrics = str(cfg.mlflow.system_metrics).lower()
+    if metrics != "auto":
+        return metrics == "true"
+    return not (cfg.device == "cpu" or local_cpu)
 
 
 def _returned(sub: Submission, run_id: int) -> str | None:
@@ -338,7 +356,7 @@ class Dispatcher:
         return self.tracker.parent
 
     def _parent_tag(self) -> None:
-        """Jobs that mirror themselves start after the parent run is open: they are its
+        """Jobs that track themselves start after the parent run is open: they are its
         children, and only the sweeper's thread creates the tracking store (several
         processes creating one SQLite tracking store at once race on its migrations)."""
         if self.tracker is not None and "mlflow.parentRunId" not in self.base_tags:
@@ -449,11 +467,14 @@ class Dispatcher:
 
     def _submit(self, jobs: list[list[Point]], backend: Backend) -> None:
         subs = []
-        if any(len(job) == 1 for job in jobs):
+        local_cpu = isinstance(backend, LocalBackend) and not any(backend.slots)
+        ours = [self.tracker is not None and not tracks_itself(job[0].cfg, len(job), local_cpu)
+                for job in jobs]  # fmt: skip
+        if not all(ours):
             self._parent_tag()
-        for job in jobs:
+        for job, by_sweeper in zip(jobs, ours, strict=True):
             tags = [self._tags(p) for p in job]
-            if len(job) > 1 and self.tracker is not None:  # tracked by the sweeper, not the job
+            if by_sweeper:
                 tags = [{**t, TRACKED_BY_SWEEPER: "sweeper"} for t in tags]
             links = [p.trial_link for p in job]
             # what TrainJob()(...) gets: the group's configs, tags, threads and trial links
@@ -463,11 +484,12 @@ class Dispatcher:
                 p.sub = sub
             subs.append(sub)
         backend.submit(subs)
-        for job in jobs:
-            if len(job) > 1 and self.tracker is not None:
+        for job, by_sweeper in zip(jobs, ours, strict=True):
+            if by_sweeper and self.tracker is not None:
+                fused = {"fused_group": str(len(job))} if len(job) > 1 else {}
                 self.tracker.watch(
                     [p.run.id for p in job],  # type: ignore[union-attr]
-                    [{**self._tags(p), "fused_group": str(len(job))} for p in job],
+                    [{**self._tags(p), **fused} for p in job],
                 )
             for p in job:
                 self.running.append(p)  # from here on a signal cancels it too

@@ -6,7 +6,8 @@ every job goes through :func:`run_group`: the claim, the already-done skip, the 
 any row changes, the trial reporter, the log lines, the heartbeat, the record of each run as
 soon as it ends, and what an interruption, a requeue or a crash leaves in the store. The
 store is the source of truth; each run's MLflow record follows it from a thread
-(:class:`~sweeper.tracking.job.JobTracker`), or from the sweeper's thread for fused members.
+(:class:`~sweeper.tracking.job.JobTracker`), or from the sweeper's thread when the sweeper
+tags the job so (fused members, CPU jobs: :func:`sweeper.launch.dispatch.tracks_itself`).
 
 :func:`run_job` (one run) is what the CLI calls; :class:`TrainJob` is what a launcher ships
 to a worker process. Both take typed :class:`~sweeper.config.schema.Config` objects, never a

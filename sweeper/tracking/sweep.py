@@ -1,5 +1,5 @@
 """The sweeper's MLflow thread (:class:`SweepTracker`): the sweep's parent run, the runs of
-its fused jobs, and the parent's summary of the sweep -- its per-configuration statistics
+its jobs that do not track themselves (fused members, CPU jobs), and the parent's summary of the sweep -- its per-configuration statistics
 (:mod:`analysis.sweep`) as MLflow metrics, tags, a Markdown description and artifacts.
 
 MLflow metric names (and tag keys) allow letters, digits, ``_ - . / : space``; a
@@ -38,7 +38,8 @@ def metric_label(label: str) -> str:
 
 
 class SweepTracker:
-    """The sweeper's MLflow side: the sweep's parent run, and the runs of its fused jobs.
+    """The sweeper's MLflow side: the sweep's parent run, and the runs of its jobs that do not
+    track themselves.
 
     Everything here runs in one thread of the sweeper, which is otherwise idle while its
     jobs train: MLflow's import and its tracking store's set-up overlap the first job's
@@ -46,8 +47,10 @@ class SweepTracker:
     would pay the import and a run's set-up each, on the job's critical path); this thread
     brings each member's MLflow record up to date from the results store instead
     (:func:`~sweeper.tracking.record.sync_run`, the function every writer uses), every
-    ``every`` seconds while it trains and once more when it ends. Jobs that are not fused
-    track themselves (:class:`~sweeper.tracking.job.JobTracker`); they are submitted after
+    ``every`` seconds while it trains and once more when it ends. An unfused job whose MLflow
+    system metrics are surely off (on the CPU) is kept the same way; only a job whose metrics
+    may be on tracks itself (:class:`~sweeper.tracking.job.JobTracker`; the rule is
+    :func:`sweeper.launch.dispatch.tracks_itself`), and such jobs are submitted after
     :meth:`wait_parent`, so that only this thread ever creates the tracking store. The
     parent run shows the sweep's result so far (:mod:`analysis.sweep` computes it; this
     module formats it for MLflow).
@@ -92,7 +95,7 @@ class SweepTracker:
         return self.parent.run_id if self.parent is not None else None
 
     def watch(self, run_ids: list[int], tags: list[dict[str, str]]) -> None:
-        """Mirror these runs (the members of a fused job) until they end. A run watched
+        """Mirror these runs (a job's, which does not track them itself) until they end. A run watched
         again (a new job of this sweep trains it) is opened afresh."""
         with self._lock:
             for rid, t in zip(run_ids, tags, strict=True):
