@@ -185,12 +185,8 @@ def tracks_itself(cfg: Config, members: int, local_cpu: bool) -> bool:
     MLflow's system metrics may be on (``mlflow.system_metrics=true``, or ``auto`` and a GPU):
     their monitor needs the run from the job's first second, and a short job can end before
     the sweeper's thread has opened it."""
-    if members > 1:
-        return False
-    metrics = str(cfg.mlflow.system_metrics).lower()
-    if metrics != "auto":
-        return metrics == "true"
-    return not (cfg.device == "cpu" or local_cpu)
+    surely_cpu = cfg.device == "cpu" or local_cpu
+    return members == 1 and cfg.mlflow.system_metrics_on("cpu" if surely_cpu else "cuda")
 
 
 def _returned(sub: Submission, run_id: int) -> str | None:

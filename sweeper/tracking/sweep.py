@@ -1,6 +1,7 @@
 """The sweeper's MLflow thread (:class:`SweepTracker`): the sweep's parent run, the runs of
-its jobs that do not track themselves (fused members, CPU jobs), and the parent's summary of the sweep -- its per-configuration statistics
-(:mod:`analysis.sweep`) as MLflow metrics, tags, a Markdown description and artifacts.
+its jobs that do not track themselves (fused members, CPU jobs), and the parent's summary of
+the sweep -- its per-configuration statistics (:mod:`analysis.sweep`) as MLflow metrics,
+tags, a Markdown description and artifacts.
 
 MLflow metric names (and tag keys) allow letters, digits, ``_ - . / : space``; a
 configuration's label (the sweep's point without its seed, ``method=pgt alpha=0.25``) becomes
@@ -95,8 +96,8 @@ class SweepTracker:
         return self.parent.run_id if self.parent is not None else None
 
     def watch(self, run_ids: list[int], tags: list[dict[str, str]]) -> None:
-        """Mirror these runs (a job's, which does not track them itself) until they end. A run watched
-        again (a new job of this sweep trains it) is opened afresh."""
+        """Mirror these runs (a job's, which does not track them itself) until they end. A run
+        watched again (a new job of this sweep trains it) is opened afresh."""
         with self._lock:
             for rid, t in zip(run_ids, tags, strict=True):
                 self._watch[rid] = t
